@@ -1,0 +1,29 @@
+"""sweeperd: PostgreSQL maintenance for multi-tenant (schema-per-tenant) databases.
+
+The public plugin API is ``hookimpl``, ``Operation``, ``Context``, ``Tenant``, ``Phase``, ``Skip``
+and ``sql`` (psycopg's :mod:`psycopg.sql`, for composing queries with safely quoted names).
+"""
+
+from __future__ import annotations
+
+import pluggy
+from .db import sql
+
+from .model import ALL_TABLES, Context, Operation, Phase, Result, Skip, Tenant
+
+__version__ = "0.1.0"
+
+hookimpl = pluggy.HookimplMarker("sweeperd")
+
+__all__ = [
+    "ALL_TABLES",
+    "Context",
+    "Operation",
+    "Phase",
+    "Result",
+    "Skip",
+    "Tenant",
+    "__version__",
+    "hookimpl",
+    "sql",
+]

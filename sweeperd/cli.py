@@ -1,0 +1,133 @@
+"""The ``sweeperd`` command line.
+
+Exit codes (contract): 0 all selected operations succeeded (or were skipped by policy); 1 at least
+one failed; 2 usage or configuration error (one line per problem, no traceback); 3 a database
+could not be reached at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .config import Config, ConfigError, load_config, resolve_config_path
+from .planner import SelectionError
+from .plugins import PluginError, Plugins, load_plugins
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+
+
+class UsageError(Exception):
+    """Reported as one line per problem on stderr, exit 2."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sweeperd",
+        description="PostgreSQL maintenance for multi-tenant databases.",
+    )
+    parser.add_argument("--version", action="version", version=f"sweeperd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("-c", "--config", metavar="FILE",
+                       help="configuration file (default: $SWEEPERD_CONFIG, then "
+                            "/etc/sweeperd/sweeperd.toml)")
+        return p
+
+    sweep = with_config(sub.add_parser("sweep", help="run one sweep now, in the foreground"))
+    sweep.add_argument("sweep", nargs="?", metavar="SWEEP",
+                       help="the [sweeps.<name>] to run (default: every operation of every sweep once)")
+    sweep.add_argument("--tenant", action="append", default=[], metavar="GLOB",
+                       help="only tenants whose name matches (repeatable)")
+    sweep.add_argument("--only", action="append", default=[], metavar="GLOB",
+                       help="only operations whose name matches, e.g. 'retention.*' (repeatable)")
+    sweep.add_argument("--dry-run", action="store_true",
+                       help="change nothing; report what would be done")
+    sweep.add_argument("--json", action="store_true", help="print the JSON report on stdout")
+    sweep.set_defaults(func=cmd_sweep)
+
+    check = with_config(sub.add_parser("check-config", help="validate the configuration (never connects)"))
+    check.set_defaults(func=cmd_check_config)
+
+    plugins = with_config(sub.add_parser("plugins", help="list plugins and their operations"))
+    plugins.set_defaults(func=cmd_plugins)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.func(args)
+        return code
+    except (ConfigError, PluginError, UsageError) as exc:
+        for problem in exc.problems:
+            print(f"sweeperd: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    except SelectionError as exc:
+        print(f"sweeperd: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("sweeperd: interrupted", file=sys.stderr)
+        return 130
+
+
+def _load(args: argparse.Namespace) -> tuple[Config, Plugins]:
+    config = load_config(resolve_config_path(args.config))
+    return config, load_plugins(config)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config, plugins = _load(args)
+    n_sweeps, n_tenants = len(config.sweeps), len(config.tenants)
+    print(f"{config.path}: OK ({len(config.databases)} databases, {n_tenants} tenants, "
+          f"{len(config.tenant_sources)} tenant sources, {n_sweeps} sweeps, "
+          f"{len(plugins.operations)} operations)")
+    return EXIT_OK
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    _config, plugins = _load(args)
+    by_plugin = plugins.by_plugin()
+    for info in plugins.infos:
+        version = f" {info.version}" if info.version else ""
+        print(f"{info.name}{version}  ({info.source})")
+        ops = by_plugin.get(info.name, [])
+        if not ops:
+            print("    (no operations with the current configuration)")
+        for op in ops:
+            tables = ", ".join(op.tables) or "-"
+            desc = f"  {op.description}" if op.description else ""
+            print(f"    {op.name}  [scope {op.scope}; tables {tables}]{desc}")
+    return EXIT_OK
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .logs import setup_logging
+    from .report import render_text
+    from .sweep import sweep_once
+
+    config, plugins = _load(args)
+    setup_logging(config.log)
+    report = asyncio.run(sweep_once(
+        config, plugins, sweep=args.sweep, tenant_globs=args.tenant, only_globs=args.only,
+        dry_run=args.dry_run))
+    if args.json:
+        json.dump(report.to_json(), sys.stdout, indent=None)
+        sys.stdout.write("\n")
+    else:
+        print(render_text(report))
+    return report.exit_code()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

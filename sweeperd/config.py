@@ -1,0 +1,464 @@
+"""The TOML configuration → frozen, typed objects.
+
+Validation never stops at the first problem: every error is collected and reported at once,
+each naming the file, the key path and what was expected (Patroni-style). Unknown keys are errors:
+a typo such as ``opertions`` must not silently disable cleanup. Nothing here connects to a database.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from .durations import EXPECTATION as DURATION_EXPECTATION
+from .durations import parse_duration
+
+DEFAULT_CONFIG_PATH = Path("/etc/sweeperd/sweeperd.toml")
+NAMEDATALEN = 63  # PostgreSQL truncates longer identifiers; a truncated schema is another schema
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
+
+Overlap = Literal["skip", "queue", "replace"]
+
+
+class ConfigError(Exception):
+    """One or more configuration problems; ``problems`` holds one line each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonConfig:
+    timezone: str = "UTC"
+    max_concurrency: int = 16
+    plugin_dirs: tuple[Path, ...] = ()
+    drain_timeout: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    format: Literal["auto", "json", "console"] = "auto"
+    level: str = "info"
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryConfig:
+    enabled: bool = True
+    keep: float = 30 * 86400.0
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseConfig:
+    name: str
+    # The conninfo may hold a password: never in repr (it would end up in logs and tracebacks).
+    dsn: str = field(repr=False)
+    max_connections: int = 8
+    lock_timeout: float = 5.0
+    statement_timeout: float = 1800.0
+    connect_timeout: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class TenantConfig:
+    name: str
+    database: str
+    schema: str
+
+
+@dataclass(frozen=True, slots=True)
+class TenantSource:
+    database: str
+    schemas: str  # a LIKE pattern
+    prefix: str  # stripped from the schema name to make the tenant name
+
+
+@dataclass(frozen=True, slots=True)
+class SweepConfig:
+    name: str
+    cron: str | None = None
+    interval: float | None = None
+    operations: tuple[str, ...] = ("*",)
+    tenants: tuple[str, ...] = ("*",)
+    per_tenant_concurrency: int = 4
+    timeout: float | None = None
+    operation_timeout: float | None = None
+    overlap: Overlap = "skip"
+    jitter: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    path: Path
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    history: HistoryConfig = field(default_factory=HistoryConfig)
+    databases: Mapping[str, DatabaseConfig] = field(default_factory=dict)
+    tenants: tuple[TenantConfig, ...] = ()
+    tenant_sources: tuple[TenantSource, ...] = ()
+    sweeps: Mapping[str, SweepConfig] = field(default_factory=dict)
+    plugins: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def plugin_settings(self, name: str) -> Mapping[str, Any]:
+        """The ``[plugins.<name>]`` table, empty if absent."""
+        return self.plugins.get(name, MappingProxyType({}))
+
+
+def resolve_config_path(explicit: str | None) -> Path:
+    """``-c`` wins, then ``$SWEEPERD_CONFIG``, then ``/etc/sweeperd/sweeperd.toml``."""
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get("SWEEPERD_CONFIG")
+    return Path(env) if env else DEFAULT_CONFIG_PATH
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate ``path``; raise :class:`ConfigError` with every problem found."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read the configuration: {exc.strerror or exc}"]) from None
+    try:
+        doc = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError([f"{path}: not UTF-8 text"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: invalid TOML: {exc}"]) from None
+    return parse_config(doc, path)
+
+
+def parse_config(doc: Mapping[str, Any], path: Path) -> Config:
+    """Validate an already-parsed TOML document (see :func:`load_config`)."""
+    v = _Validator(path)
+    config = v.config(doc)
+    if v.problems:
+        raise ConfigError(v.problems)
+    return config
+
+
+_MISSING = object()
+
+
+class _Validator:
+    """Walks the document, collecting problems instead of raising at the first one."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.problems: list[str] = []
+
+    def error(self, key: str, expectation: str) -> None:
+        self.problems.append(f"{self.path}: {key}: {expectation}")
+
+    # -- typed getters ---------------------------------------------------------------------------
+    def table(self, parent: Mapping[str, Any], key: str, where: str, allowed: set[str]) -> dict[str, Any]:
+        value = parent.get(key, _MISSING)
+        if value is _MISSING:
+            return {}
+        if not isinstance(value, dict):
+            self.error(where, f"expected a table, got {_kind(value)}")
+            return {}
+        self.unknown(value, where, allowed)
+        return value
+
+    def unknown(self, table: Mapping[str, Any], where: str, allowed: set[str]) -> None:
+        for key in table:
+            if key not in allowed:
+                prefix = f"{where}." if where else ""
+                self.error(f"{prefix}{key}", f"unknown key (expected one of: {', '.join(sorted(allowed))})")
+
+    def get(self, t: Mapping[str, Any], key: str, where: str, kind: type | tuple[type, ...],
+            default: Any, expectation: str) -> Any:
+        value = t.get(key, _MISSING)
+        if value is _MISSING:
+            return default
+        # TOML booleans are not integers here, whatever Python thinks.
+        if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+            self.error(f"{where}.{key}", f"expected {expectation}, got a boolean")
+            return default
+        if not isinstance(value, kind):
+            self.error(f"{where}.{key}", f"expected {expectation}, got {_kind(value)}")
+            return default
+        return value
+
+    def string(self, t: Mapping[str, Any], key: str, where: str, default: Any = _MISSING,
+               expectation: str = "a non-empty string") -> Any:
+        value = self.get(t, key, where, str, default, expectation)
+        if value is _MISSING:
+            self.error(f"{where}.{key}", f"required: {expectation}")
+            return None
+        if isinstance(value, str) and not value and default is not None:
+            self.error(f"{where}.{key}", f"expected {expectation}, got an empty string")
+        return value
+
+    def positive_int(self, t: Mapping[str, Any], key: str, where: str, default: int) -> int:
+        value = self.get(t, key, where, int, default, "a positive integer")
+        if value < 1:
+            self.error(f"{where}.{key}", f"expected a positive integer, got {value}")
+            return default
+        return int(value)
+
+    def duration(self, t: Mapping[str, Any], key: str, where: str, default: float | None,
+                 allow_zero: bool = True) -> float | None:
+        value = self.get(t, key, where, str, _MISSING, DURATION_EXPECTATION)
+        if value is _MISSING:
+            return default
+        try:
+            seconds = parse_duration(value)
+        except ValueError:
+            self.error(f"{where}.{key}", f"expected {DURATION_EXPECTATION}, got {value!r}")
+            return default
+        if seconds == 0 and not allow_zero:
+            self.error(f"{where}.{key}", "expected a duration greater than zero")
+            return default
+        return seconds
+
+    def globs(self, t: Mapping[str, Any], key: str, where: str) -> tuple[str, ...]:
+        value = t.get(key, _MISSING)
+        if value is _MISSING:
+            return ("*",)
+        if (not isinstance(value, list) or not value
+                or not all(isinstance(g, str) and g for g in value)):
+            self.error(f"{where}.{key}", 'expected a non-empty list of glob strings, e.g. ["*"]')
+            return ("*",)
+        return tuple(value)
+
+    def identifier(self, t: Mapping[str, Any], key: str, where: str) -> str | None:
+        value = self.string(t, key, where)
+        if isinstance(value, str) and len(value.encode("utf-8")) > NAMEDATALEN:
+            self.error(f"{where}.{key}",
+                       f"expected a PostgreSQL name of at most {NAMEDATALEN} bytes "
+                       f"(longer names are silently truncated by the server)")
+            return None
+        return value if isinstance(value, str) and value else None
+
+    # -- sections ---------------------------------------------------------------------------------
+    def config(self, doc: Mapping[str, Any]) -> Config:
+        self.unknown(doc, "", {"daemon", "log", "history", "databases", "tenants",
+                               "tenant_sources", "sweeps", "plugins"})
+        daemon = self.daemon(self.table(doc, "daemon", "daemon",
+                                        {"timezone", "max_concurrency", "plugin_dirs", "drain_timeout"}))
+        log = self.log(self.table(doc, "log", "log", {"format", "level"}))
+        history = self.history(self.table(doc, "history", "history", {"enabled", "keep"}))
+        databases = self.databases(doc.get("databases", {}))
+        tenants = self.tenants(doc.get("tenants", []), databases)
+        sources = self.tenant_sources(doc.get("tenant_sources", []), databases)
+        sweeps = self.sweeps(doc.get("sweeps", {}), daemon.timezone)
+        plugins = doc.get("plugins", {})
+        if not isinstance(plugins, dict) or not all(isinstance(p, dict) for p in plugins.values()):
+            self.error("plugins", "expected tables [plugins.<name>]")
+            plugins = {}
+        return Config(
+            path=self.path, daemon=daemon, log=log, history=history,
+            databases=MappingProxyType(databases), tenants=tenants, tenant_sources=sources,
+            sweeps=MappingProxyType(sweeps),
+            plugins=MappingProxyType({k: MappingProxyType(v) for k, v in plugins.items()}),
+        )
+
+    def daemon(self, t: Mapping[str, Any]) -> DaemonConfig:
+        tz = self.string(t, "timezone", "daemon", "UTC", "an IANA time zone such as \"UTC\"")
+        if isinstance(tz, str) and tz:
+            try:
+                ZoneInfo(tz)
+            except (ZoneInfoNotFoundError, ValueError):
+                self.error("daemon.timezone", f"expected an IANA time zone such as \"Europe/Berlin\", got {tz!r}")
+                tz = "UTC"
+        dirs_raw = self.get(t, "plugin_dirs", "daemon", list, [], "a list of directory paths")
+        dirs: list[Path] = []
+        for i, d in enumerate(dirs_raw):
+            if not isinstance(d, str) or not d:
+                self.error(f"daemon.plugin_dirs[{i}]", "expected a directory path string")
+                continue
+            p = Path(d).expanduser()
+            # Relative paths are relative to the config file, not to wherever the daemon started.
+            dirs.append(p if p.is_absolute() else (self.path.parent / p))
+        return DaemonConfig(
+            timezone=tz or "UTC",
+            max_concurrency=self.positive_int(t, "max_concurrency", "daemon", 16),
+            plugin_dirs=tuple(dirs),
+            drain_timeout=self.duration(t, "drain_timeout", "daemon", 30.0) or 0.0,
+        )
+
+    def log(self, t: Mapping[str, Any]) -> LogConfig:
+        fmt = self.string(t, "format", "log", "auto", 'one of "auto", "json", "console"')
+        if fmt not in ("auto", "json", "console"):
+            self.error("log.format", f'expected one of "auto", "json", "console", got {fmt!r}')
+            fmt = "auto"
+        level = self.string(t, "level", "log", "info", 'one of "debug", "info", "warning", "error"')
+        if not isinstance(level, str) or level.lower() not in ("debug", "info", "warning", "error"):
+            self.error("log.level", f'expected one of "debug", "info", "warning", "error", got {level!r}')
+            level = "info"
+        return LogConfig(format=fmt, level=level.lower())
+
+    def history(self, t: Mapping[str, Any]) -> HistoryConfig:
+        enabled = self.get(t, "enabled", "history", bool, True, "true or false")
+        keep = self.duration(t, "keep", "history", 30 * 86400.0, allow_zero=False)
+        return HistoryConfig(enabled=enabled, keep=keep or 30 * 86400.0)
+
+    def databases(self, raw: Any) -> dict[str, DatabaseConfig]:
+        if not isinstance(raw, dict):
+            self.error("databases", "expected tables [databases.<name>]")
+            return {}
+        out: dict[str, DatabaseConfig] = {}
+        allowed = {"dsn", "dsn_file", "max_connections", "lock_timeout", "statement_timeout",
+                   "connect_timeout"}
+        for name, t in raw.items():
+            where = f"databases.{name}"
+            if not isinstance(t, dict):
+                self.error(where, f"expected a table, got {_kind(t)}")
+                continue
+            if not _NAME.fullmatch(name):
+                self.error(where, "expected a database key of letters, digits, '_' or '-'")
+            self.unknown(t, where, allowed)
+            dsn = self.dsn(t, where)
+            out[name] = DatabaseConfig(
+                name=name, dsn=dsn or "",
+                max_connections=self.positive_int(t, "max_connections", where, 8),
+                lock_timeout=self.duration(t, "lock_timeout", where, 5.0) or 0.0,
+                statement_timeout=self.duration(t, "statement_timeout", where, 1800.0) or 0.0,
+                connect_timeout=self.duration(t, "connect_timeout", where, 10.0, allow_zero=False) or 10.0,
+            )
+        return out
+
+    def dsn(self, t: Mapping[str, Any], where: str) -> str | None:
+        has_dsn, has_file = "dsn" in t, "dsn_file" in t
+        if has_dsn and has_file:
+            self.error(where, "expected either dsn or dsn_file, not both")
+            return None
+        if not has_dsn and not has_file:
+            self.error(f"{where}.dsn", "required: a libpq URI or conninfo (or dsn_file = a file holding one)")
+            return None
+        if has_dsn:
+            value = self.get(t, "dsn", where, str, None, "a libpq URI or conninfo string")
+            if isinstance(value, str):
+                self.check_dsn(value, f"{where}.dsn")
+            return value if isinstance(value, str) else None
+        value = self.get(t, "dsn_file", where, str, None, "a path to a file holding the DSN")
+        if not isinstance(value, str):
+            return None
+        path = Path(value).expanduser()
+        path = path if path.is_absolute() else self.path.parent / path
+        try:
+            # A systemd credential or a secrets mount: the DSN (with its password) stays out of the TOML.
+            dsn = path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            self.error(f"{where}.dsn_file", f"expected a readable file, {path}: {exc.strerror or exc}")
+            return None
+        self.check_dsn(dsn, f"{where}.dsn_file")
+        return dsn
+
+    def check_dsn(self, dsn: str, where: str) -> None:
+        from .db import check_dsn  # db imports this module; syntax only, never connects
+
+        problem = check_dsn(dsn)
+        if problem:
+            self.error(where, f"expected a libpq URI or conninfo string ({problem})")
+
+    def tenants(self, raw: Any, databases: Mapping[str, DatabaseConfig]) -> tuple[TenantConfig, ...]:
+        if not isinstance(raw, list):
+            self.error("tenants", "expected an array of tables [[tenants]]")
+            return ()
+        out: list[TenantConfig] = []
+        seen: dict[str, int] = {}
+        for i, t in enumerate(raw):
+            where = f"tenants[{i}]"
+            if not isinstance(t, dict):
+                self.error(where, "expected a table with name, database, schema")
+                continue
+            self.unknown(t, where, {"name", "database", "schema"})
+            name = self.string(t, "name", where)
+            database = self.string(t, "database", where)
+            schema = self.identifier(t, "schema", where)
+            if isinstance(database, str) and database and database not in databases:
+                self.error(f"{where}.database", f"expected one of the [databases] keys "
+                           f"({', '.join(sorted(databases)) or 'none defined'}), got {database!r}")
+            if isinstance(name, str) and name:
+                if name in seen:
+                    self.error(f"{where}.name", f"expected a unique tenant name, {name!r} is also tenants[{seen[name]}]")
+                seen[name] = i
+            if name and database and schema:
+                out.append(TenantConfig(name=name, database=database, schema=schema))
+        return tuple(out)
+
+    def tenant_sources(self, raw: Any, databases: Mapping[str, DatabaseConfig]) -> tuple[TenantSource, ...]:
+        if not isinstance(raw, list):
+            self.error("tenant_sources", "expected an array of tables [[tenant_sources]]")
+            return ()
+        out: list[TenantSource] = []
+        for i, t in enumerate(raw):
+            where = f"tenant_sources[{i}]"
+            if not isinstance(t, dict):
+                self.error(where, "expected a table with database and schemas")
+                continue
+            self.unknown(t, where, {"database", "schemas", "prefix"})
+            database = self.string(t, "database", where)
+            pattern = self.string(t, "schemas", where, expectation="a LIKE pattern such as \"tenant_%\"")
+            if isinstance(database, str) and database and database not in databases:
+                self.error(f"{where}.database", f"expected one of the [databases] keys, got {database!r}")
+            default_prefix = pattern.split("%", 1)[0] if isinstance(pattern, str) else ""
+            prefix = self.string(t, "prefix", where, default_prefix, "a string")
+            if database and pattern:
+                out.append(TenantSource(database=database, schemas=pattern, prefix=prefix or ""))
+        return tuple(out)
+
+    def sweeps(self, raw: Any, timezone: str) -> dict[str, SweepConfig]:
+        if not isinstance(raw, dict):
+            self.error("sweeps", "expected tables [sweeps.<name>]")
+            return {}
+        allowed = {"cron", "interval", "operations", "tenants", "per_tenant_concurrency", "timeout",
+                   "operation_timeout", "overlap", "jitter"}
+        out: dict[str, SweepConfig] = {}
+        for name, t in raw.items():
+            where = f"sweeps.{name}"
+            if not isinstance(t, dict):
+                self.error(where, f"expected a table, got {_kind(t)}")
+                continue
+            if not _NAME.fullmatch(name):
+                self.error(where, "expected a sweep name of letters, digits, '_' or '-'")
+            self.unknown(t, where, allowed)
+            cron = self.get(t, "cron", where, str, None, 'a crontab expression such as "0 3 * * *"')
+            interval = self.duration(t, "interval", where, None, allow_zero=False)
+            if cron is not None and "interval" in t:
+                self.error(where, "expected either cron or interval, not both")
+            elif cron is None and "interval" not in t:
+                self.error(f"{where}.cron", 'required: a crontab expression such as "0 3 * * *" (or interval = "15m")')
+            if isinstance(cron, str):
+                self.cron(cron, f"{where}.cron", timezone)
+            overlap = self.string(t, "overlap", where, "skip", 'one of "skip", "queue", "replace"')
+            if overlap not in ("skip", "queue", "replace"):
+                self.error(f"{where}.overlap", f'expected one of "skip", "queue", "replace", got {overlap!r}')
+                overlap = "skip"
+            out[name] = SweepConfig(
+                name=name, cron=cron, interval=interval,
+                operations=self.globs(t, "operations", where),
+                tenants=self.globs(t, "tenants", where),
+                per_tenant_concurrency=self.positive_int(t, "per_tenant_concurrency", where, 4),
+                timeout=self.duration(t, "timeout", where, None, allow_zero=False),
+                operation_timeout=self.duration(t, "operation_timeout", where, None, allow_zero=False),
+                overlap=overlap,
+                jitter=self.duration(t, "jitter", where, 0.0) or 0.0,
+            )
+        return out
+
+    def cron(self, expr: str, where: str, timezone: str) -> None:
+        # APScheduler is the authority on what it will accept; validating with it avoids a
+        # config that passes check-config and then fails at daemon start.
+        from apscheduler.triggers.cron import CronTrigger
+
+        try:
+            CronTrigger.from_crontab(expr, timezone=timezone)
+        except (ValueError, TypeError) as exc:
+            self.error(where, f'expected a 5-field crontab expression such as "0 3 * * *", got {expr!r} ({exc})')
+
+
+def _kind(value: Any) -> str:
+    return {
+        bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+        list: "an array", dict: "a table",
+    }.get(type(value), type(value).__name__)

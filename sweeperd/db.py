@@ -1,0 +1,191 @@
+"""The only module that talks to the database driver (psycopg 3 and psycopg_pool).
+
+One :class:`Database` per ``[databases.<name>]``: an explicitly opened ``AsyncConnectionPool`` whose
+connections are autocommit, carry ``lock_timeout``/``statement_timeout`` as session defaults (set in
+the startup packet, so they cost no round trip and survive ``RESET ALL``), are checked on checkout
+(stale connections after a server restart are replaced, not handed to an operation), are labelled
+with ``application_name`` per work item, and are reset when they go back to the pool.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from .config import DatabaseConfig
+
+__all__ = ["Database", "DatabaseUnreachable", "check_dsn", "describe_error", "qualified", "sql"]
+
+APPLICATION_NAME = "sweeperd"
+_APP_NAME_BYTES = 63  # NAMEDATALEN - 1: the server truncates beyond this
+
+AsyncConn = psycopg.AsyncConnection[Any]
+
+
+class DatabaseUnreachable(Exception):
+    """A database could not be connected to at all (``sweeperd sweep`` exits 3)."""
+
+    def __init__(self, database: str, reason: str) -> None:
+        super().__init__(f"database {database!r} unreachable: {reason}")
+        self.database = database
+        self.reason = reason
+
+
+def qualified(schema: str, table: str) -> sql.Identifier:
+    """A schema-qualified, safely quoted table name; the only way names reach SQL."""
+    return sql.Identifier(schema, table)
+
+
+def check_dsn(dsn: str) -> str | None:
+    """Return why ``dsn`` is not a valid libpq URI/conninfo, or None (never connects)."""
+    try:
+        conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError as exc:
+        return redact(str(exc).splitlines()[0])
+    return None
+
+
+def redact_dsn(dsn: str) -> str:
+    """The DSN with any password removed, for messages."""
+    try:
+        params = conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return "<unparseable dsn>"
+    params.pop("password", None)
+    return make_conninfo("", **params) or "<defaults from PG* environment>"
+
+
+_PASSWORD_IN_TEXT = re.compile(r"(password\s*=\s*)(\S+)|(://[^:/@\s]*:)([^@\s]*)(@)", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """Blank out anything that looks like a password in free text (error messages)."""
+
+    def repl(m: re.Match[str]) -> str:
+        if m.group(1):
+            return f"{m.group(1)}***"
+        return f"{m.group(3)}***{m.group(5)}"
+
+    return _PASSWORD_IN_TEXT.sub(repl, text)
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for the report: the class, the SQLSTATE where PostgreSQL gave one, the message."""
+    if isinstance(exc, psycopg.Error):
+        state = exc.sqlstate
+        primary = exc.diag.message_primary if state else None
+        message = primary or str(exc) or type(exc).__name__
+        message = " ".join(part.strip() for part in message.splitlines() if part.strip())
+        name = type(exc).__name__
+        return redact(f"{name} (SQLSTATE {state}): {message}" if state else f"{name}: {message}")
+    if isinstance(exc, PoolTimeout):
+        return f"PoolTimeout: no connection available: {exc}"
+    text = " ".join(str(exc).split())
+    return redact(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
+
+
+def application_name(label: str) -> str:
+    """``sweeperd: <label>`` cut to what the server keeps (non-ASCII becomes '?' there anyway)."""
+    name = f"{APPLICATION_NAME}: {label}".encode("ascii", "replace")[:_APP_NAME_BYTES]
+    return name.decode("ascii")
+
+
+def _ms(seconds: float) -> int:
+    return max(0, round(seconds * 1000))
+
+
+class Database:
+    """A pool for one configured database."""
+
+    def __init__(self, config: DatabaseConfig) -> None:
+        self.config = config
+        self.name = config.name
+        self.server_version = 0
+        self._pool: AsyncConnectionPool[AsyncConn] | None = None
+
+    def _connect_kwargs(self) -> dict[str, Any]:
+        cfg = self.config
+        # Preserve any options the user put in the DSN; ours come after, so they win.
+        existing = conninfo_to_dict(cfg.dsn).get("options") or ""
+        ours = (f"-c lock_timeout={_ms(cfg.lock_timeout)} "
+                f"-c statement_timeout={_ms(cfg.statement_timeout)}")
+        return {
+            "autocommit": True,
+            "application_name": APPLICATION_NAME,
+            "connect_timeout": max(1, round(cfg.connect_timeout)),
+            "options": f"{existing} {ours}".strip(),
+        }
+
+    async def open(self) -> None:
+        """Connect once to fail fast with the real reason, then open the pool.
+
+        The pool's own open() reports only a timeout; a direct first connection reports
+        "password authentication failed" or "no such database", which is what a user needs.
+        """
+        kwargs = self._connect_kwargs()
+        try:
+            probe = await psycopg.AsyncConnection.connect(self.config.dsn, **kwargs)
+        except psycopg.Error as exc:
+            raise DatabaseUnreachable(self.name, describe_error(exc)) from None
+        except OSError as exc:
+            raise DatabaseUnreachable(self.name, describe_error(exc)) from None
+        async with probe:
+            self.server_version = probe.info.server_version
+        self._pool = AsyncConnectionPool(
+            self.config.dsn,
+            kwargs=kwargs,
+            min_size=1,
+            max_size=self.config.max_connections,
+            open=False,
+            name=f"sweeperd-{self.name}",
+            check=AsyncConnectionPool.check_connection,
+            reset=_reset_session,
+            timeout=self.config.connect_timeout + 5.0,
+        )
+        try:
+            await self._pool.open(wait=True, timeout=self.config.connect_timeout + 5.0)
+        except PoolTimeout as exc:
+            await self._pool.close()
+            self._pool = None
+            raise DatabaseUnreachable(self.name, describe_error(exc)) from None
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    @asynccontextmanager
+    async def connection(self, label: str) -> AsyncIterator[AsyncConn]:
+        """A pooled connection labelled ``sweeperd: <label>`` in ``pg_stat_activity``."""
+        if self._pool is None:
+            raise RuntimeError(f"database {self.name!r} is not open")
+        async with self._pool.connection() as conn:
+            await conn.execute("SELECT pg_catalog.set_config('application_name', %s, false)",
+                               (application_name(label),))
+            yield conn
+
+    async def find_schemas(self, like: str) -> list[str]:
+        """Schemas whose name matches the LIKE pattern, in name order."""
+        async with self.connection("discover") as conn:
+            cur = await conn.execute(
+                "SELECT nspname FROM pg_catalog.pg_namespace WHERE nspname LIKE %s ORDER BY 1",
+                (like,))
+            return [row[0] for row in await cur.fetchall()]
+
+    def pool_stats(self) -> dict[str, int]:
+        return self._pool.get_stats() if self._pool is not None else {}
+
+
+async def _reset_session(conn: AsyncConn) -> None:
+    # An operation may have changed settings (search_path, timeouts, role) or taken advisory
+    # locks; none of that may leak into the next operation that gets this connection.
+    if not conn.autocommit:
+        await conn.set_autocommit(True)
+    await conn.execute("RESET ALL; SELECT pg_catalog.pg_advisory_unlock_all()")

@@ -1,0 +1,37 @@
+"""Durations as written in the config: ``"500ms"``, ``"30s"``, ``"15m"``, ``"2h"``, ``"90d"``, ``"1h30m"``."""
+
+from __future__ import annotations
+
+import re
+
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
+_WHOLE = re.compile(r"(?:\d+(?:\.\d+)?(?:ms|s|m|h|d|w))+")
+
+EXPECTATION = 'a duration such as "500ms", "30s", "15m", "2h", "90d" or "1h30m"'
+
+
+def parse_duration(text: str) -> float:
+    """Return the duration in seconds; raise ValueError naming the expected form.
+
+    Units must be written (a bare ``"30"`` is ambiguous: seconds? minutes?), so they are required.
+    """
+    compact = text.strip().replace(" ", "")
+    if not compact or not _WHOLE.fullmatch(compact):
+        raise ValueError(f"expected {EXPECTATION}, got {text!r}")
+    return sum(float(n) * _UNITS[unit] for n, unit in _PART.findall(compact))
+
+
+def format_duration(seconds: float) -> str:
+    """Render seconds compactly for humans (``1h30m``, ``250ms``); the inverse of parse_duration."""
+    if seconds < 1:
+        return f"{round(seconds * 1000)}ms"
+    if seconds < 60:
+        return f"{seconds:.3g}s" if seconds != int(seconds) else f"{int(seconds)}s"
+    parts = []
+    remaining = int(round(seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if remaining >= size:
+            parts.append(f"{remaining // size}{unit}")
+            remaining %= size
+    return "".join(parts)

@@ -1,0 +1,187 @@
+"""The objects plugins and the runner share: operations, tenants, the run context, results.
+
+Plugins see :class:`Operation`, :class:`Context`, :class:`Tenant`, :class:`Phase` and
+:class:`Skip` (re-exported from :mod:`sweeperd`). The runner produces :class:`Result` objects,
+which the CLI renders as the contract JSON report.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Literal
+
+from .db import sql
+
+if TYPE_CHECKING:
+    from psycopg import AsyncConnection  # noqa: TC002 - typing only
+    from structlog.typing import FilteringBoundLogger
+
+Scope = Literal["tenant", "database"]
+Status = Literal["ok", "failed", "skipped", "cancelled", "dry-run"]
+STATUSES: tuple[Status, ...] = ("ok", "failed", "skipped", "cancelled", "dry-run")
+
+# A table key that conflicts with every table of the tenant (or database): for operations whose
+# tables are only known when they run (e.g. "vacuum every bloated table").
+ALL_TABLES = "*"
+
+_OPERATION_NAME = re.compile(r"[A-Za-z0-9_-]+\.[^\s]+")
+
+
+class Phase(enum.IntEnum):
+    """When an operation runs relative to others that touch the same table of the same tenant.
+
+    Operations sharing a table never overlap; among them, lower phases run first. Pruning rows
+    (retention) comes before maintenance (VACUUM) so that the vacuum reclaims what was deleted.
+    """
+
+    PRUNE = 100
+    DEFAULT = 500
+    MAINTAIN = 900
+
+
+class Skip(Exception):  # noqa: N818 - it is a signal, not an error
+    """Raise from an operation to report it as ``skipped`` with a reason (e.g. table locked)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Tenant:
+    """One tenant: a schema in a database."""
+
+    name: str
+    database: str
+    schema: str
+
+
+RunFn = Callable[["Context"], Awaitable[int | None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Operation:
+    """A cleanup step a plugin contributes.
+
+    :param name: ``<plugin>.<what>``, unique across all plugins (selected by glob in sweeps).
+    :param run: ``async def run(ctx) -> int | None`` returning rows affected (None: not meaningful).
+    :param tables: the tables it touches; relative to the tenant's schema for scope ``tenant``,
+        schema-qualified (``"public.sessions"``) for scope ``database``. ``"*"`` means "any table":
+        it then conflicts with every other operation of the same tenant (or database).
+    :param scope: ``"tenant"`` (once per tenant) or ``"database"`` (once per database).
+    :param phase: ordering among operations sharing a table (:class:`Phase`; any int works).
+    :param timeout: seconds before the runner cancels it (its query is cancelled on the server);
+        None: the sweep's ``operation_timeout`` applies.
+    :param dry_run: True if ``run`` honours ``ctx.dry_run`` (changes nothing and returns how many
+        rows it would affect). Operations that do not promise this are not run at all in a dry
+        run, so a plugin that forgot to check the flag cannot delete anything.
+    :param description: one line for ``sweeperd plugins``.
+    """
+
+    name: str
+    run: RunFn
+    tables: tuple[str, ...] = ()
+    scope: Scope = "tenant"
+    phase: int = Phase.DEFAULT
+    timeout: float | None = None
+    dry_run: bool = False
+    description: str = ""
+    plugin: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        if not _OPERATION_NAME.fullmatch(self.name):
+            raise ValueError(f"operation name {self.name!r} must look like '<plugin>.<what>'")
+        if self.scope not in ("tenant", "database"):
+            raise ValueError(f"operation {self.name}: scope must be 'tenant' or 'database'")
+        if isinstance(self.tables, str):
+            # A bare string would be iterated per character: a classic slip.
+            object.__setattr__(self, "tables", (self.tables,))
+        else:
+            object.__setattr__(self, "tables", tuple(self.tables))
+        if self.scope == "database":
+            for table in self.tables:
+                if table != ALL_TABLES and "." not in table:
+                    raise ValueError(
+                        f"operation {self.name}: scope 'database' needs schema-qualified tables "
+                        f"('public.sessions'), got {table!r}"
+                    )
+
+
+def split_qualified(name: str) -> tuple[str, str]:
+    """``"public.sessions"`` → ``("public", "sessions")`` (first dot splits)."""
+    schema, _, table = name.partition(".")
+    return schema, table
+
+
+@dataclass(slots=True)
+class Context:
+    """What an operation's ``run`` receives.
+
+    ``conn`` is an autocommit :class:`psycopg.AsyncConnection` with ``application_name``,
+    ``lock_timeout`` and ``statement_timeout`` already set. ``tenant`` is None for scope
+    ``database``. ``details`` is a dict the operation may fill (e.g. dead tuples before/after);
+    it appears in the JSON report under ``details``.
+    """
+
+    conn: AsyncConnection[Any]
+    operation: Operation
+    tenant: Tenant | None
+    database: str
+    dry_run: bool
+    settings: Mapping[str, Any]
+    log: FilteringBoundLogger
+    sweep: str = ""
+    server_version: int = 0
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def schema(self) -> str | None:
+        """The tenant's schema (None for scope ``database``)."""
+        return self.tenant.schema if self.tenant else None
+
+    def table(self, name: str) -> sql.Identifier:
+        """A safely quoted, schema-qualified identifier for ``name``.
+
+        For scope ``tenant`` the name is relative to the tenant's schema (dots are part of the
+        name); for scope ``database`` it is ``"schema.table"``.
+        """
+        if self.tenant is not None:
+            return sql.Identifier(self.tenant.schema, name)
+        schema, table = split_qualified(name)
+        if not table:
+            raise ValueError(f"scope 'database' needs a schema-qualified table, got {name!r}")
+        return sql.Identifier(schema, table)
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """The outcome of one (tenant, operation) work item: one entry of the JSON report."""
+
+    tenant: str | None
+    database: str
+    schema: str | None
+    operation: str
+    status: Status
+    rows: int | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    duration_s: float | None
+    error: str | None
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "tenant": self.tenant,
+            "database": self.database,
+            "schema": self.schema,
+            "operation": self.operation,
+            "status": self.status,
+            "rows": self.rows,
+            "started_at": self.started_at.isoformat() if self.started_at else None,
+            "finished_at": self.finished_at.isoformat() if self.finished_at else None,
+            "duration_s": round(self.duration_s, 6) if self.duration_s is not None else None,
+            "error": self.error,
+        }
+        if self.details:
+            doc["details"] = dict(self.details)
+        return doc

@@ -1,0 +1,164 @@
+"""Turns a sweep's selection into work items and the order constraints between them.
+
+Work items are (tenant, operation) pairs, or (database, operation) for scope ``database``. Two items
+that touch the same table of the same tenant must not overlap; among them, lower
+:class:`~sweeperd.model.Phase` first (prune before vacuum). That is expressed as dependencies: each
+item waits for the previous item on each of its tables. Since the order is a total order per
+tenant, the dependency graph has no cycles, and items on different tables run concurrently.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+
+from .config import Config, SweepConfig
+from .model import ALL_TABLES, Operation, Tenant
+
+ALL_SWEEPS = "*"
+
+
+class SelectionError(Exception):
+    """The requested sweep does not exist (a usage error: exit 2)."""
+
+
+@dataclass(slots=True)
+class WorkItem:
+    index: int
+    operation: Operation
+    tenant: Tenant | None
+    database: str
+    deps: list[int] = field(default_factory=list)
+
+    @property
+    def schema(self) -> str | None:
+        return self.tenant.schema if self.tenant else None
+
+    @property
+    def label(self) -> str:
+        """How the item appears in ``application_name`` and logs."""
+        where = self.tenant.name if self.tenant else self.database
+        return f"{self.operation.name} {where}"
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    sweep: str
+    items: tuple[WorkItem, ...]
+    per_tenant_concurrency: int
+    operation_timeout: float | None
+    timeout: float | None
+
+
+def matches(name: str, globs: Iterable[str]) -> bool:
+    return any(fnmatchcase(name, g) for g in globs)
+
+
+def make_plan(
+    config: Config,
+    operations: Mapping[str, Operation],
+    tenants: Sequence[Tenant],
+    *,
+    sweep: str | None = None,
+    tenant_globs: Sequence[str] = (),
+    only_globs: Sequence[str] = (),
+) -> Plan:
+    """Select (tenant, operation) pairs for ``sweep`` (None: every configured sweep once).
+
+    ``tenant_globs`` and ``only_globs`` (the CLI's ``--tenant``/``--only``) narrow the selection
+    further. Database-scope operations run once per database that has a selected tenant, or on
+    every configured database when no ``--tenant`` narrowing was asked for.
+    """
+    sweeps = _sweeps(config, sweep)
+    ops = list(operations.values())
+    pairs: dict[tuple[str, str], tuple[Operation, Tenant]] = {}
+    db_ops: dict[tuple[str, str], tuple[Operation, str]] = {}
+    selected_dbs: set[str] = set()
+    for sw in sweeps:
+        chosen_ops = [op for op in ops if matches(op.name, sw.operations)
+                      and (not only_globs or matches(op.name, only_globs))]
+        chosen_tenants = [t for t in tenants if matches(t.name, sw.tenants)
+                          and (not tenant_globs or matches(t.name, tenant_globs))]
+        for tenant in chosen_tenants:
+            selected_dbs.add(tenant.database)
+            for op in chosen_ops:
+                if op.scope == "tenant":
+                    pairs.setdefault((tenant.name, op.name), (op, tenant))
+        databases = selected_dbs if tenant_globs else set(config.databases) | selected_dbs
+        for db in sorted(databases):
+            for op in chosen_ops:
+                if op.scope == "database":
+                    db_ops.setdefault((db, op.name), (op, db))
+
+    op_order = {name: i for i, name in enumerate(operations)}
+    tenant_order = {t.name: i for i, t in enumerate(tenants)}
+    items: list[WorkItem] = []
+    # Database-scope work first (there is little of it and it is often the largest table), then
+    # by phase so that pruning, which unblocks vacuums, is queued ahead of them.
+    for op, db in sorted(db_ops.values(), key=lambda p: (p[0].phase, p[1], op_order[p[0].name])):
+        items.append(WorkItem(index=len(items), operation=op, tenant=None, database=db))
+    for op, tenant in sorted(pairs.values(), key=lambda p: (p[0].phase, tenant_order[p[1].name],
+                                                             op_order[p[0].name])):
+        items.append(WorkItem(index=len(items), operation=op, tenant=tenant, database=tenant.database))
+    _link_same_table_items(items)
+
+    return Plan(
+        sweep=sweep or ALL_SWEEPS,
+        items=tuple(items),
+        per_tenant_concurrency=min((s.per_tenant_concurrency for s in sweeps), default=4),
+        operation_timeout=_min_optional(s.operation_timeout for s in sweeps),
+        timeout=_min_optional(s.timeout for s in sweeps) if sweep else None,
+    )
+
+
+def _sweeps(config: Config, sweep: str | None) -> list[SweepConfig]:
+    if sweep is not None:
+        if sweep not in config.sweeps:
+            known = ", ".join(sorted(config.sweeps)) or "none configured"
+            raise SelectionError(f"no sweep named {sweep!r} in {config.path} (known: {known})")
+        return [config.sweeps[sweep]]
+    if config.sweeps:
+        return list(config.sweeps.values())
+    # No sweeps configured: "every operation once" still means something useful.
+    return [SweepConfig(name=ALL_SWEEPS)]
+
+
+def _min_optional(values: Iterable[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return min(present) if present else None
+
+
+def _link_same_table_items(items: Sequence[WorkItem]) -> None:
+    """Give each item a dependency on the previous item touching each of its tables.
+
+    Items are grouped per conflict domain: a tenant's schema, or a database for scope
+    ``database``. Within a domain the order is (phase, position), so an earlier phase finishes
+    before a later one on the same table, and "*" (any table) waits for everything before it.
+    """
+    domains: dict[tuple[str, str | None], list[WorkItem]] = defaultdict(list)
+    for item in items:
+        if item.operation.tables:
+            domains[(item.database, item.schema)].append(item)
+    for members in domains.values():
+        members.sort(key=lambda it: (it.operation.phase, it.index))
+        last_by_table: dict[str, int] = {}
+        last_all: int | None = None
+        since_all: list[int] = []
+        for item in members:
+            deps: set[int] = set()
+            if ALL_TABLES in item.operation.tables:
+                deps.update(since_all)
+                if last_all is not None:
+                    deps.add(last_all)
+                last_all, since_all = item.index, []
+                last_by_table.clear()
+            else:
+                for table in item.operation.tables:
+                    previous = last_by_table.get(table, last_all)
+                    if previous is not None:
+                        deps.add(previous)
+                    last_by_table[table] = item.index
+                since_all.append(item.index)
+            item.deps = sorted(deps)

@@ -1,0 +1,252 @@
+"""The plugin manager: bundled plugins, entry points, drop-in files, and their operations.
+
+All three sources go through the same registration, so the bundled retention and vacuum plugins
+are ordinary plugins (pytest's and datasette's pattern). The manager is built by a function, never
+at import time, so a reload builds a fresh one.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+import pkgutil
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pluggy
+
+from . import hookspecs
+from .config import Config
+from .model import Operation
+
+PROJECT = "sweeperd"
+BUNDLED_PACKAGE = "sweeperd.bundled"
+
+
+class PluginError(Exception):
+    """Plugins could not be loaded or disagree; ``problems`` holds one line each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True, slots=True)
+class PluginInfo:
+    name: str
+    source: str  # "bundled", "entry point <dist>", or the drop-in file's path
+    version: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Plugins:
+    """A loaded plugin manager and the operations its plugins contribute, by name."""
+
+    pm: pluggy.PluginManager
+    infos: tuple[PluginInfo, ...]
+    operations: Mapping[str, Operation]
+
+    def by_plugin(self) -> dict[str, list[Operation]]:
+        out: dict[str, list[Operation]] = {info.name: [] for info in self.infos}
+        for op in self.operations.values():
+            out.setdefault(op.plugin, []).append(op)
+        return out
+
+
+def new_plugin_manager() -> pluggy.PluginManager:
+    pm = pluggy.PluginManager(PROJECT)
+    pm.add_hookspecs(hookspecs)
+    return pm
+
+
+def load_plugins(config: Config, *, entry_points: bool = True) -> Plugins:
+    """Load every plugin, validate their settings and collect their operations.
+
+    Raises :class:`PluginError` (load failures, clashes) or :class:`~sweeperd.config.ConfigError`
+    (settings problems), each with every problem found.
+    """
+    from .config import ConfigError
+
+    pm = new_plugin_manager()
+    infos: list[PluginInfo] = []
+    problems: list[str] = []
+
+    def register(module: ModuleType | None, info: PluginInfo) -> None:
+        if module is None:
+            return
+        if pm.has_plugin(info.name):
+            other = next(i for i in infos if i.name == info.name)
+            problems.append(f"plugin {info.name!r} from {info.source} has the same name as the one "
+                            f"from {other.source}")
+            return
+        try:
+            pm.register(module, name=info.name)
+        except (ValueError, pluggy.PluginValidationError) as exc:
+            problems.append(f"plugin {info.name!r} ({info.source}): {exc}")
+            return
+        infos.append(info)
+
+    for module, info in _bundled(problems):
+        register(module, info)
+    if entry_points:
+        for module, info in _entry_points(problems):
+            register(module, info)
+    for directory in config.daemon.plugin_dirs:
+        for module, info in _drop_ins(directory, problems):
+            register(module, info)
+
+    try:
+        # A sweeperd_* function that matches no hook is a typo that would silently do nothing.
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        name = pm.get_name(exc.plugin) if exc.plugin is not None else "?"
+        problems.append(f"plugin {name!r}: {exc}")
+    if problems:
+        raise PluginError(problems)
+
+    settings_problems = _validate_settings(pm, config)
+    if settings_problems:
+        raise ConfigError(settings_problems)
+    operations = _collect_operations(pm, config)
+    return Plugins(pm=pm, infos=tuple(infos), operations=operations)
+
+
+def _bundled(problems: list[str]) -> list[tuple[ModuleType | None, PluginInfo]]:
+    package = importlib.import_module(BUNDLED_PACKAGE)
+    from . import __version__
+
+    out: list[tuple[ModuleType | None, PluginInfo]] = []
+    for mod in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
+        if mod.name.startswith("_"):
+            continue
+        info = PluginInfo(name=mod.name, source="bundled", version=__version__)
+        try:
+            out.append((importlib.import_module(f"{BUNDLED_PACKAGE}.{mod.name}"), info))
+        except Exception as exc:
+            problems.append(_load_failure(info, exc))
+    return out
+
+
+def _entry_points(problems: list[str]) -> list[tuple[ModuleType | None, PluginInfo]]:
+    out: list[tuple[ModuleType | None, PluginInfo]] = []
+    for ep in importlib.metadata.entry_points(group=PROJECT):
+        dist = ep.dist
+        info = PluginInfo(
+            name=ep.name,
+            source=f"entry point {dist.name if dist else '?'} ({ep.value})",
+            version=dist.version if dist else None,
+        )
+        try:
+            out.append((ep.load(), info))
+        except Exception as exc:
+            problems.append(_load_failure(info, exc))
+    return out
+
+
+def _drop_ins(directory: Path, problems: list[str]) -> list[tuple[ModuleType | None, PluginInfo]]:
+    if not directory.is_dir():
+        # A configured but missing directory is most likely a deployment mistake.
+        problems.append(f"plugin directory {directory} does not exist or is not a directory")
+        return []
+    out: list[tuple[ModuleType | None, PluginInfo]] = []
+    for path in sorted(directory.glob("*.py")):
+        name = path.stem
+        if name.startswith("_"):
+            continue
+        info = PluginInfo(name=name, source=str(path), version=None)
+        # Imported under a private module name so that a drop-in called "json.py" does not
+        # shadow (or get shadowed by) the standard library; registered under its file name.
+        module_name = f"_sweeperd_plugin_{name}"
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        if spec is None or spec.loader is None:
+            problems.append(f"plugin {name!r} ({path}): cannot be imported")
+            continue
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:
+            sys.modules.pop(module_name, None)
+            problems.append(_load_failure(info, exc))
+            continue
+        version = getattr(module, "__version__", None)
+        out.append((module, replace(info, version=str(version) if version else None)))
+    return out
+
+
+def _load_failure(info: PluginInfo, exc: BaseException) -> str:
+    where = _innermost_location(exc)
+    return f"plugin {info.name!r} ({info.source}) failed to load: {type(exc).__name__}: {exc}{where}"
+
+
+def _innermost_location(exc: BaseException) -> str:
+    tb = exc.__traceback__
+    if tb is None:
+        return ""
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return f" [{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}]"
+
+
+def _call_per_plugin(
+    pm: pluggy.PluginManager, hook_name: str, config: Config, problems: list[str]
+) -> list[tuple[str, Any]]:
+    """Call a hook on each plugin with *that plugin's* settings; (plugin name, result) pairs.
+
+    pluggy passes the same arguments to every implementation, but settings are per plugin, so the
+    implementations are called one by one (there are no hook wrappers on these hooks).
+    """
+    results: list[tuple[str, Any]] = []
+    for impl in getattr(pm.hook, hook_name).get_hookimpls():
+        name = pm.get_name(impl.plugin) or "?"
+        kwargs = {"settings": config.plugin_settings(name), "config": config}
+        args = [kwargs[a] for a in impl.argnames]
+        try:
+            results.append((name, impl.function(*args)))
+        except Exception as exc:
+            # A plugin bug must name the plugin, keep the cause, and not become a traceback.
+            problems.append(f"plugin {name!r}: {hook_name} raised {type(exc).__name__}: {exc}"
+                            f"{_innermost_location(exc)}")
+    return results
+
+
+def _validate_settings(pm: pluggy.PluginManager, config: Config) -> list[str]:
+    problems: list[str] = []
+    for name in config.plugins:
+        if not pm.has_plugin(name):
+            loaded = ", ".join(sorted(n for n, _ in pm.list_name_plugin())) or "none"
+            problems.append(f"{config.path}: plugins.{name}: no plugin named {name!r} is loaded "
+                            f"(loaded: {loaded})")
+    for name, found in _call_per_plugin(pm, "sweeperd_validate_settings", config, problems):
+        for key, expectation in found or ():
+            problems.append(f"{config.path}: plugins.{name}.{key}: {expectation}")
+    return problems
+
+
+def _collect_operations(pm: pluggy.PluginManager, config: Config) -> dict[str, Operation]:
+    operations: dict[str, Operation] = {}
+    problems: list[str] = []
+    for name, contributed in _call_per_plugin(pm, "sweeperd_operations", config, problems):
+        if contributed is None:
+            continue
+        if not isinstance(contributed, Sequence) or isinstance(contributed, str):
+            problems.append(f"plugin {name!r}: sweeperd_operations must return a list of Operation")
+            continue
+        for op in contributed:
+            if not isinstance(op, Operation):
+                problems.append(f"plugin {name!r}: sweeperd_operations returned {op!r}, "
+                                "expected sweeperd.Operation")
+                continue
+            if op.name in operations:
+                problems.append(f"operation {op.name!r} is contributed by both plugin "
+                                f"{operations[op.name].plugin!r} and plugin {name!r}")
+                continue
+            operations[op.name] = replace(op, plugin=name)
+    if problems:
+        raise PluginError(problems)
+    return operations

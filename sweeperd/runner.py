@@ -1,0 +1,277 @@
+"""Runs a plan's work items concurrently, bounded, ordered, and isolated from each other.
+
+Every item is one asyncio task that
+1. waits for the items it depends on (same table, earlier phase), holding nothing meanwhile;
+2. takes its bounds narrowest first: the tenant's slot, then the database's, then the global one
+   (a task never holds a global slot while it waits for a busy database, so other databases keep
+   going), and only then a pooled connection, which is therefore always free;
+3. runs the operation under its timeout; any exception becomes a ``failed`` result with a
+   one-line reason (SQLSTATE included), like ``Promise.allSettled`` in the origin story.
+Cancelling a task while its query runs makes psycopg cancel the query on the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping, Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import pluggy
+import structlog
+
+from .db import Database, describe_error
+from .durations import format_duration
+from .model import STATUSES, Context, Result, Skip, Status
+from .planner import Plan, WorkItem
+
+log = structlog.get_logger("sweeperd.runner")
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_concurrency: int
+    per_database: Mapping[str, int]
+    per_tenant: int
+
+
+@dataclass(slots=True)
+class SweepReport:
+    sweep: str
+    started_at: datetime
+    finished_at: datetime
+    results: list[Result] = field(default_factory=list)
+    unreachable: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def duration_s(self) -> float:
+        return (self.finished_at - self.started_at).total_seconds()
+
+    def counts(self) -> dict[str, int]:
+        counts = {"ok": 0, "failed": 0, "skipped": 0, "cancelled": 0}
+        for r in self.results:
+            counts[r.status] = counts.get(r.status, 0) + 1
+        return counts
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "sweep": self.sweep,
+            "started_at": self.started_at.isoformat(),
+            "finished_at": self.finished_at.isoformat(),
+            "duration_s": round(self.duration_s, 6),
+            "counts": self.counts(),
+            "results": [r.to_json() for r in self.results],
+        }
+
+    def exit_code(self) -> int:
+        """0 all succeeded or were skipped by policy; 1 a failure; 3 a database was unreachable."""
+        if self.unreachable:
+            return 3
+        return 1 if any(r.status in ("failed", "cancelled") for r in self.results) else 0
+
+
+class Runner:
+    """Executes plans against open databases; one instance may run many plans."""
+
+    def __init__(
+        self,
+        databases: Mapping[str, Database],
+        pm: pluggy.PluginManager,
+        settings: Mapping[str, Mapping[str, Any]],
+        limits: Limits,
+    ) -> None:
+        self.databases = databases
+        self.pm = pm
+        self.settings = settings
+        self.limits = limits
+        self._global = asyncio.Semaphore(limits.max_concurrency)
+        self._per_db = {name: asyncio.Semaphore(n) for name, n in limits.per_database.items()}
+
+    async def run(self, plan: Plan, *, dry_run: bool = False,
+                  unreachable: Mapping[str, str] | None = None) -> SweepReport:
+        """Run every item of ``plan``; never raises for an item's failure.
+
+        ``unreachable`` maps database names that could not be opened to the reason; their items
+        are reported ``failed`` with it, everything else still runs.
+        """
+        started = datetime.now(UTC)
+        run = _SweepRun(self, plan, dry_run, dict(unreachable or {}))
+        _notify(self.pm.hook.sweeperd_sweep_started, sweep=plan.sweep, items=len(plan.items))
+        try:
+            if plan.timeout is not None:
+                async with asyncio.timeout(plan.timeout):
+                    await run.execute()
+            else:
+                await run.execute()
+        except TimeoutError:
+            run.timed_out = True
+            log.warning("sweep timed out; unfinished operations cancelled",
+                        sweep=plan.sweep, timeout=format_duration(plan.timeout or 0))
+        report = SweepReport(sweep=plan.sweep, started_at=started, finished_at=datetime.now(UTC),
+                             results=run.results_in_plan_order(),
+                             unreachable=dict(unreachable or {}))
+        _notify(self.pm.hook.sweeperd_sweep_finished, sweep=plan.sweep, results=report.results)
+        return report
+
+
+class _SweepRun:
+    """The state of one plan's execution."""
+
+    def __init__(self, runner: Runner, plan: Plan, dry_run: bool, unreachable: dict[str, str]) -> None:
+        self.runner = runner
+        self.plan = plan
+        self.dry_run = dry_run
+        self.unreachable = unreachable
+        self.timed_out = False
+        self.done = [asyncio.Event() for _ in plan.items]
+        self.results: dict[int, Result] = {}
+        self.tenant_slots: dict[tuple[str, str], asyncio.Semaphore] = {}
+
+    async def execute(self) -> None:
+        tasks = [asyncio.create_task(self.run_item(item), name=f"sweeperd {item.label}")
+                 for item in self.plan.items]
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException:
+            # Sweep timeout or an outer cancel (SIGTERM): stop everything still running; each
+            # task records itself as cancelled, and psycopg cancels its query on the server.
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+
+    def results_in_plan_order(self) -> list[Result]:
+        out = []
+        for item in self.plan.items:
+            result = self.results.get(item.index)
+            if result is None:
+                reason = "sweep timed out before it started" if self.timed_out else "sweep cancelled"
+                result = _result(item, "cancelled", error=reason)
+            out.append(result)
+        return out
+
+    def tenant_slot(self, item: WorkItem) -> asyncio.Semaphore | None:
+        if item.tenant is None:
+            return None
+        key = (item.database, item.tenant.name)
+        slot = self.tenant_slots.get(key)
+        if slot is None:
+            slot = self.tenant_slots[key] = asyncio.Semaphore(self.plan.per_tenant_concurrency)
+        return slot
+
+    async def run_item(self, item: WorkItem) -> None:
+        try:
+            for dep in item.deps:
+                await self.done[dep].wait()
+            result = await self.bounded(item)
+        except asyncio.CancelledError:
+            reason = "sweep timed out" if self.timed_out else "cancelled"
+            self.finish(item, _result(item, "cancelled", error=reason))
+            raise
+        self.finish(item, result)
+
+    def finish(self, item: WorkItem, result: Result) -> None:
+        if item.index in self.results:
+            return
+        self.results[item.index] = result
+        self.done[item.index].set()
+        _notify(self.runner.pm.hook.sweeperd_operation_finished, result=result, sweep=self.plan.sweep)
+        if result.status == "failed":
+            log.warning("operation failed", sweep=self.plan.sweep, tenant=result.tenant,
+                        database=result.database, operation=result.operation, error=result.error)
+
+    async def bounded(self, item: WorkItem) -> Result:
+        runner = self.runner
+        if item.database in self.unreachable:
+            return _result(item, "failed", error=f"database unreachable: {self.unreachable[item.database]}")
+        veto = runner.pm.hook.sweeperd_skip_operation(operation=item.operation, tenant=item.tenant,
+                                                      sweep=self.plan.sweep)
+        if veto:
+            return _result(item, "skipped", error=str(veto))
+        if self.dry_run and not item.operation.dry_run:
+            # An operation that does not promise to honour ctx.dry_run is not run at all: a
+            # third-party DELETE must never run because someone asked for a dry run.
+            return _result(item, "dry-run", error=None)
+        database = runner.databases[item.database]
+        async with AsyncExitStack() as bounds:
+            tenant_slot = self.tenant_slot(item)
+            if tenant_slot is not None:
+                await bounds.enter_async_context(tenant_slot)
+            await bounds.enter_async_context(runner._per_db[item.database])
+            await bounds.enter_async_context(runner._global)
+            return await self.execute_item(item, database)
+        raise AssertionError("unreachable")  # pragma: no cover - for type checkers
+
+    async def execute_item(self, item: WorkItem, database: Database) -> Result:
+        op = item.operation
+        timeout = op.timeout if op.timeout is not None else self.plan.operation_timeout
+        started_at = datetime.now(UTC)
+        t0 = time.perf_counter()
+        ctx: Context | None = None
+        status: Status = "ok"
+        rows: int | None = None
+        error: str | None = None
+        try:
+            async with asyncio.timeout(timeout) as deadline:
+                async with database.connection(item.label) as conn:
+                    ctx = Context(
+                        conn=conn, operation=op, tenant=item.tenant, database=item.database,
+                        dry_run=self.dry_run, settings=self.runner.settings.get(op.plugin, {}),
+                        log=log.bind(sweep=self.plan.sweep,
+                                     tenant=item.tenant.name if item.tenant else None,
+                                     operation=op.name),
+                        sweep=self.plan.sweep, server_version=database.server_version,
+                    )
+                    rows = await op.run(ctx)
+            if rows is not None and not isinstance(rows, int):
+                raise TypeError(f"run() returned {type(rows).__name__}, expected int or None")
+            status = "dry-run" if self.dry_run else "ok"
+        except Skip as exc:
+            status, error = "skipped", str(exc) or "skipped by the operation"
+        except TimeoutError as exc:
+            status = "failed"
+            if deadline.expired():
+                error = (f"TimeoutError: exceeded the operation timeout of "
+                         f"{format_duration(timeout or 0)} (query cancelled on the server)")
+            else:
+                error = describe_error(exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            status, error = "failed", describe_error(exc)
+        duration = time.perf_counter() - t0
+        return Result(
+            tenant=item.tenant.name if item.tenant else None, database=item.database,
+            schema=item.schema, operation=op.name, status=status, rows=rows,
+            started_at=started_at, finished_at=datetime.now(UTC), duration_s=duration,
+            error=error, details=dict(ctx.details) if ctx else {},
+        )
+
+
+def _result(item: WorkItem, status: Status, *, error: str | None) -> Result:
+    return Result(
+        tenant=item.tenant.name if item.tenant else None, database=item.database,
+        schema=item.schema, operation=item.operation.name, status=status, rows=None,
+        started_at=None, finished_at=None, duration_s=None, error=error,
+    )
+
+
+def _notify(hook: Any, **kwargs: Any) -> None:
+    """Call an observer hook; an observer's exception is logged, never fatal to the sweep."""
+    try:
+        hook(**kwargs)
+    except Exception as exc:
+        log.error("plugin observer hook failed", hook=hook.name, error=describe_error(exc))
+
+
+def summarize(results: Sequence[Result]) -> dict[str, dict[str, int]]:
+    """Per operation: how many items ended in each status, and rows in total."""
+    out: dict[str, dict[str, int]] = {}
+    for r in results:
+        row = out.setdefault(r.operation, {s: 0 for s in STATUSES} | {"rows": 0})
+        row[r.status] += 1
+        row["rows"] += r.rows or 0
+    return out

@@ -1,0 +1,107 @@
+"""One sweep from start to finish: open the databases, find the tenants, plan, run, close.
+
+``sweeperd sweep`` uses this directly; the daemon keeps its databases open between sweeps and
+calls :func:`resolve_tenants`, :func:`~sweeperd.planner.make_plan` and the runner itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+
+import structlog
+
+from .config import Config
+from .db import Database, DatabaseUnreachable
+from .model import Tenant
+from .planner import SelectionError, make_plan, matches
+from .plugins import Plugins
+from .runner import Limits, Runner, SweepReport
+
+log = structlog.get_logger("sweeperd.sweep")
+
+
+def limits_for(config: Config, per_tenant: int) -> Limits:
+    return Limits(
+        max_concurrency=config.daemon.max_concurrency,
+        per_database={name: db.max_connections for name, db in config.databases.items()},
+        per_tenant=per_tenant,
+    )
+
+
+async def open_databases(
+    config: Config, names: Sequence[str]
+) -> tuple[dict[str, Database], dict[str, str]]:
+    """Open the named databases concurrently; (open ones, unreachable name → reason)."""
+    databases = {name: Database(config.databases[name]) for name in names}
+    outcomes = await asyncio.gather(*(db.open() for db in databases.values()), return_exceptions=True)
+    unreachable: dict[str, str] = {}
+    for name, outcome in zip(list(databases), outcomes, strict=True):
+        if isinstance(outcome, DatabaseUnreachable):
+            unreachable[name] = outcome.reason
+            log.error("database unreachable", database=name, error=outcome.reason)
+            del databases[name]
+        elif isinstance(outcome, BaseException):
+            raise outcome
+    return databases, unreachable
+
+
+async def resolve_tenants(config: Config, databases: Mapping[str, Database]) -> list[Tenant]:
+    """Static ``[[tenants]]`` plus those discovered by ``[[tenant_sources]]`` (one query each).
+
+    A static entry wins over a discovered one with the same name or the same schema.
+    """
+    tenants = [Tenant(name=t.name, database=t.database, schema=t.schema) for t in config.tenants]
+    names = {t.name for t in tenants}
+    schemas = {(t.database, t.schema) for t in tenants}
+    for source in config.tenant_sources:
+        database = databases.get(source.database)
+        if database is None:
+            continue  # unreachable: reported already
+        for schema in await database.find_schemas(source.schemas):
+            name = schema[len(source.prefix):] if schema.startswith(source.prefix) else schema
+            if not name or name in names or (source.database, schema) in schemas:
+                continue
+            tenants.append(Tenant(name=name, database=source.database, schema=schema))
+            names.add(name)
+            schemas.add((source.database, schema))
+    return tenants
+
+
+def relevant_databases(config: Config, tenant_globs: Sequence[str]) -> list[str]:
+    """The databases a sweep needs: all of them, or with ``--tenant`` only those that can match."""
+    if not tenant_globs:
+        return list(config.databases)
+    wanted = {t.database for t in config.tenants if matches(t.name, tenant_globs)}
+    wanted |= {s.database for s in config.tenant_sources}
+    return [name for name in config.databases if name in wanted]
+
+
+async def sweep_once(
+    config: Config,
+    plugins: Plugins,
+    *,
+    sweep: str | None = None,
+    tenant_globs: Sequence[str] = (),
+    only_globs: Sequence[str] = (),
+    dry_run: bool = False,
+) -> SweepReport:
+    """Run one sweep now. Raises SelectionError for an unknown sweep before connecting."""
+    if sweep is not None and sweep not in config.sweeps:
+        known = ", ".join(sorted(config.sweeps)) or "none configured"
+        raise SelectionError(f"no sweep named {sweep!r} in {config.path} (known: {known})")
+    databases, unreachable = await open_databases(config, relevant_databases(config, tenant_globs))
+    try:
+        tenants = await resolve_tenants(config, databases)
+        plan = make_plan(config, plugins.operations, tenants, sweep=sweep,
+                         tenant_globs=tenant_globs, only_globs=only_globs)
+        runner = Runner(databases, plugins.pm, config.plugins,
+                        limits_for(config, plan.per_tenant_concurrency))
+        log.info("sweep started", sweep=plan.sweep, items=len(plan.items), tenants=len(tenants),
+                 dry_run=dry_run)
+        report = await runner.run(plan, dry_run=dry_run, unreachable=unreachable)
+        log.info("sweep finished", sweep=plan.sweep, duration_s=round(report.duration_s, 3),
+                 **report.counts())
+        return report
+    finally:
+        await asyncio.gather(*(db.close() for db in databases.values()), return_exceptions=True)
