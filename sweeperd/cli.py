@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from . import __version__
 from .config import Config, ConfigError, load_config, resolve_config_path
-from .planner import SelectionError
+from .planner import PlanError, SelectionError
 from .plugins import PluginError, Plugins, load_plugins
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
@@ -73,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for problem in exc.problems:
             print(f"sweeperd: {problem}", file=sys.stderr)
         return EXIT_USAGE
-    except SelectionError as exc:
+    except (SelectionError, PlanError) as exc:
         print(f"sweeperd: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

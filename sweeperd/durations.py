@@ -1,12 +1,15 @@
-"""Durations as written in the config: ``"500ms"``, ``"30s"``, ``"15m"``, ``"2h"``, ``"90d"``, ``"1h30m"``."""
+"""Durations as written in the config: ``"500ms"``, ``"30s"``, ``"15m"``/``"15min"``, ``"2h"``, ``"90d"``, ``"1h30m"``."""
 
 from __future__ import annotations
 
 import re
 
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
-_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
-_WHOLE = re.compile(r"(?:\d+(?:\.\d+)?(?:ms|s|m|h|d|w))+")
+_UNITS = {"ms": 0.001, "s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0,
+          "w": 604800.0}
+# Longest alternatives first: "ms" and "min" must not be read as "m" followed by junk.
+_UNIT = r"(ms|min|sec|s|m|h|d|w)"
+_PART = re.compile(r"(\d+(?:\.\d+)?)" + _UNIT)
+_WHOLE = re.compile(r"(?:\d+(?:\.\d+)?" + _UNIT + r")+")
 
 EXPECTATION = 'a duration such as "500ms", "30s", "15m", "2h", "90d" or "1h30m"'
 

@@ -72,6 +72,9 @@ class Operation:
     :param phase: ordering among operations sharing a table (:class:`Phase`; any int works).
     :param timeout: seconds before the runner cancels it (its query is cancelled on the server);
         None: the sweep's ``operation_timeout`` applies.
+    :param after: globs of operation names that must all finish before this one starts: in the
+        same tenant for scope ``tenant``, in the same database (any scope) for scope
+        ``database`` (e.g. a once-per-database step after every tenant's vacuum).
     :param dry_run: True if ``run`` honours ``ctx.dry_run`` (changes nothing and returns how many
         rows it would affect). Operations that do not promise this are not run at all in a dry
         run, so a plugin that forgot to check the flag cannot delete anything.
@@ -84,6 +87,7 @@ class Operation:
     scope: Scope = "tenant"
     phase: int = Phase.DEFAULT
     timeout: float | None = None
+    after: tuple[str, ...] = ()
     dry_run: bool = False
     description: str = ""
     plugin: str = field(default="", compare=False)
@@ -98,6 +102,8 @@ class Operation:
             object.__setattr__(self, "tables", (self.tables,))
         else:
             object.__setattr__(self, "tables", tuple(self.tables))
+        object.__setattr__(self, "after", (self.after,) if isinstance(self.after, str)
+                           else tuple(self.after))
         if self.scope == "database":
             for table in self.tables:
                 if table != ALL_TABLES and "." not in table:

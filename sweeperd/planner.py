@@ -24,6 +24,10 @@ class SelectionError(Exception):
     """The requested sweep does not exist (a usage error: exit 2)."""
 
 
+class PlanError(Exception):
+    """Operations' ``after`` constraints contradict each other (a plugin bug)."""
+
+
 @dataclass(slots=True)
 class WorkItem:
     index: int
@@ -103,6 +107,8 @@ def make_plan(
                                                              op_order[p[0].name])):
         items.append(WorkItem(index=len(items), operation=op, tenant=tenant, database=tenant.database))
     _link_same_table_items(items)
+    _link_after(items)
+    _check_acyclic(items)
 
     return Plan(
         sweep=sweep or ALL_SWEEPS,
@@ -162,3 +168,45 @@ def _link_same_table_items(items: Sequence[WorkItem]) -> None:
                     last_by_table[table] = item.index
                 since_all.append(item.index)
             item.deps = sorted(deps)
+
+
+def _link_after(items: Sequence[WorkItem]) -> None:
+    """Add dependencies from ``Operation.after``: tenant-local, or database-wide for scope database."""
+    if not any(item.operation.after for item in items):
+        return
+    by_tenant: dict[tuple[str, str], list[WorkItem]] = defaultdict(list)
+    by_database: dict[str, list[WorkItem]] = defaultdict(list)
+    for item in items:
+        by_database[item.database].append(item)
+        if item.tenant is not None:
+            by_tenant[(item.database, item.tenant.name)].append(item)
+    for item in items:
+        globs = item.operation.after
+        if not globs:
+            continue
+        pool = (by_database[item.database] if item.tenant is None
+                else by_tenant[(item.database, item.tenant.name)])
+        extra = {other.index for other in pool
+                 if other is not item and matches(other.operation.name, globs)}
+        item.deps = sorted(set(item.deps) | extra)
+
+
+def _check_acyclic(items: Sequence[WorkItem]) -> None:
+    """Kahn's algorithm: a cycle would leave its items waiting for each other forever."""
+    waiting = {item.index: len(item.deps) for item in items}
+    dependents: dict[int, list[int]] = defaultdict(list)
+    for item in items:
+        for dep in item.deps:
+            dependents[dep].append(item.index)
+    ready = [i for i, n in waiting.items() if n == 0]
+    seen = 0
+    while ready:
+        index = ready.pop()
+        seen += 1
+        for nxt in dependents[index]:
+            waiting[nxt] -= 1
+            if waiting[nxt] == 0:
+                ready.append(nxt)
+    if seen != len(items):
+        stuck = sorted({items[i].operation.name for i, n in waiting.items() if n > 0})
+        raise PlanError(f"operations wait for each other in a cycle: {', '.join(stuck)}")

@@ -1,0 +1,274 @@
+"""Retention: delete rows older than a cutoff, in small committed batches.
+
+Each ``[[plugins.retention.rules]]`` entry becomes the operation ``retention.<name>``::
+
+    [[plugins.retention.rules]]
+    name = "notifications"        # operation retention.notifications
+    table = "notifications"       # in each tenant's schema (scope "tenant", the default)
+    column = "created_at"         # timestamp (or date) column compared with the cutoff
+    older_than = "90d"
+    batch_size = 5000             # rows per committed batch (default 5000)
+    match = { status = "done" }   # optional equality filters, values bound as parameters
+    max_rows = 1000000            # optional cap per run
+    pause = "100ms"               # optional pause between batches (lets replicas keep up)
+    lock_timeout = "2s"           # optional per-rule overrides of the database's timeouts
+    statement_timeout = "1min"
+    missing = "fail"              # or "skip": a tenant without the table is skipped, not failed
+    scope = "database"            # once per database instead; then `schema` is required
+
+How a batch works: ``SELECT ctid … WHERE column < cutoff … LIMIT n FOR UPDATE SKIP LOCKED`` feeds a
+``DELETE … WHERE ctid = ANY(…) AND column < cutoff`` in one autocommitted statement, so every batch is
+its own transaction: a crash or cancel keeps the batches already committed, rows locked by the
+application are skipped rather than waited for, and the cutoff is re-checked at delete time. The
+cutoff is computed once per run from the server's clock, so rows ageing past it during the run are
+not chased. There is no free-form ``where``: raw SQL in a config file would be an injection hole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import re
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import sweeperd
+from sweeperd import sql
+from sweeperd.durations import EXPECTATION, format_duration, parse_duration
+
+DEFAULT_BATCH_SIZE = 5000
+MAX_BATCH_SIZE = 1_000_000
+PROGRESS_EVERY_S = 5.0
+_RULE_KEYS = {"name", "table", "column", "older_than", "batch_size", "match", "max_rows", "pause",
+              "lock_timeout", "statement_timeout", "missing", "scope", "schema"}
+_NAME = re.compile(r"[A-Za-z0-9_-]+")
+_SCALARS = (str, int, float, bool, dt.datetime, dt.date, dt.time)
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    name: str
+    table: str
+    column: str
+    older_than: float
+    batch_size: int = DEFAULT_BATCH_SIZE
+    match: tuple[tuple[str, Any], ...] = ()
+    max_rows: int | None = None
+    pause: float = 0.0
+    lock_timeout: float | None = None
+    statement_timeout: float | None = None
+    missing: str = "fail"
+    scope: str = "tenant"
+    schema: str | None = None
+    # Tables already warned about (no index leading with the cutoff column): once per run of
+    # the daemon per rule, not once per tenant.
+    warned: set[str] = field(default_factory=set, compare=False, repr=False)
+
+
+@sweeperd.hookimpl
+def sweeperd_validate_settings(settings: Mapping[str, Any]) -> list[tuple[str, str]]:
+    return list(_problems(settings))
+
+
+@sweeperd.hookimpl
+def sweeperd_operations(settings: Mapping[str, Any]) -> list[sweeperd.Operation]:
+    return [_operation(_rule(raw)) for raw in settings.get("rules", ())]
+
+
+def _problems(settings: Mapping[str, Any]) -> Iterable[tuple[str, str]]:
+    for key in settings:
+        if key != "rules":
+            yield key, "unknown key (expected: rules)"
+    rules = settings.get("rules", [])
+    if not isinstance(rules, list):
+        yield "rules", "expected an array of tables [[plugins.retention.rules]]"
+        return
+    seen: set[str] = set()
+    for i, rule in enumerate(rules):
+        where = f"rules[{i}]"
+        if not isinstance(rule, dict):
+            yield where, "expected a table"
+            continue
+        for key in rule:
+            if key not in _RULE_KEYS:
+                yield f"{where}.{key}", f"unknown key (expected one of: {', '.join(sorted(_RULE_KEYS))})"
+        for key in ("name", "table", "column"):
+            if not isinstance(rule.get(key), str) or not rule.get(key):
+                yield f"{where}.{key}", "required: a non-empty string"
+        name = rule.get("name")
+        if isinstance(name, str) and name:
+            if not _NAME.fullmatch(name):
+                yield f"{where}.name", "expected letters, digits, '_' or '-' (it becomes retention.<name>)"
+            if name in seen:
+                yield f"{where}.name", f"expected a unique rule name, {name!r} is used twice"
+            seen.add(name)
+        if "older_than" not in rule:
+            yield f"{where}.older_than", f"required: {EXPECTATION}"
+        for key in ("older_than", "pause", "lock_timeout", "statement_timeout"):
+            if key in rule and not _is_duration(rule[key]):
+                yield f"{where}.{key}", f"expected {EXPECTATION}, got {rule[key]!r}"
+        for key, upper in (("batch_size", MAX_BATCH_SIZE), ("max_rows", None)):
+            value = rule.get(key)
+            if key in rule and (not isinstance(value, int) or isinstance(value, bool) or value < 1
+                                or (upper is not None and value > upper)):
+                limit = f" up to {upper}" if upper else ""
+                yield f"{where}.{key}", f"expected a positive integer{limit}, got {value!r}"
+        match = rule.get("match", {})
+        if not isinstance(match, dict):
+            yield f"{where}.match", 'expected a table of column = value, e.g. { status = "done" }'
+        else:
+            for column, value in match.items():
+                if not isinstance(value, _SCALARS):
+                    yield f"{where}.match.{column}", "expected a string, number, boolean or date"
+        if rule.get("missing", "fail") not in ("fail", "skip"):
+            yield f"{where}.missing", f'expected "fail" or "skip", got {rule.get("missing")!r}'
+        scope = rule.get("scope", "tenant")
+        if scope not in ("tenant", "database"):
+            yield f"{where}.scope", f'expected "tenant" or "database", got {scope!r}'
+        elif scope == "database" and not (isinstance(rule.get("schema"), str) and rule.get("schema")):
+            yield f"{where}.schema", 'required with scope = "database": the schema holding the table'
+        elif scope == "tenant" and "schema" in rule:
+            yield f"{where}.schema", 'only allowed with scope = "database" (tenant rules use the tenant schema)'
+
+
+def _is_duration(value: Any) -> bool:
+    if not isinstance(value, str):
+        return False
+    try:
+        parse_duration(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _rule(raw: Mapping[str, Any]) -> Rule:
+    def seconds(key: str) -> float | None:
+        return parse_duration(raw[key]) if key in raw else None
+
+    return Rule(
+        name=raw["name"], table=raw["table"], column=raw["column"],
+        older_than=parse_duration(raw["older_than"]),
+        batch_size=raw.get("batch_size", DEFAULT_BATCH_SIZE),
+        match=tuple(sorted(raw.get("match", {}).items())),
+        max_rows=raw.get("max_rows"), pause=seconds("pause") or 0.0,
+        lock_timeout=seconds("lock_timeout"), statement_timeout=seconds("statement_timeout"),
+        missing=raw.get("missing", "fail"), scope=raw.get("scope", "tenant"), schema=raw.get("schema"),
+    )
+
+
+def _operation(rule: Rule) -> sweeperd.Operation:
+    table = f"{rule.schema}.{rule.table}" if rule.scope == "database" else rule.table
+
+    async def run(ctx: sweeperd.Context) -> int:
+        return await _run(ctx, rule)
+
+    return sweeperd.Operation(
+        name=f"retention.{rule.name}", run=run, tables=(table,), scope=rule.scope,  # type: ignore[arg-type]
+        phase=sweeperd.Phase.PRUNE, dry_run=True,
+        description=f"delete rows of {table} whose {rule.column} is older than "
+                    f"{format_duration(rule.older_than)}",
+    )
+
+
+def _target(ctx: sweeperd.Context, rule: Rule) -> tuple[str, str]:
+    schema = ctx.tenant.schema if ctx.tenant is not None else rule.schema
+    assert schema is not None  # validated: database-scope rules name their schema
+    return schema, rule.table
+
+
+async def _run(ctx: sweeperd.Context, rule: Rule) -> int:
+    schema, table = _target(ctx, rule)
+    ident = sql.Identifier(schema, table)
+    if not await _check_table(ctx, rule, schema, table):
+        raise sweeperd.Skip(f'table "{schema}"."{table}" does not exist (missing = "skip")')
+    await _apply_timeouts(ctx, rule)
+    cur = await ctx.conn.execute("SELECT now() - %s::interval", (dt.timedelta(seconds=rule.older_than),))
+    row = await cur.fetchone()
+    assert row is not None
+    cutoff = row[0]
+    ctx.details["cutoff"] = cutoff.isoformat()
+    filters = sql.SQL(" AND ").join(
+        [sql.SQL("{} < %(cutoff)s").format(sql.Identifier(rule.column))]
+        + [sql.SQL("{} = %({})s").format(sql.Identifier(col), sql.SQL(f"m{i}"))
+           for i, (col, _value) in enumerate(rule.match)])
+    params: dict[str, Any] = {"cutoff": cutoff} | {f"m{i}": v for i, (_c, v) in enumerate(rule.match)}
+
+    if ctx.dry_run:
+        count = sql.SQL("SELECT count(*) FROM {} WHERE {}").format(ident, filters)
+        cur = await ctx.conn.execute(count, params)
+        row = await cur.fetchone()
+        would = int(row[0]) if row else 0
+        return min(would, rule.max_rows) if rule.max_rows else would
+
+    delete = sql.SQL(
+        "DELETE FROM {t} WHERE ctid = ANY(ARRAY("
+        "SELECT ctid FROM {t} WHERE {f} LIMIT %(limit)s FOR UPDATE SKIP LOCKED)) AND {f}"
+    ).format(t=ident, f=filters)
+    deleted = batches = 0
+    last_progress = time.monotonic()
+    while True:
+        limit = rule.batch_size
+        if rule.max_rows is not None:
+            limit = min(limit, rule.max_rows - deleted)
+            if limit <= 0:
+                break
+        cur = await ctx.conn.execute(delete, params | {"limit": limit})
+        n = cur.rowcount
+        deleted += n
+        batches += 1
+        ctx.details["batches"] = batches
+        now = time.monotonic()
+        if now - last_progress >= PROGRESS_EVERY_S:
+            ctx.log.info("retention progress", rows=deleted, batches=batches)
+            last_progress = now
+        if n < limit:
+            break  # a short batch: nothing older than the cutoff is left (or all of it is locked)
+        if rule.pause:
+            await asyncio.sleep(rule.pause)
+    return deleted
+
+
+async def _apply_timeouts(ctx: sweeperd.Context, rule: Rule) -> None:
+    settings = [(name, value) for name, value in (("lock_timeout", rule.lock_timeout),
+                                                   ("statement_timeout", rule.statement_timeout))
+                if value is not None]
+    if not settings:
+        return
+    # Session-level on a pooled connection: the pool's reset (RESET ALL) restores the defaults.
+    query = sql.SQL("SELECT {}").format(sql.SQL(", ").join(
+        sql.SQL("pg_catalog.set_config({}, {}, false)").format(sql.Literal(name),
+                                                                sql.Literal(f"{round(v * 1000)}ms"))
+        for name, v in settings))
+    await ctx.conn.execute(query)
+
+
+async def _check_table(ctx: sweeperd.Context, rule: Rule, schema: str, table: str) -> bool:
+    """False if the table is missing and the rule says skip; warns once about a missing index."""
+    cur = await ctx.conn.execute(
+        """
+        SELECT c.oid IS NOT NULL,
+               EXISTS (SELECT 1 FROM pg_catalog.pg_index i
+                         JOIN pg_catalog.pg_attribute a
+                           ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+                        WHERE i.indrelid = c.oid AND a.attname = %s)
+          FROM (SELECT 1) AS one
+          LEFT JOIN pg_catalog.pg_namespace n ON n.nspname = %s
+          LEFT JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = %s
+                                         AND c.relkind IN ('r', 'p')
+        """,
+        (rule.column, schema, table),
+    )
+    row = await cur.fetchone()
+    exists, indexed = (bool(row[0]), bool(row[1])) if row else (False, False)
+    if not exists:
+        # "fail": go on and let PostgreSQL report UndefinedTable (42P01) with its own words.
+        return rule.missing != "skip"
+    if not indexed and rule.table not in rule.warned:
+        rule.warned.add(rule.table)
+        statement = sql.SQL("CREATE INDEX CONCURRENTLY ON {} ({})").format(
+            sql.Identifier(schema, table), sql.Identifier(rule.column)).as_string(ctx.conn)
+        ctx.log.warning("no index leads with the retention column: every batch scans the table",
+                        table=f"{schema}.{table}", column=rule.column, fix=statement)
+    return True

@@ -1,0 +1,201 @@
+"""Vacuum: ``VACUUM (ANALYZE, SKIP_LOCKED, …)`` of tenant tables, one operation per table.
+
+    [plugins.vacuum]
+    tables = ["notifications", "sessions"]   # operations vacuum.notifications, vacuum.sessions
+    # tables = "auto"                         # one operation, vacuum.auto: every table of the
+    #                                         # tenant schema past the dead-tuple thresholds
+    analyze = true
+    skip_locked = true                        # a locked table is reported "skipped", not waited for
+    buffer_usage_limit = "256MB"              # PostgreSQL 16+: ring buffer size for the vacuum
+    min_dead_tuples = 1000                    # "auto" only
+    min_dead_ratio = 0.05                     # "auto" only: dead / (live + dead)
+
+Options are gated by server version: SKIP_LOCKED needs 12, BUFFER_USAGE_LIMIT and
+SKIP_DATABASE_STATS need 16. Like ``vacuumdb``, per-table vacuums skip the database-wide
+``datfrozenxid`` update (it scans pg_class and costs more than vacuuming a small table) and the
+database-scope operation ``vacuum.database_stats`` runs ``VACUUM (ONLY_DATABASE_STATS)`` once per
+database after every vacuum of the sweep. Retention (phase PRUNE) on a table finishes before its
+vacuum (phase MAINTAIN): the core orders operations that share a table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import sweeperd
+from sweeperd import sql
+
+_KEYS = {"tables", "analyze", "skip_locked", "buffer_usage_limit", "min_dead_tuples", "min_dead_ratio"}
+LOCK_NOT_AVAILABLE = "55P03"
+_STATS_QUERY = """
+    SELECT n_dead_tup, n_live_tup FROM pg_catalog.pg_stat_user_tables
+     WHERE schemaname = %s AND relname = %s
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    tables: tuple[str, ...] | None  # None: "auto"
+    analyze: bool = True
+    skip_locked: bool = True
+    buffer_usage_limit: str | None = None
+    min_dead_tuples: int = 1000
+    min_dead_ratio: float = 0.05
+
+
+@sweeperd.hookimpl
+def sweeperd_validate_settings(settings: Mapping[str, Any]) -> list[tuple[str, str]]:
+    return list(_problems(settings))
+
+
+@sweeperd.hookimpl
+def sweeperd_operations(settings: Mapping[str, Any]) -> list[sweeperd.Operation]:
+    if "tables" not in settings:
+        return []
+    s = _settings(settings)
+    ops = []
+    if s.tables is None:
+        ops.append(sweeperd.Operation(
+            name="vacuum.auto", run=lambda ctx: _run_auto(ctx, s), tables=(sweeperd.ALL_TABLES,),
+            phase=sweeperd.Phase.MAINTAIN, dry_run=True,
+            description="VACUUM every table of the tenant schema past the dead-tuple thresholds"))
+    else:
+        for table in s.tables:
+            ops.append(_table_operation(table, s))
+    ops.append(sweeperd.Operation(
+        name="vacuum.database_stats", run=_run_database_stats, scope="database",
+        phase=sweeperd.Phase.MAINTAIN, after=("vacuum.*",), dry_run=True,
+        description="VACUUM (ONLY_DATABASE_STATS) once per database after the table vacuums (PG 16+)"))
+    return ops
+
+
+def _problems(settings: Mapping[str, Any]) -> Iterable[tuple[str, str]]:
+    for key in settings:
+        if key not in _KEYS:
+            yield key, f"unknown key (expected one of: {', '.join(sorted(_KEYS))})"
+    tables = settings.get("tables", [])
+    if tables != "auto" and (not isinstance(tables, list)
+                             or not all(isinstance(t, str) and t for t in tables)):
+        yield "tables", 'expected a list of table names or "auto"'
+    elif isinstance(tables, list) and len(set(tables)) != len(tables):
+        yield "tables", "expected each table once"
+    for key in ("analyze", "skip_locked"):
+        if key in settings and not isinstance(settings[key], bool):
+            yield key, "expected true or false"
+    if "buffer_usage_limit" in settings and not isinstance(settings["buffer_usage_limit"], str):
+        yield "buffer_usage_limit", 'expected a size string such as "256MB"'
+    value = settings.get("min_dead_tuples", 0)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        yield "min_dead_tuples", "expected a non-negative integer"
+    ratio = settings.get("min_dead_ratio", 0.0)
+    if not isinstance(ratio, int | float) or isinstance(ratio, bool) or not 0 <= ratio <= 1:
+        yield "min_dead_ratio", "expected a number between 0 and 1"
+
+
+def _settings(raw: Mapping[str, Any]) -> Settings:
+    tables = raw.get("tables", [])
+    return Settings(
+        tables=None if tables == "auto" else tuple(tables),
+        analyze=raw.get("analyze", True), skip_locked=raw.get("skip_locked", True),
+        buffer_usage_limit=raw.get("buffer_usage_limit"),
+        min_dead_tuples=raw.get("min_dead_tuples", 1000),
+        min_dead_ratio=float(raw.get("min_dead_ratio", 0.05)),
+    )
+
+
+def _table_operation(table: str, s: Settings) -> sweeperd.Operation:
+    async def run(ctx: sweeperd.Context) -> int | None:
+        assert ctx.tenant is not None
+        return await _vacuum(ctx, s, ctx.tenant.schema, table)
+
+    return sweeperd.Operation(
+        name=f"vacuum.{table}", run=run, tables=(table,), phase=sweeperd.Phase.MAINTAIN,
+        dry_run=True, description=f"VACUUM{' (ANALYZE)' if s.analyze else ''} {table}")
+
+
+def vacuum_options(s: Settings, server_version: int) -> list[sql.Composable]:
+    """The option list for this server; options it does not know are left out."""
+    options: list[sql.Composable] = []
+    if s.analyze:
+        options.append(sql.SQL("ANALYZE"))
+    if s.skip_locked and server_version >= 120000:
+        options.append(sql.SQL("SKIP_LOCKED"))
+    if server_version >= 160000:
+        options.append(sql.SQL("SKIP_DATABASE_STATS"))
+        if s.buffer_usage_limit:
+            options.append(sql.SQL("BUFFER_USAGE_LIMIT {}").format(sql.Literal(s.buffer_usage_limit)))
+    return options
+
+
+async def _dead_tuples(ctx: sweeperd.Context, schema: str, table: str) -> tuple[int, int] | None:
+    cur = await ctx.conn.execute(_STATS_QUERY, (schema, table))
+    row = await cur.fetchone()
+    return (int(row[0]), int(row[1])) if row else None
+
+
+async def _vacuum(ctx: sweeperd.Context, s: Settings, schema: str, table: str) -> int | None:
+    """Vacuum one table; rows = dead tuples removed (as the statistics see it)."""
+    # No statistics row means the table does not exist (or is not a plain table): VACUUM below
+    # then reports it in PostgreSQL's own words (42P01) rather than a message made up here.
+    before = await _dead_tuples(ctx, schema, table)
+    ctx.details["dead_tuples_before"] = before[0] if before else None
+    if ctx.dry_run:
+        return before[0] if before else None
+    options = vacuum_options(s, ctx.server_version)
+    statement = sql.SQL("VACUUM {}{}").format(
+        sql.SQL("({}) ").format(sql.SQL(", ").join(options)) if options else sql.SQL(""),
+        sql.Identifier(schema, table))
+    skipped: list[str] = []
+
+    def on_notice(diag: Any) -> None:
+        # SKIP_LOCKED does not raise: it emits a WARNING with SQLSTATE 55P03 and moves on.
+        if diag.sqlstate == LOCK_NOT_AVAILABLE:
+            skipped.append(diag.message_primary or "lock not available")
+
+    ctx.conn.add_notice_handler(on_notice)
+    try:
+        await ctx.conn.execute(statement)
+    finally:
+        ctx.conn.remove_notice_handler(on_notice)
+    if skipped:
+        raise sweeperd.Skip(skipped[0])
+    after = await _dead_tuples(ctx, schema, table)
+    ctx.details["dead_tuples_after"] = after[0] if after else None
+    if before is None or after is None:
+        return None
+    return max(0, before[0] - after[0])
+
+
+async def _run_auto(ctx: sweeperd.Context, s: Settings) -> int:
+    assert ctx.tenant is not None
+    cur = await ctx.conn.execute(
+        """
+        SELECT relname FROM pg_catalog.pg_stat_user_tables
+         WHERE schemaname = %s AND n_dead_tup >= %s
+           AND n_dead_tup >= %s * greatest(n_live_tup + n_dead_tup, 1)
+         ORDER BY n_dead_tup DESC
+        """,
+        (ctx.tenant.schema, s.min_dead_tuples, s.min_dead_ratio))
+    tables = [row[0] for row in await cur.fetchall()]
+    ctx.details["tables"] = tables
+    removed = 0
+    skipped: list[str] = []
+    for table in tables:
+        try:
+            removed += await _vacuum(ctx, s, ctx.tenant.schema, table) or 0
+        except sweeperd.Skip:
+            skipped.append(table)
+    if skipped:
+        ctx.details["skipped_locked"] = skipped
+    return removed
+
+
+async def _run_database_stats(ctx: sweeperd.Context) -> None:
+    if ctx.server_version < 160000:
+        raise sweeperd.Skip("VACUUM (ONLY_DATABASE_STATS) needs PostgreSQL 16 or newer")
+    if ctx.dry_run:
+        return None
+    await ctx.conn.execute("VACUUM (ONLY_DATABASE_STATS)")
+    return None
