@@ -60,7 +60,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     plugins = with_config(sub.add_parser("plugins", help="list plugins and their operations"))
     plugins.set_defaults(func=cmd_plugins)
+    demo = sub.add_parser("demo", help="embedded PostgreSQL, demo tenants, one sweep, a summary")
+    demo.add_argument("--tenants", type=_positive_int, default=50, metavar="N",
+                      help="how many demo tenants (default 50)")
+    demo.add_argument("--rows", type=_positive_int, default=2000, metavar="N",
+                      help="rows per demo table (default 2000)")
+    demo.set_defaults(func=cmd_demo)
     return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -127,6 +143,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     else:
         print(render_text(report))
     return report.exit_code()
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.tenants, args.rows)
 
 
 if __name__ == "__main__":  # pragma: no cover

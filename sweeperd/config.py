@@ -188,13 +188,20 @@ class _Validator:
         return value
 
     def string(self, t: Mapping[str, Any], key: str, where: str, default: Any = _MISSING,
-               expectation: str = "a non-empty string") -> Any:
-        value = self.get(t, key, where, str, default, expectation)
-        if value is _MISSING:
-            self.error(f"{where}.{key}", f"required: {expectation}")
-            return None
-        if isinstance(value, str) and not value and default is not None:
+               expectation: str = "a non-empty string", allow_empty: bool = False) -> Any:
+        """A string value; one problem at most per key (wrong type, empty, or missing)."""
+        fallback = None if default is _MISSING else default
+        if key not in t:
+            if default is _MISSING:
+                self.error(f"{where}.{key}", f"required: {expectation}")
+            return fallback
+        value = t[key]
+        if not isinstance(value, str):
+            self.error(f"{where}.{key}", f"expected {expectation}, got {_kind(value)}")
+            return fallback
+        if not value and not allow_empty:
             self.error(f"{where}.{key}", f"expected {expectation}, got an empty string")
+            return fallback
         return value
 
     def positive_int(self, t: Mapping[str, Any], key: str, where: str, default: int) -> int:
@@ -400,9 +407,10 @@ class _Validator:
             database = self.string(t, "database", where)
             pattern = self.string(t, "schemas", where, expectation="a LIKE pattern such as \"tenant_%\"")
             if isinstance(database, str) and database and database not in databases:
-                self.error(f"{where}.database", f"expected one of the [databases] keys, got {database!r}")
+                self.error(f"{where}.database", f"expected one of the [databases] keys "
+                           f"({', '.join(sorted(databases)) or 'none defined'}), got {database!r}")
             default_prefix = pattern.split("%", 1)[0] if isinstance(pattern, str) else ""
-            prefix = self.string(t, "prefix", where, default_prefix, "a string")
+            prefix = self.string(t, "prefix", where, default_prefix, "a string", allow_empty=True)
             if database and pattern:
                 out.append(TenantSource(database=database, schemas=pattern, prefix=prefix or ""))
         return tuple(out)
@@ -424,9 +432,9 @@ class _Validator:
             self.unknown(t, where, allowed)
             cron = self.get(t, "cron", where, str, None, 'a crontab expression such as "0 3 * * *"')
             interval = self.duration(t, "interval", where, None, allow_zero=False)
-            if cron is not None and "interval" in t:
+            if "cron" in t and "interval" in t:
                 self.error(where, "expected either cron or interval, not both")
-            elif cron is None and "interval" not in t:
+            elif "cron" not in t and "interval" not in t:
                 self.error(f"{where}.cron", 'required: a crontab expression such as "0 3 * * *" (or interval = "15m")')
             if isinstance(cron, str):
                 self.cron(cron, f"{where}.cron", timezone)

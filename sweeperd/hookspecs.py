@@ -2,7 +2,8 @@
 
 A plugin is a module (bundled in ``plugins/``, installed under the ``sweeperd`` entry-point group,
 or a drop-in ``*.py`` file in a ``plugin_dirs`` directory) with functions decorated with
-``@sweeperd.hookimpl``. Hook names carry the ``sweeperd_`` prefix; a function with that prefix that
+``@sweeperd.hookimpl`` (the decorator is optional, as in pytest: every ``sweeperd_*`` function of a
+plugin module is taken as a hook implementation). A function with that prefix that
 matches no hook below is an error at start-up (``pm.check_pending()``), so typos fail loudly.
 
 Arguments are passed by name; an implementation may accept any subset of them.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import importlib.util
+import inspect
 import pkgutil
 import sys
 from collections.abc import Mapping, Sequence
@@ -58,10 +59,43 @@ class Plugins:
         return out
 
 
+class _PluginManager(pluggy.PluginManager):
+    """Treats every ``sweeperd_*`` function of a plugin as a hook implementation, decorated or not.
+
+    pytest does the same for ``pytest_*``: a forgotten ``@hookimpl`` must not make a plugin
+    silently do nothing, and a misspelled name then fails in check_pending like any other.
+    """
+
+    def parse_hookimpl_opts(self, plugin: object, name: str) -> pluggy.HookimplOpts | None:
+        opts = super().parse_hookimpl_opts(plugin, name)
+        if opts is not None or not name.startswith(f"{PROJECT}_"):
+            return opts
+        if not inspect.isroutine(getattr(plugin, name, None)):
+            return None
+        return pluggy.HookimplOpts(wrapper=False, hookwrapper=False, optionalhook=False,
+                                   tryfirst=False, trylast=False, specname=None)
+
+
 def new_plugin_manager() -> pluggy.PluginManager:
-    pm = pluggy.PluginManager(PROJECT)
+    pm = _PluginManager(PROJECT)
     pm.add_hookspecs(hookspecs)
     return pm
+
+
+def _unknown_hooks(pm: pluggy.PluginManager) -> list[str]:
+    """Every hook implementation that matches no hookspec (check_pending stops at the first)."""
+    problems = []
+    for name in sorted(vars(pm.hook)):
+        caller = getattr(pm.hook, name)
+        if name.startswith("_") or caller.has_spec():
+            continue
+        for impl in caller.get_hookimpls():
+            if not impl.optionalhook:
+                known = ", ".join(sorted(n for n in vars(pm.hook) if not n.startswith("_")
+                                         and getattr(pm.hook, n).has_spec()))
+                problems.append(f"plugin {impl.plugin_name!r}: unknown hook {name!r} "
+                                f"(known hooks: {known})")
+    return problems
 
 
 def load_plugins(config: Config, *, entry_points: bool = True) -> Plugins:
@@ -87,7 +121,7 @@ def load_plugins(config: Config, *, entry_points: bool = True) -> Plugins:
         try:
             pm.register(module, name=info.name)
         except (ValueError, pluggy.PluginValidationError) as exc:
-            problems.append(f"plugin {info.name!r} ({info.source}): {exc}")
+            problems.append(f"plugin {info.name!r} ({info.source}): {_one_line(exc)}")
             return
         infos.append(info)
 
@@ -100,12 +134,10 @@ def load_plugins(config: Config, *, entry_points: bool = True) -> Plugins:
         for module, info in _drop_ins(directory, problems):
             register(module, info)
 
-    try:
-        # A sweeperd_* function that matches no hook is a typo that would silently do nothing.
-        pm.check_pending()
-    except pluggy.PluginValidationError as exc:
-        name = pm.get_name(exc.plugin) if exc.plugin is not None else "?"
-        problems.append(f"plugin {name!r}: {exc}")
+    # A sweeperd_* function that matches no hook is a typo that would silently do nothing.
+    problems.extend(_unknown_hooks(pm))
+    if not problems:
+        pm.check_pending()  # belt and braces: pluggy's own check agrees with ours
     if problems:
         raise PluginError(problems)
 
@@ -180,11 +212,19 @@ def _drop_ins(directory: Path, problems: list[str]) -> list[tuple[ModuleType | N
 
 
 def _load_failure(info: PluginInfo, exc: BaseException) -> str:
-    where = _innermost_location(exc)
-    return f"plugin {info.name!r} ({info.source}) failed to load: {type(exc).__name__}: {exc}{where}"
+    return (f"plugin {info.name!r} ({info.source}) failed to load: "
+            f"{type(exc).__name__}: {_one_line(exc)}{_innermost_location(exc)}")
+
+
+def _one_line(exc: BaseException) -> str:
+    # One line per problem, whatever the exception text looks like (libpq and C extensions
+    # produce multi-line messages).
+    return " ".join(str(exc).split())
 
 
 def _innermost_location(exc: BaseException) -> str:
+    if isinstance(exc, SyntaxError):
+        return ""  # its message already names the file and line; the traceback ends in importlib
     tb = exc.__traceback__
     if tb is None:
         return ""
@@ -210,7 +250,7 @@ def _call_per_plugin(
             results.append((name, impl.function(*args)))
         except Exception as exc:
             # A plugin bug must name the plugin, keep the cause, and not become a traceback.
-            problems.append(f"plugin {name!r}: {hook_name} raised {type(exc).__name__}: {exc}"
+            problems.append(f"plugin {name!r}: {hook_name} raised {type(exc).__name__}: {_one_line(exc)}"
                             f"{_innermost_location(exc)}")
     return results
 

@@ -22,6 +22,8 @@ from sweeperd.durations import format_duration, parse_duration
         ("90d", 90 * 86400.0),
         ("1w", 604800.0),
         ("2w", 2 * 604800.0),
+        ("15min", 900.0),
+        ("30sec", 30.0),
     ],
 )
 def test_single_units(text: str, seconds: float) -> None:
@@ -37,6 +39,9 @@ def test_single_units(text: str, seconds: float) -> None:
         ("1s500ms", 1.5),
         ("1w1d1h1m1s1ms", 604800 + 86400 + 3600 + 60 + 1 + 0.001),
         ("1m1ms", 60.001),  # "m" followed by "ms": not confused
+        ("1h30min", 5400.0),
+        ("2min5sec", 125.0),
+        ("1min1ms", 60.001),
     ],
 )
 def test_combinations(text: str, seconds: float) -> None:
@@ -80,8 +85,10 @@ def test_fractional(text: str, seconds: float) -> None:
         "1.5",
         "1h30",  # trailing bare number
         "5x",  # unknown unit
-        "5sec",
-        "5min",
+        "5secs",
+        "5mins",
+        "5minutes",
+        "5mi",
         "5 hours",
         "1y",
         "h",  # unit without a number

@@ -45,7 +45,7 @@ DROP_IN_PREFIX = "_sweeperd_plugin_"
 
 @pytest.fixture(autouse=True)
 def _clean_plugin_modules() -> Iterator[None]:
-    """Drop-ins (and our fake entry-point modules) stay in sys.modules; forget them after each test."""
+    """Drop-ins and fake entry-point modules stay in sys.modules; forget them after each test."""
     before = set(sys.modules)
     yield
     for name in set(sys.modules) - before:
@@ -546,7 +546,7 @@ def test_hookimpl_with_unknown_argument_is_an_error(tmp_path: Path) -> None:
     assert "tenant" in problem
 
 
-# -- operations: clashes, bad returns, raising hooks, Operation validation --------------------------
+# -- operations: clashes, bad returns, raising hooks, Operation validation ------------------------
 
 
 def test_same_operation_name_from_two_plugins_names_both(tmp_path: Path) -> None:

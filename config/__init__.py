@@ -1,0 +1,1 @@
+"""Example configurations, installed with the package so that `sweeperd demo` works anywhere."""
