@@ -17,7 +17,8 @@ Each ``[[plugins.retention.rules]]`` entry becomes the operation ``retention.<na
     scope = "database"            # once per database instead; then `schema` is required
 
 How a batch works: ``SELECT ctid … WHERE column < cutoff … LIMIT n FOR UPDATE SKIP LOCKED`` feeds a
-``DELETE … WHERE ctid = ANY(…) AND column < cutoff`` in one autocommitted statement, so every batch is
+``DELETE … WHERE ctid = ANY(…) AND column < cutoff`` in one autocommitted statement, so every
+batch is
 its own transaction: a crash or cancel keeps the batches already committed, rows locked by the
 application are skipped rather than waited for, and the cutoff is re-checked at delete time. The
 cutoff is computed once per run from the server's clock, so rows ageing past it during the run are
@@ -41,8 +42,21 @@ from sweeperd.durations import EXPECTATION, format_duration, parse_duration
 DEFAULT_BATCH_SIZE = 5000
 MAX_BATCH_SIZE = 1_000_000
 PROGRESS_EVERY_S = 5.0
-_RULE_KEYS = {"name", "table", "column", "older_than", "batch_size", "match", "max_rows", "pause",
-              "lock_timeout", "statement_timeout", "missing", "scope", "schema"}
+_RULE_KEYS = {
+    "name",
+    "table",
+    "column",
+    "older_than",
+    "batch_size",
+    "match",
+    "max_rows",
+    "pause",
+    "lock_timeout",
+    "statement_timeout",
+    "missing",
+    "scope",
+    "schema",
+}
 _NAME = re.compile(r"[A-Za-z0-9_-]+")
 _SCALARS = (str, int, float, bool, dt.datetime, dt.date, dt.time)
 
@@ -93,14 +107,20 @@ def _problems(settings: Mapping[str, Any]) -> Iterable[tuple[str, str]]:
             continue
         for key in rule:
             if key not in _RULE_KEYS:
-                yield f"{where}.{key}", f"unknown key (expected one of: {', '.join(sorted(_RULE_KEYS))})"
+                yield (
+                    f"{where}.{key}",
+                    f"unknown key (expected one of: {', '.join(sorted(_RULE_KEYS))})",
+                )
         for key in ("name", "table", "column"):
             if not isinstance(rule.get(key), str) or not rule.get(key):
                 yield f"{where}.{key}", "required: a non-empty string"
         name = rule.get("name")
         if isinstance(name, str) and name:
             if not _NAME.fullmatch(name):
-                yield f"{where}.name", "expected letters, digits, '_' or '-' (it becomes retention.<name>)"
+                yield (
+                    f"{where}.name",
+                    "expected letters, digits, '_' or '-' (it becomes retention.<name>)",
+                )
             if name in seen:
                 yield f"{where}.name", f"expected a unique rule name, {name!r} is used twice"
             seen.add(name)
@@ -111,8 +131,12 @@ def _problems(settings: Mapping[str, Any]) -> Iterable[tuple[str, str]]:
                 yield f"{where}.{key}", f"expected {EXPECTATION}, got {rule[key]!r}"
         for key, upper in (("batch_size", MAX_BATCH_SIZE), ("max_rows", None)):
             value = rule.get(key)
-            if key in rule and (not isinstance(value, int) or isinstance(value, bool) or value < 1
-                                or (upper is not None and value > upper)):
+            if key in rule and (
+                not isinstance(value, int)
+                or isinstance(value, bool)
+                or value < 1
+                or (upper is not None and value > upper)
+            ):
                 limit = f" up to {upper}" if upper else ""
                 yield f"{where}.{key}", f"expected a positive integer{limit}, got {value!r}"
         match = rule.get("match", {})
@@ -127,10 +151,18 @@ def _problems(settings: Mapping[str, Any]) -> Iterable[tuple[str, str]]:
         scope = rule.get("scope", "tenant")
         if scope not in ("tenant", "database"):
             yield f"{where}.scope", f'expected "tenant" or "database", got {scope!r}'
-        elif scope == "database" and not (isinstance(rule.get("schema"), str) and rule.get("schema")):
-            yield f"{where}.schema", 'required with scope = "database": the schema holding the table'
+        elif scope == "database" and not (
+            isinstance(rule.get("schema"), str) and rule.get("schema")
+        ):
+            yield (
+                f"{where}.schema",
+                'required with scope = "database": the schema holding the table',
+            )
         elif scope == "tenant" and "schema" in rule:
-            yield f"{where}.schema", 'only allowed with scope = "database" (tenant rules use the tenant schema)'
+            yield (
+                f"{where}.schema",
+                'only allowed with scope = "database" (tenant rules use the tenant schema)',
+            )
 
 
 def _is_duration(value: Any) -> bool:
@@ -148,13 +180,19 @@ def _rule(raw: Mapping[str, Any]) -> Rule:
         return parse_duration(raw[key]) if key in raw else None
 
     return Rule(
-        name=raw["name"], table=raw["table"], column=raw["column"],
+        name=raw["name"],
+        table=raw["table"],
+        column=raw["column"],
         older_than=parse_duration(raw["older_than"]),
         batch_size=raw.get("batch_size", DEFAULT_BATCH_SIZE),
         match=tuple(sorted(raw.get("match", {}).items())),
-        max_rows=raw.get("max_rows"), pause=seconds("pause") or 0.0,
-        lock_timeout=seconds("lock_timeout"), statement_timeout=seconds("statement_timeout"),
-        missing=raw.get("missing", "fail"), scope=raw.get("scope", "tenant"), schema=raw.get("schema"),
+        max_rows=raw.get("max_rows"),
+        pause=seconds("pause") or 0.0,
+        lock_timeout=seconds("lock_timeout"),
+        statement_timeout=seconds("statement_timeout"),
+        missing=raw.get("missing", "fail"),
+        scope=raw.get("scope", "tenant"),
+        schema=raw.get("schema"),
     )
 
 
@@ -165,10 +203,14 @@ def _operation(rule: Rule) -> sweeperd.Operation:
         return await _run(ctx, rule)
 
     return sweeperd.Operation(
-        name=f"retention.{rule.name}", run=run, tables=(table,), scope=rule.scope,  # type: ignore[arg-type]
-        phase=sweeperd.Phase.PRUNE, dry_run=True,
+        name=f"retention.{rule.name}",
+        run=run,
+        tables=(table,),
+        scope=rule.scope,  # type: ignore[arg-type]
+        phase=sweeperd.Phase.PRUNE,
+        dry_run=True,
         description=f"delete rows of {table} whose {rule.column} is older than "
-                    f"{format_duration(rule.older_than)}",
+        f"{format_duration(rule.older_than)}",
     )
 
 
@@ -184,16 +226,23 @@ async def _run(ctx: sweeperd.Context, rule: Rule) -> int:
     if not await _check_table(ctx, rule, schema, table):
         raise sweeperd.Skip(f'table "{schema}"."{table}" does not exist (missing = "skip")')
     await _apply_timeouts(ctx, rule)
-    cur = await ctx.conn.execute("SELECT now() - %s::interval", (dt.timedelta(seconds=rule.older_than),))
+    cur = await ctx.conn.execute(
+        "SELECT now() - %s::interval", (dt.timedelta(seconds=rule.older_than),)
+    )
     row = await cur.fetchone()
     assert row is not None
     cutoff = row[0]
     ctx.details["cutoff"] = cutoff.isoformat()
     filters = sql.SQL(" AND ").join(
         [sql.SQL("{} < %(cutoff)s").format(sql.Identifier(rule.column))]
-        + [sql.SQL("{} = %({})s").format(sql.Identifier(col), sql.SQL(f"m{i}"))
-           for i, (col, _value) in enumerate(rule.match)])
-    params: dict[str, Any] = {"cutoff": cutoff} | {f"m{i}": v for i, (_c, v) in enumerate(rule.match)}
+        + [
+            sql.SQL("{} = %({})s").format(sql.Identifier(col), sql.SQL(f"m{i}"))
+            for i, (col, _value) in enumerate(rule.match)
+        ]
+    )
+    params: dict[str, Any] = {"cutoff": cutoff} | {
+        f"m{i}": v for i, (_c, v) in enumerate(rule.match)
+    }
 
     if ctx.dry_run:
         count = sql.SQL("SELECT count(*) FROM {} WHERE {}").format(ident, filters)
@@ -231,16 +280,25 @@ async def _run(ctx: sweeperd.Context, rule: Rule) -> int:
 
 
 async def _apply_timeouts(ctx: sweeperd.Context, rule: Rule) -> None:
-    settings = [(name, value) for name, value in (("lock_timeout", rule.lock_timeout),
-                                                   ("statement_timeout", rule.statement_timeout))
-                if value is not None]
+    settings = [
+        (name, value)
+        for name, value in (
+            ("lock_timeout", rule.lock_timeout),
+            ("statement_timeout", rule.statement_timeout),
+        )
+        if value is not None
+    ]
     if not settings:
         return
     # Session-level on a pooled connection: the pool's reset (RESET ALL) restores the defaults.
-    query = sql.SQL("SELECT {}").format(sql.SQL(", ").join(
-        sql.SQL("pg_catalog.set_config({}, {}, false)").format(sql.Literal(name),
-                                                                sql.Literal(f"{round(v * 1000)}ms"))
-        for name, v in settings))
+    query = sql.SQL("SELECT {}").format(
+        sql.SQL(", ").join(
+            sql.SQL("pg_catalog.set_config({}, {}, false)").format(
+                sql.Literal(name), sql.Literal(f"{round(v * 1000)}ms")
+            )
+            for name, v in settings
+        )
+    )
     await ctx.conn.execute(query)
 
 
@@ -267,8 +325,15 @@ async def _check_table(ctx: sweeperd.Context, rule: Rule, schema: str, table: st
         return rule.missing != "skip"
     if not indexed and rule.table not in rule.warned:
         rule.warned.add(rule.table)
-        statement = sql.SQL("CREATE INDEX CONCURRENTLY ON {} ({})").format(
-            sql.Identifier(schema, table), sql.Identifier(rule.column)).as_string(ctx.conn)
-        ctx.log.warning("no index leads with the retention column: every batch scans the table",
-                        table=f"{schema}.{table}", column=rule.column, fix=statement)
+        statement = (
+            sql.SQL("CREATE INDEX CONCURRENTLY ON {} ({})")
+            .format(sql.Identifier(schema, table), sql.Identifier(rule.column))
+            .as_string(ctx.conn)
+        )
+        ctx.log.warning(
+            "no index leads with the retention column: every batch scans the table",
+            table=f"{schema}.{table}",
+            column=rule.column,
+            fix=statement,
+        )
     return True

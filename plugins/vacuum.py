@@ -27,7 +27,14 @@ from typing import Any
 import sweeperd
 from sweeperd import sql
 
-_KEYS = {"tables", "analyze", "skip_locked", "buffer_usage_limit", "min_dead_tuples", "min_dead_ratio"}
+_KEYS = {
+    "tables",
+    "analyze",
+    "skip_locked",
+    "buffer_usage_limit",
+    "min_dead_tuples",
+    "min_dead_ratio",
+}
 LOCK_NOT_AVAILABLE = "55P03"
 _STATS_QUERY = """
     SELECT n_dead_tup, n_live_tup FROM pg_catalog.pg_stat_user_tables
@@ -57,17 +64,30 @@ def sweeperd_operations(settings: Mapping[str, Any]) -> list[sweeperd.Operation]
     s = _settings(settings)
     ops = []
     if s.tables is None:
-        ops.append(sweeperd.Operation(
-            name="vacuum.auto", run=lambda ctx: _run_auto(ctx, s), tables=(sweeperd.ALL_TABLES,),
-            phase=sweeperd.Phase.MAINTAIN, dry_run=True,
-            description="VACUUM every table of the tenant schema past the dead-tuple thresholds"))
+        ops.append(
+            sweeperd.Operation(
+                name="vacuum.auto",
+                run=lambda ctx: _run_auto(ctx, s),
+                tables=(sweeperd.ALL_TABLES,),
+                phase=sweeperd.Phase.MAINTAIN,
+                dry_run=True,
+                description="VACUUM every tenant table past the dead-tuple thresholds",
+            )
+        )
     else:
         for table in s.tables:
             ops.append(_table_operation(table, s))
-    ops.append(sweeperd.Operation(
-        name="vacuum.database_stats", run=_run_database_stats, scope="database",
-        phase=sweeperd.Phase.MAINTAIN, after=("vacuum.*",), dry_run=True,
-        description="VACUUM (ONLY_DATABASE_STATS) once per database after the table vacuums (PG 16+)"))
+    ops.append(
+        sweeperd.Operation(
+            name="vacuum.database_stats",
+            run=_run_database_stats,
+            scope="database",
+            phase=sweeperd.Phase.MAINTAIN,
+            after=("vacuum.*",),
+            dry_run=True,
+            description="VACUUM (ONLY_DATABASE_STATS) after the table vacuums (PG 16+)",
+        )
+    )
     return ops
 
 
@@ -76,8 +96,9 @@ def _problems(settings: Mapping[str, Any]) -> Iterable[tuple[str, str]]:
         if key not in _KEYS:
             yield key, f"unknown key (expected one of: {', '.join(sorted(_KEYS))})"
     tables = settings.get("tables", [])
-    if tables != "auto" and (not isinstance(tables, list)
-                             or not all(isinstance(t, str) and t for t in tables)):
+    if tables != "auto" and (
+        not isinstance(tables, list) or not all(isinstance(t, str) and t for t in tables)
+    ):
         yield "tables", 'expected a list of table names or "auto"'
     elif isinstance(tables, list) and len(set(tables)) != len(tables):
         yield "tables", "expected each table once"
@@ -98,7 +119,8 @@ def _settings(raw: Mapping[str, Any]) -> Settings:
     tables = raw.get("tables", [])
     return Settings(
         tables=None if tables == "auto" else tuple(tables),
-        analyze=raw.get("analyze", True), skip_locked=raw.get("skip_locked", True),
+        analyze=raw.get("analyze", True),
+        skip_locked=raw.get("skip_locked", True),
         buffer_usage_limit=raw.get("buffer_usage_limit"),
         min_dead_tuples=raw.get("min_dead_tuples", 1000),
         min_dead_ratio=float(raw.get("min_dead_ratio", 0.05)),
@@ -111,8 +133,13 @@ def _table_operation(table: str, s: Settings) -> sweeperd.Operation:
         return await _vacuum(ctx, s, ctx.tenant.schema, table)
 
     return sweeperd.Operation(
-        name=f"vacuum.{table}", run=run, tables=(table,), phase=sweeperd.Phase.MAINTAIN,
-        dry_run=True, description=f"VACUUM{' (ANALYZE)' if s.analyze else ''} {table}")
+        name=f"vacuum.{table}",
+        run=run,
+        tables=(table,),
+        phase=sweeperd.Phase.MAINTAIN,
+        dry_run=True,
+        description=f"VACUUM{' (ANALYZE)' if s.analyze else ''} {table}",
+    )
 
 
 def vacuum_options(s: Settings, server_version: int) -> list[sql.Composable]:
@@ -125,7 +152,9 @@ def vacuum_options(s: Settings, server_version: int) -> list[sql.Composable]:
     if server_version >= 160000:
         options.append(sql.SQL("SKIP_DATABASE_STATS"))
         if s.buffer_usage_limit:
-            options.append(sql.SQL("BUFFER_USAGE_LIMIT {}").format(sql.Literal(s.buffer_usage_limit)))
+            options.append(
+                sql.SQL("BUFFER_USAGE_LIMIT {}").format(sql.Literal(s.buffer_usage_limit))
+            )
     return options
 
 
@@ -146,7 +175,8 @@ async def _vacuum(ctx: sweeperd.Context, s: Settings, schema: str, table: str) -
     options = vacuum_options(s, ctx.server_version)
     statement = sql.SQL("VACUUM {}{}").format(
         sql.SQL("({}) ").format(sql.SQL(", ").join(options)) if options else sql.SQL(""),
-        sql.Identifier(schema, table))
+        sql.Identifier(schema, table),
+    )
     skipped: list[str] = []
 
     def on_notice(diag: Any) -> None:
@@ -177,7 +207,8 @@ async def _run_auto(ctx: sweeperd.Context, s: Settings) -> int:
            AND n_dead_tup >= %s * greatest(n_live_tup + n_dead_tup, 1)
          ORDER BY n_dead_tup DESC
         """,
-        (ctx.tenant.schema, s.min_dead_tuples, s.min_dead_ratio))
+        (ctx.tenant.schema, s.min_dead_tuples, s.min_dead_ratio),
+    )
     tables = [row[0] for row in await cur.fetchall()]
     ctx.details["tables"] = tables
     removed = 0

@@ -38,33 +38,63 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument("-c", "--config", metavar="FILE",
-                       help="configuration file (default: $SWEEPERD_CONFIG, then "
-                            "/etc/sweeperd/sweeperd.toml)")
+        p.add_argument(
+            "-c",
+            "--config",
+            metavar="FILE",
+            help="configuration file (default: $SWEEPERD_CONFIG, then /etc/sweeperd/sweeperd.toml)",
+        )
         return p
 
     sweep = with_config(sub.add_parser("sweep", help="run one sweep now, in the foreground"))
-    sweep.add_argument("sweep", nargs="?", metavar="SWEEP",
-                       help="the [sweeps.<name>] to run (default: every operation of every sweep once)")
-    sweep.add_argument("--tenant", action="append", default=[], metavar="GLOB",
-                       help="only tenants whose name matches (repeatable)")
-    sweep.add_argument("--only", action="append", default=[], metavar="GLOB",
-                       help="only operations whose name matches, e.g. 'retention.*' (repeatable)")
-    sweep.add_argument("--dry-run", action="store_true",
-                       help="change nothing; report what would be done")
+    sweep.add_argument(
+        "sweep",
+        nargs="?",
+        metavar="SWEEP",
+        help="the [sweeps.<name>] to run (default: every operation of every sweep once)",
+    )
+    sweep.add_argument(
+        "--tenant",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="only tenants whose name matches (repeatable)",
+    )
+    sweep.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="only operations whose name matches, e.g. 'retention.*' (repeatable)",
+    )
+    sweep.add_argument(
+        "--dry-run", action="store_true", help="change nothing; report what would be done"
+    )
     sweep.add_argument("--json", action="store_true", help="print the JSON report on stdout")
     sweep.set_defaults(func=cmd_sweep)
 
-    check = with_config(sub.add_parser("check-config", help="validate the configuration (never connects)"))
+    check = with_config(
+        sub.add_parser("check-config", help="validate the configuration (never connects)")
+    )
     check.set_defaults(func=cmd_check_config)
 
     plugins = with_config(sub.add_parser("plugins", help="list plugins and their operations"))
     plugins.set_defaults(func=cmd_plugins)
     demo = sub.add_parser("demo", help="embedded PostgreSQL, demo tenants, one sweep, a summary")
-    demo.add_argument("--tenants", type=_positive_int, default=50, metavar="N",
-                      help="how many demo tenants (default 50)")
-    demo.add_argument("--rows", type=_positive_int, default=2000, metavar="N",
-                      help="rows per demo table (default 2000)")
+    demo.add_argument(
+        "--tenants",
+        type=_positive_int,
+        default=50,
+        metavar="N",
+        help="how many demo tenants (default 50)",
+    )
+    demo.add_argument(
+        "--rows",
+        type=_positive_int,
+        default=2000,
+        metavar="N",
+        help="rows per demo table (default 2000)",
+    )
     demo.set_defaults(func=cmd_demo)
     return parser
 
@@ -105,9 +135,11 @@ def _load(args: argparse.Namespace) -> tuple[Config, Plugins]:
 def cmd_check_config(args: argparse.Namespace) -> int:
     config, plugins = _load(args)
     n_sweeps, n_tenants = len(config.sweeps), len(config.tenants)
-    print(f"{config.path}: OK ({len(config.databases)} databases, {n_tenants} tenants, "
-          f"{len(config.tenant_sources)} tenant sources, {n_sweeps} sweeps, "
-          f"{len(plugins.operations)} operations)")
+    print(
+        f"{config.path}: OK ({len(config.databases)} databases, {n_tenants} tenants, "
+        f"{len(config.tenant_sources)} tenant sources, {n_sweeps} sweeps, "
+        f"{len(plugins.operations)} operations)"
+    )
     return EXIT_OK
 
 
@@ -134,9 +166,16 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     config, plugins = _load(args)
     setup_logging(config.log)
-    report = asyncio.run(sweep_once(
-        config, plugins, sweep=args.sweep, tenant_globs=args.tenant, only_globs=args.only,
-        dry_run=args.dry_run))
+    report = asyncio.run(
+        sweep_once(
+            config,
+            plugins,
+            sweep=args.sweep,
+            tenant_globs=args.tenant,
+            only_globs=args.only,
+            dry_run=args.dry_run,
+        )
+    )
     if args.json:
         json.dump(report.to_json(), sys.stdout, indent=None)
         sys.stdout.write("\n")

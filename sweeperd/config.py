@@ -124,7 +124,9 @@ def load_config(path: Path) -> Config:
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        raise ConfigError([f"{path}: cannot read the configuration: {exc.strerror or exc}"]) from None
+        raise ConfigError(
+            [f"{path}: cannot read the configuration: {exc.strerror or exc}"]
+        ) from None
     try:
         doc = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
@@ -157,7 +159,9 @@ class _Validator:
         self.problems.append(f"{self.path}: {key}: {expectation}")
 
     # -- typed getters ---------------------------------------------------------------------------
-    def table(self, parent: Mapping[str, Any], key: str, where: str, allowed: set[str]) -> dict[str, Any]:
+    def table(
+        self, parent: Mapping[str, Any], key: str, where: str, allowed: set[str]
+    ) -> dict[str, Any]:
         value = parent.get(key, _MISSING)
         if value is _MISSING:
             return {}
@@ -171,10 +175,19 @@ class _Validator:
         for key in table:
             if key not in allowed:
                 prefix = f"{where}." if where else ""
-                self.error(f"{prefix}{key}", f"unknown key (expected one of: {', '.join(sorted(allowed))})")
+                self.error(
+                    f"{prefix}{key}", f"unknown key (expected one of: {', '.join(sorted(allowed))})"
+                )
 
-    def get(self, t: Mapping[str, Any], key: str, where: str, kind: type | tuple[type, ...],
-            default: Any, expectation: str) -> Any:
+    def get(
+        self,
+        t: Mapping[str, Any],
+        key: str,
+        where: str,
+        kind: type | tuple[type, ...],
+        default: Any,
+        expectation: str,
+    ) -> Any:
         value = t.get(key, _MISSING)
         if value is _MISSING:
             return default
@@ -187,8 +200,15 @@ class _Validator:
             return default
         return value
 
-    def string(self, t: Mapping[str, Any], key: str, where: str, default: Any = _MISSING,
-               expectation: str = "a non-empty string", allow_empty: bool = False) -> Any:
+    def string(
+        self,
+        t: Mapping[str, Any],
+        key: str,
+        where: str,
+        default: Any = _MISSING,
+        expectation: str = "a non-empty string",
+        allow_empty: bool = False,
+    ) -> Any:
         """A string value; one problem at most per key (wrong type, empty, or missing)."""
         fallback = None if default is _MISSING else default
         if key not in t:
@@ -211,8 +231,14 @@ class _Validator:
             return default
         return int(value)
 
-    def duration(self, t: Mapping[str, Any], key: str, where: str, default: float | None,
-                 allow_zero: bool = True) -> float | None:
+    def duration(
+        self,
+        t: Mapping[str, Any],
+        key: str,
+        where: str,
+        default: float | None,
+        allow_zero: bool = True,
+    ) -> float | None:
         value = self.get(t, key, where, str, _MISSING, DURATION_EXPECTATION)
         if value is _MISSING:
             return default
@@ -230,8 +256,11 @@ class _Validator:
         value = t.get(key, _MISSING)
         if value is _MISSING:
             return ("*",)
-        if (not isinstance(value, list) or not value
-                or not all(isinstance(g, str) and g for g in value)):
+        if (
+            not isinstance(value, list)
+            or not value
+            or not all(isinstance(g, str) and g for g in value)
+        ):
             self.error(f"{where}.{key}", 'expected a non-empty list of glob strings, e.g. ["*"]')
             return ("*",)
         return tuple(value)
@@ -239,18 +268,38 @@ class _Validator:
     def identifier(self, t: Mapping[str, Any], key: str, where: str) -> str | None:
         value = self.string(t, key, where)
         if isinstance(value, str) and len(value.encode("utf-8")) > NAMEDATALEN:
-            self.error(f"{where}.{key}",
-                       f"expected a PostgreSQL name of at most {NAMEDATALEN} bytes "
-                       f"(longer names are silently truncated by the server)")
+            self.error(
+                f"{where}.{key}",
+                f"expected a PostgreSQL name of at most {NAMEDATALEN} bytes "
+                f"(longer names are silently truncated by the server)",
+            )
             return None
         return value if isinstance(value, str) and value else None
 
     # -- sections ---------------------------------------------------------------------------------
     def config(self, doc: Mapping[str, Any]) -> Config:
-        self.unknown(doc, "", {"daemon", "log", "history", "databases", "tenants",
-                               "tenant_sources", "sweeps", "plugins"})
-        daemon = self.daemon(self.table(doc, "daemon", "daemon",
-                                        {"timezone", "max_concurrency", "plugin_dirs", "drain_timeout"}))
+        self.unknown(
+            doc,
+            "",
+            {
+                "daemon",
+                "log",
+                "history",
+                "databases",
+                "tenants",
+                "tenant_sources",
+                "sweeps",
+                "plugins",
+            },
+        )
+        daemon = self.daemon(
+            self.table(
+                doc,
+                "daemon",
+                "daemon",
+                {"timezone", "max_concurrency", "plugin_dirs", "drain_timeout"},
+            )
+        )
         log = self.log(self.table(doc, "log", "log", {"format", "level"}))
         history = self.history(self.table(doc, "history", "history", {"enabled", "keep"}))
         databases = self.databases(doc.get("databases", {}))
@@ -262,19 +311,27 @@ class _Validator:
             self.error("plugins", "expected tables [plugins.<name>]")
             plugins = {}
         return Config(
-            path=self.path, daemon=daemon, log=log, history=history,
-            databases=MappingProxyType(databases), tenants=tenants, tenant_sources=sources,
+            path=self.path,
+            daemon=daemon,
+            log=log,
+            history=history,
+            databases=MappingProxyType(databases),
+            tenants=tenants,
+            tenant_sources=sources,
             sweeps=MappingProxyType(sweeps),
             plugins=MappingProxyType({k: MappingProxyType(v) for k, v in plugins.items()}),
         )
 
     def daemon(self, t: Mapping[str, Any]) -> DaemonConfig:
-        tz = self.string(t, "timezone", "daemon", "UTC", "an IANA time zone such as \"UTC\"")
+        tz = self.string(t, "timezone", "daemon", "UTC", 'an IANA time zone such as "UTC"')
         if isinstance(tz, str) and tz:
             try:
                 ZoneInfo(tz)
             except (ZoneInfoNotFoundError, ValueError):
-                self.error("daemon.timezone", f"expected an IANA time zone such as \"Europe/Berlin\", got {tz!r}")
+                self.error(
+                    "daemon.timezone",
+                    f'expected an IANA time zone such as "Europe/Berlin", got {tz!r}',
+                )
                 tz = "UTC"
         dirs_raw = self.get(t, "plugin_dirs", "daemon", list, [], "a list of directory paths")
         dirs: list[Path] = []
@@ -299,7 +356,9 @@ class _Validator:
             fmt = "auto"
         level = self.string(t, "level", "log", "info", 'one of "debug", "info", "warning", "error"')
         if not isinstance(level, str) or level.lower() not in ("debug", "info", "warning", "error"):
-            self.error("log.level", f'expected one of "debug", "info", "warning", "error", got {level!r}')
+            self.error(
+                "log.level", f'expected one of "debug", "info", "warning", "error", got {level!r}'
+            )
             level = "info"
         return LogConfig(format=fmt, level=level.lower())
 
@@ -313,8 +372,14 @@ class _Validator:
             self.error("databases", "expected tables [databases.<name>]")
             return {}
         out: dict[str, DatabaseConfig] = {}
-        allowed = {"dsn", "dsn_file", "max_connections", "lock_timeout", "statement_timeout",
-                   "connect_timeout"}
+        allowed = {
+            "dsn",
+            "dsn_file",
+            "max_connections",
+            "lock_timeout",
+            "statement_timeout",
+            "connect_timeout",
+        }
         for name, t in raw.items():
             where = f"databases.{name}"
             if not isinstance(t, dict):
@@ -325,11 +390,13 @@ class _Validator:
             self.unknown(t, where, allowed)
             dsn = self.dsn(t, where)
             out[name] = DatabaseConfig(
-                name=name, dsn=dsn or "",
+                name=name,
+                dsn=dsn or "",
                 max_connections=self.positive_int(t, "max_connections", where, 8),
                 lock_timeout=self.duration(t, "lock_timeout", where, 5.0) or 0.0,
                 statement_timeout=self.duration(t, "statement_timeout", where, 1800.0) or 0.0,
-                connect_timeout=self.duration(t, "connect_timeout", where, 10.0, allow_zero=False) or 10.0,
+                connect_timeout=self.duration(t, "connect_timeout", where, 10.0, allow_zero=False)
+                or 10.0,
             )
         return out
 
@@ -339,7 +406,10 @@ class _Validator:
             self.error(where, "expected either dsn or dsn_file, not both")
             return None
         if not has_dsn and not has_file:
-            self.error(f"{where}.dsn", "required: a libpq URI or conninfo (or dsn_file = a file holding one)")
+            self.error(
+                f"{where}.dsn",
+                "required: a libpq URI or conninfo (or dsn_file = a file holding one)",
+            )
             return None
         if has_dsn:
             value = self.get(t, "dsn", where, str, None, "a libpq URI or conninfo string")
@@ -352,10 +422,12 @@ class _Validator:
         path = Path(value).expanduser()
         path = path if path.is_absolute() else self.path.parent / path
         try:
-            # A systemd credential or a secrets mount: the DSN (with its password) stays out of the TOML.
+            # A systemd credential or a secrets mount: DSN and password stay out of the TOML.
             dsn = path.read_text(encoding="utf-8").strip()
         except OSError as exc:
-            self.error(f"{where}.dsn_file", f"expected a readable file, {path}: {exc.strerror or exc}")
+            self.error(
+                f"{where}.dsn_file", f"expected a readable file, {path}: {exc.strerror or exc}"
+            )
             return None
         self.check_dsn(dsn, f"{where}.dsn_file")
         return dsn
@@ -367,7 +439,9 @@ class _Validator:
         if problem:
             self.error(where, f"expected a libpq URI or conninfo string ({problem})")
 
-    def tenants(self, raw: Any, databases: Mapping[str, DatabaseConfig]) -> tuple[TenantConfig, ...]:
+    def tenants(
+        self, raw: Any, databases: Mapping[str, DatabaseConfig]
+    ) -> tuple[TenantConfig, ...]:
         if not isinstance(raw, list):
             self.error("tenants", "expected an array of tables [[tenants]]")
             return ()
@@ -383,17 +457,25 @@ class _Validator:
             database = self.string(t, "database", where)
             schema = self.identifier(t, "schema", where)
             if isinstance(database, str) and database and database not in databases:
-                self.error(f"{where}.database", f"expected one of the [databases] keys "
-                           f"({', '.join(sorted(databases)) or 'none defined'}), got {database!r}")
+                self.error(
+                    f"{where}.database",
+                    f"expected one of the [databases] keys "
+                    f"({', '.join(sorted(databases)) or 'none defined'}), got {database!r}",
+                )
             if isinstance(name, str) and name:
                 if name in seen:
-                    self.error(f"{where}.name", f"expected a unique tenant name, {name!r} is also tenants[{seen[name]}]")
+                    self.error(
+                        f"{where}.name",
+                        f"expected a unique tenant name, {name!r} is also tenants[{seen[name]}]",
+                    )
                 seen[name] = i
             if name and database and schema:
                 out.append(TenantConfig(name=name, database=database, schema=schema))
         return tuple(out)
 
-    def tenant_sources(self, raw: Any, databases: Mapping[str, DatabaseConfig]) -> tuple[TenantSource, ...]:
+    def tenant_sources(
+        self, raw: Any, databases: Mapping[str, DatabaseConfig]
+    ) -> tuple[TenantSource, ...]:
         if not isinstance(raw, list):
             self.error("tenant_sources", "expected an array of tables [[tenant_sources]]")
             return ()
@@ -405,10 +487,15 @@ class _Validator:
                 continue
             self.unknown(t, where, {"database", "schemas", "prefix"})
             database = self.string(t, "database", where)
-            pattern = self.string(t, "schemas", where, expectation="a LIKE pattern such as \"tenant_%\"")
+            pattern = self.string(
+                t, "schemas", where, expectation='a LIKE pattern such as "tenant_%"'
+            )
             if isinstance(database, str) and database and database not in databases:
-                self.error(f"{where}.database", f"expected one of the [databases] keys "
-                           f"({', '.join(sorted(databases)) or 'none defined'}), got {database!r}")
+                self.error(
+                    f"{where}.database",
+                    f"expected one of the [databases] keys "
+                    f"({', '.join(sorted(databases)) or 'none defined'}), got {database!r}",
+                )
             default_prefix = pattern.split("%", 1)[0] if isinstance(pattern, str) else ""
             prefix = self.string(t, "prefix", where, default_prefix, "a string", allow_empty=True)
             if database and pattern:
@@ -419,8 +506,17 @@ class _Validator:
         if not isinstance(raw, dict):
             self.error("sweeps", "expected tables [sweeps.<name>]")
             return {}
-        allowed = {"cron", "interval", "operations", "tenants", "per_tenant_concurrency", "timeout",
-                   "operation_timeout", "overlap", "jitter"}
+        allowed = {
+            "cron",
+            "interval",
+            "operations",
+            "tenants",
+            "per_tenant_concurrency",
+            "timeout",
+            "operation_timeout",
+            "overlap",
+            "jitter",
+        }
         out: dict[str, SweepConfig] = {}
         for name, t in raw.items():
             where = f"sweeps.{name}"
@@ -435,20 +531,30 @@ class _Validator:
             if "cron" in t and "interval" in t:
                 self.error(where, "expected either cron or interval, not both")
             elif "cron" not in t and "interval" not in t:
-                self.error(f"{where}.cron", 'required: a crontab expression such as "0 3 * * *" (or interval = "15m")')
+                self.error(
+                    f"{where}.cron",
+                    'required: a crontab expression such as "0 3 * * *" (or interval = "15m")',
+                )
             if isinstance(cron, str):
                 self.cron(cron, f"{where}.cron", timezone)
             overlap = self.string(t, "overlap", where, "skip", 'one of "skip", "queue", "replace"')
             if overlap not in ("skip", "queue", "replace"):
-                self.error(f"{where}.overlap", f'expected one of "skip", "queue", "replace", got {overlap!r}')
+                self.error(
+                    f"{where}.overlap",
+                    f'expected one of "skip", "queue", "replace", got {overlap!r}',
+                )
                 overlap = "skip"
             out[name] = SweepConfig(
-                name=name, cron=cron, interval=interval,
+                name=name,
+                cron=cron,
+                interval=interval,
                 operations=self.globs(t, "operations", where),
                 tenants=self.globs(t, "tenants", where),
                 per_tenant_concurrency=self.positive_int(t, "per_tenant_concurrency", where, 4),
                 timeout=self.duration(t, "timeout", where, None, allow_zero=False),
-                operation_timeout=self.duration(t, "operation_timeout", where, None, allow_zero=False),
+                operation_timeout=self.duration(
+                    t, "operation_timeout", where, None, allow_zero=False
+                ),
                 overlap=overlap,
                 jitter=self.duration(t, "jitter", where, 0.0) or 0.0,
             )
@@ -462,11 +568,18 @@ class _Validator:
         try:
             CronTrigger.from_crontab(expr, timezone=timezone)
         except (ValueError, TypeError) as exc:
-            self.error(where, f'expected a 5-field crontab expression such as "0 3 * * *", got {expr!r} ({exc})')
+            self.error(
+                where,
+                f'expected a 5-field crontab expression such as "0 3 * * *", got {expr!r} ({exc})',
+            )
 
 
 def _kind(value: Any) -> str:
     return {
-        bool: "a boolean", int: "an integer", float: "a number", str: "a string",
-        list: "an array", dict: "a table",
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "an array",
+        dict: "a table",
     }.get(type(value), type(value).__name__)

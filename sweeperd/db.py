@@ -114,8 +114,10 @@ class Database:
         cfg = self.config
         # Preserve any options the user put in the DSN; ours come after, so they win.
         existing = conninfo_to_dict(cfg.dsn).get("options") or ""
-        ours = (f"-c lock_timeout={_ms(cfg.lock_timeout)} "
-                f"-c statement_timeout={_ms(cfg.statement_timeout)}")
+        ours = (
+            f"-c lock_timeout={_ms(cfg.lock_timeout)} "
+            f"-c statement_timeout={_ms(cfg.statement_timeout)}"
+        )
         return {
             "autocommit": True,
             "application_name": APPLICATION_NAME,
@@ -167,8 +169,10 @@ class Database:
         if self._pool is None:
             raise RuntimeError(f"database {self.name!r} is not open")
         async with self._pool.connection() as conn:
-            await conn.execute("SELECT pg_catalog.set_config('application_name', %s, false)",
-                               (application_name(label),))
+            await conn.execute(
+                "SELECT pg_catalog.set_config('application_name', %s, false)",
+                (application_name(label),),
+            )
             yield conn
 
     async def find_schemas(self, like: str) -> list[str]:
@@ -176,7 +180,8 @@ class Database:
         async with self.connection("discover") as conn:
             cur = await conn.execute(
                 "SELECT nspname FROM pg_catalog.pg_namespace WHERE nspname LIKE %s ORDER BY 1",
-                (like,))
+                (like,),
+            )
             return [row[0] for row in await cur.fetchall()]
 
     def pool_stats(self) -> dict[str, int]:

@@ -1,11 +1,22 @@
-"""Durations as written in the config: ``"500ms"``, ``"30s"``, ``"15m"``/``"15min"``, ``"2h"``, ``"90d"``, ``"1h30m"``."""
+"""Durations as written in the config.
+
+``"500ms"``, ``"30s"``, ``"15m"`` (or ``"15min"``), ``"2h"``, ``"90d"``, ``"1h30m"``.
+"""
 
 from __future__ import annotations
 
 import re
 
-_UNITS = {"ms": 0.001, "s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0,
-          "w": 604800.0}
+_UNITS = {
+    "ms": 0.001,
+    "s": 1.0,
+    "sec": 1.0,
+    "m": 60.0,
+    "min": 60.0,
+    "h": 3600.0,
+    "d": 86400.0,
+    "w": 604800.0,
+}
 # Longest alternatives first: "ms" and "min" must not be read as "m" followed by junk.
 _UNIT = r"(ms|min|sec|s|m|h|d|w)"
 _PART = re.compile(r"(\d+(?:\.\d+)?)" + _UNIT)
@@ -32,7 +43,7 @@ def format_duration(seconds: float) -> str:
     if seconds < 60:
         return f"{seconds:.3g}s" if seconds != int(seconds) else f"{int(seconds)}s"
     parts = []
-    remaining = int(round(seconds))
+    remaining = round(seconds)
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
         if remaining >= size:
             parts.append(f"{remaining // size}{unit}")

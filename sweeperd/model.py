@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from .db import sql
 
 if TYPE_CHECKING:
-    from psycopg import AsyncConnection  # noqa: TC002 - typing only
+    from psycopg import AsyncConnection
     from structlog.typing import FilteringBoundLogger
 
 Scope = Literal["tenant", "database"]
@@ -43,7 +43,7 @@ class Phase(enum.IntEnum):
     MAINTAIN = 900
 
 
-class Skip(Exception):  # noqa: N818 - it is a signal, not an error
+class Skip(Exception):
     """Raise from an operation to report it as ``skipped`` with a reason (e.g. table locked)."""
 
 
@@ -97,13 +97,9 @@ class Operation:
             raise ValueError(f"operation name {self.name!r} must look like '<plugin>.<what>'")
         if self.scope not in ("tenant", "database"):
             raise ValueError(f"operation {self.name}: scope must be 'tenant' or 'database'")
-        if isinstance(self.tables, str):
-            # A bare string would be iterated per character: a classic slip.
-            object.__setattr__(self, "tables", (self.tables,))
-        else:
-            object.__setattr__(self, "tables", tuple(self.tables))
-        object.__setattr__(self, "after", (self.after,) if isinstance(self.after, str)
-                           else tuple(self.after))
+        # A bare string would be iterated per character: a classic slip, forgiven here.
+        object.__setattr__(self, "tables", _as_tuple(self.tables))
+        object.__setattr__(self, "after", _as_tuple(self.after))
         if self.scope == "database":
             for table in self.tables:
                 if table != ALL_TABLES and "." not in table:
@@ -111,6 +107,12 @@ class Operation:
                         f"operation {self.name}: scope 'database' needs schema-qualified tables "
                         f"('public.sessions'), got {table!r}"
                     )
+
+
+def _as_tuple(value: str | Iterable[str]) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    return tuple(value)
 
 
 def split_qualified(name: str) -> tuple[str, str]:

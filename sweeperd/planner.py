@@ -81,10 +81,16 @@ def make_plan(
     db_ops: dict[tuple[str, str], tuple[Operation, str]] = {}
     selected_dbs: set[str] = set()
     for sw in sweeps:
-        chosen_ops = [op for op in ops if matches(op.name, sw.operations)
-                      and (not only_globs or matches(op.name, only_globs))]
-        chosen_tenants = [t for t in tenants if matches(t.name, sw.tenants)
-                          and (not tenant_globs or matches(t.name, tenant_globs))]
+        chosen_ops = [
+            op
+            for op in ops
+            if matches(op.name, sw.operations) and (not only_globs or matches(op.name, only_globs))
+        ]
+        chosen_tenants = [
+            t
+            for t in tenants
+            if matches(t.name, sw.tenants) and (not tenant_globs or matches(t.name, tenant_globs))
+        ]
         for tenant in chosen_tenants:
             selected_dbs.add(tenant.database)
             for op in chosen_ops:
@@ -103,9 +109,12 @@ def make_plan(
     # by phase so that pruning, which unblocks vacuums, is queued ahead of them.
     for op, db in sorted(db_ops.values(), key=lambda p: (p[0].phase, p[1], op_order[p[0].name])):
         items.append(WorkItem(index=len(items), operation=op, tenant=None, database=db))
-    for op, tenant in sorted(pairs.values(), key=lambda p: (p[0].phase, tenant_order[p[1].name],
-                                                             op_order[p[0].name])):
-        items.append(WorkItem(index=len(items), operation=op, tenant=tenant, database=tenant.database))
+    for op, tenant in sorted(
+        pairs.values(), key=lambda p: (p[0].phase, tenant_order[p[1].name], op_order[p[0].name])
+    ):
+        items.append(
+            WorkItem(index=len(items), operation=op, tenant=tenant, database=tenant.database)
+        )
     _link_same_table_items(items)
     _link_after(items)
     _check_acyclic(items)
@@ -171,7 +180,7 @@ def _link_same_table_items(items: Sequence[WorkItem]) -> None:
 
 
 def _link_after(items: Sequence[WorkItem]) -> None:
-    """Add dependencies from ``Operation.after``: tenant-local, or database-wide for scope database."""
+    """Add dependencies from ``Operation.after``: per tenant, or per database for scope database."""
     if not any(item.operation.after for item in items):
         return
     by_tenant: dict[tuple[str, str], list[WorkItem]] = defaultdict(list)
@@ -184,10 +193,16 @@ def _link_after(items: Sequence[WorkItem]) -> None:
         globs = item.operation.after
         if not globs:
             continue
-        pool = (by_database[item.database] if item.tenant is None
-                else by_tenant[(item.database, item.tenant.name)])
-        extra = {other.index for other in pool
-                 if other is not item and matches(other.operation.name, globs)}
+        pool = (
+            by_database[item.database]
+            if item.tenant is None
+            else by_tenant[(item.database, item.tenant.name)]
+        )
+        extra = {
+            other.index
+            for other in pool
+            if other is not item and matches(other.operation.name, globs)
+        }
         item.deps = sorted(set(item.deps) | extra)
 
 

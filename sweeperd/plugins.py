@@ -72,8 +72,14 @@ class _PluginManager(pluggy.PluginManager):
             return opts
         if not inspect.isroutine(getattr(plugin, name, None)):
             return None
-        return pluggy.HookimplOpts(wrapper=False, hookwrapper=False, optionalhook=False,
-                                   tryfirst=False, trylast=False, specname=None)
+        return pluggy.HookimplOpts(
+            wrapper=False,
+            hookwrapper=False,
+            optionalhook=False,
+            tryfirst=False,
+            trylast=False,
+            specname=None,
+        )
 
 
 def new_plugin_manager() -> pluggy.PluginManager:
@@ -91,10 +97,16 @@ def _unknown_hooks(pm: pluggy.PluginManager) -> list[str]:
             continue
         for impl in caller.get_hookimpls():
             if not impl.optionalhook:
-                known = ", ".join(sorted(n for n in vars(pm.hook) if not n.startswith("_")
-                                         and getattr(pm.hook, n).has_spec()))
-                problems.append(f"plugin {impl.plugin_name!r}: unknown hook {name!r} "
-                                f"(known hooks: {known})")
+                known = ", ".join(
+                    sorted(
+                        n
+                        for n in vars(pm.hook)
+                        if not n.startswith("_") and getattr(pm.hook, n).has_spec()
+                    )
+                )
+                problems.append(
+                    f"plugin {impl.plugin_name!r}: unknown hook {name!r} (known hooks: {known})"
+                )
     return problems
 
 
@@ -115,8 +127,10 @@ def load_plugins(config: Config, *, entry_points: bool = True) -> Plugins:
             return
         if pm.has_plugin(info.name):
             other = next(i for i in infos if i.name == info.name)
-            problems.append(f"plugin {info.name!r} from {info.source} has the same name as the one "
-                            f"from {other.source}")
+            problems.append(
+                f"plugin {info.name!r} from {info.source} has the same name as the one "
+                f"from {other.source}"
+            )
             return
         try:
             pm.register(module, name=info.name)
@@ -212,8 +226,10 @@ def _drop_ins(directory: Path, problems: list[str]) -> list[tuple[ModuleType | N
 
 
 def _load_failure(info: PluginInfo, exc: BaseException) -> str:
-    return (f"plugin {info.name!r} ({info.source}) failed to load: "
-            f"{type(exc).__name__}: {_one_line(exc)}{_innermost_location(exc)}")
+    return (
+        f"plugin {info.name!r} ({info.source}) failed to load: "
+        f"{type(exc).__name__}: {_one_line(exc)}{_innermost_location(exc)}"
+    )
 
 
 def _one_line(exc: BaseException) -> str:
@@ -250,8 +266,10 @@ def _call_per_plugin(
             results.append((name, impl.function(*args)))
         except Exception as exc:
             # A plugin bug must name the plugin, keep the cause, and not become a traceback.
-            problems.append(f"plugin {name!r}: {hook_name} raised {type(exc).__name__}: {_one_line(exc)}"
-                            f"{_innermost_location(exc)}")
+            problems.append(
+                f"plugin {name!r}: {hook_name} raised {type(exc).__name__}: {_one_line(exc)}"
+                f"{_innermost_location(exc)}"
+            )
     return results
 
 
@@ -260,8 +278,10 @@ def _validate_settings(pm: pluggy.PluginManager, config: Config) -> list[str]:
     for name in config.plugins:
         if not pm.has_plugin(name):
             loaded = ", ".join(sorted(n for n, _ in pm.list_name_plugin())) or "none"
-            problems.append(f"{config.path}: plugins.{name}: no plugin named {name!r} is loaded "
-                            f"(loaded: {loaded})")
+            problems.append(
+                f"{config.path}: plugins.{name}: no plugin named {name!r} is loaded "
+                f"(loaded: {loaded})"
+            )
     for name, found in _call_per_plugin(pm, "sweeperd_validate_settings", config, problems):
         for key, expectation in found or ():
             problems.append(f"{config.path}: plugins.{name}.{key}: {expectation}")
@@ -279,12 +299,16 @@ def _collect_operations(pm: pluggy.PluginManager, config: Config) -> dict[str, O
             continue
         for op in contributed:
             if not isinstance(op, Operation):
-                problems.append(f"plugin {name!r}: sweeperd_operations returned {op!r}, "
-                                "expected sweeperd.Operation")
+                problems.append(
+                    f"plugin {name!r}: sweeperd_operations returned {op!r}, "
+                    "expected sweeperd.Operation"
+                )
                 continue
             if op.name in operations:
-                problems.append(f"operation {op.name!r} is contributed by both plugin "
-                                f"{operations[op.name].plugin!r} and plugin {name!r}")
+                problems.append(
+                    f"operation {op.name!r} is contributed by both plugin "
+                    f"{operations[op.name].plugin!r} and plugin {name!r}"
+                )
                 continue
             operations[op.name] = replace(op, plugin=name)
     if problems:

@@ -90,8 +90,9 @@ class Runner:
         self._global = asyncio.Semaphore(limits.max_concurrency)
         self._per_db = {name: asyncio.Semaphore(n) for name, n in limits.per_database.items()}
 
-    async def run(self, plan: Plan, *, dry_run: bool = False,
-                  unreachable: Mapping[str, str] | None = None) -> SweepReport:
+    async def run(
+        self, plan: Plan, *, dry_run: bool = False, unreachable: Mapping[str, str] | None = None
+    ) -> SweepReport:
         """Run every item of ``plan``; never raises for an item's failure.
 
         ``unreachable`` maps database names that could not be opened to the reason; their items
@@ -108,11 +109,18 @@ class Runner:
                 await run.execute()
         except TimeoutError:
             run.timed_out = True
-            log.warning("sweep timed out; unfinished operations cancelled",
-                        sweep=plan.sweep, timeout=format_duration(plan.timeout or 0))
-        report = SweepReport(sweep=plan.sweep, started_at=started, finished_at=datetime.now(UTC),
-                             results=run.results_in_plan_order(),
-                             unreachable=dict(unreachable or {}))
+            log.warning(
+                "sweep timed out; unfinished operations cancelled",
+                sweep=plan.sweep,
+                timeout=format_duration(plan.timeout or 0),
+            )
+        report = SweepReport(
+            sweep=plan.sweep,
+            started_at=started,
+            finished_at=datetime.now(UTC),
+            results=run.results_in_plan_order(),
+            unreachable=dict(unreachable or {}),
+        )
         _notify(self.pm.hook.sweeperd_sweep_finished, sweep=plan.sweep, results=report.results)
         return report
 
@@ -120,7 +128,9 @@ class Runner:
 class _SweepRun:
     """The state of one plan's execution."""
 
-    def __init__(self, runner: Runner, plan: Plan, dry_run: bool, unreachable: dict[str, str]) -> None:
+    def __init__(
+        self, runner: Runner, plan: Plan, dry_run: bool, unreachable: dict[str, str]
+    ) -> None:
         self.runner = runner
         self.plan = plan
         self.dry_run = dry_run
@@ -131,8 +141,10 @@ class _SweepRun:
         self.tenant_slots: dict[tuple[str, str], asyncio.Semaphore] = {}
 
     async def execute(self) -> None:
-        tasks = [asyncio.create_task(self.run_item(item), name=f"sweeperd {item.label}")
-                 for item in self.plan.items]
+        tasks = [
+            asyncio.create_task(self.run_item(item), name=f"sweeperd {item.label}")
+            for item in self.plan.items
+        ]
         try:
             await asyncio.gather(*tasks)
         except BaseException:
@@ -148,7 +160,9 @@ class _SweepRun:
         for item in self.plan.items:
             result = self.results.get(item.index)
             if result is None:
-                reason = "sweep timed out before it started" if self.timed_out else "sweep cancelled"
+                reason = (
+                    "sweep timed out before it started" if self.timed_out else "sweep cancelled"
+                )
                 result = _result(item, "cancelled", error=reason)
             out.append(result)
         return out
@@ -178,17 +192,28 @@ class _SweepRun:
             return
         self.results[item.index] = result
         self.done[item.index].set()
-        _notify(self.runner.pm.hook.sweeperd_operation_finished, result=result, sweep=self.plan.sweep)
+        _notify(
+            self.runner.pm.hook.sweeperd_operation_finished, result=result, sweep=self.plan.sweep
+        )
         if result.status == "failed":
-            log.warning("operation failed", sweep=self.plan.sweep, tenant=result.tenant,
-                        database=result.database, operation=result.operation, error=result.error)
+            log.warning(
+                "operation failed",
+                sweep=self.plan.sweep,
+                tenant=result.tenant,
+                database=result.database,
+                operation=result.operation,
+                error=result.error,
+            )
 
     async def bounded(self, item: WorkItem) -> Result:
         runner = self.runner
         if item.database in self.unreachable:
-            return _result(item, "failed", error=f"database unreachable: {self.unreachable[item.database]}")
-        veto = runner.pm.hook.sweeperd_skip_operation(operation=item.operation, tenant=item.tenant,
-                                                      sweep=self.plan.sweep)
+            return _result(
+                item, "failed", error=f"database unreachable: {self.unreachable[item.database]}"
+            )
+        veto = runner.pm.hook.sweeperd_skip_operation(
+            operation=item.operation, tenant=item.tenant, sweep=self.plan.sweep
+        )
         if veto:
             return _result(item, "skipped", error=str(veto))
         if self.dry_run and not item.operation.dry_run:
@@ -218,12 +243,19 @@ class _SweepRun:
             async with asyncio.timeout(timeout) as deadline:
                 async with database.connection(item.label) as conn:
                     ctx = Context(
-                        conn=conn, operation=op, tenant=item.tenant, database=item.database,
-                        dry_run=self.dry_run, settings=self.runner.settings.get(op.plugin, {}),
-                        log=log.bind(sweep=self.plan.sweep,
-                                     tenant=item.tenant.name if item.tenant else None,
-                                     operation=op.name),
-                        sweep=self.plan.sweep, server_version=database.server_version,
+                        conn=conn,
+                        operation=op,
+                        tenant=item.tenant,
+                        database=item.database,
+                        dry_run=self.dry_run,
+                        settings=self.runner.settings.get(op.plugin, {}),
+                        log=log.bind(
+                            sweep=self.plan.sweep,
+                            tenant=item.tenant.name if item.tenant else None,
+                            operation=op.name,
+                        ),
+                        sweep=self.plan.sweep,
+                        server_version=database.server_version,
                     )
                     rows = await op.run(ctx)
             if rows is not None and not isinstance(rows, int):
@@ -234,8 +266,10 @@ class _SweepRun:
         except TimeoutError as exc:
             status = "failed"
             if deadline.expired():
-                error = (f"TimeoutError: exceeded the operation timeout of "
-                         f"{format_duration(timeout or 0)} (query cancelled on the server)")
+                error = (
+                    f"TimeoutError: exceeded the operation timeout of "
+                    f"{format_duration(timeout or 0)} (query cancelled on the server)"
+                )
             else:
                 error = describe_error(exc)
         except asyncio.CancelledError:
@@ -244,18 +278,32 @@ class _SweepRun:
             status, error = "failed", describe_error(exc)
         duration = time.perf_counter() - t0
         return Result(
-            tenant=item.tenant.name if item.tenant else None, database=item.database,
-            schema=item.schema, operation=op.name, status=status, rows=rows,
-            started_at=started_at, finished_at=datetime.now(UTC), duration_s=duration,
-            error=error, details=dict(ctx.details) if ctx else {},
+            tenant=item.tenant.name if item.tenant else None,
+            database=item.database,
+            schema=item.schema,
+            operation=op.name,
+            status=status,
+            rows=rows,
+            started_at=started_at,
+            finished_at=datetime.now(UTC),
+            duration_s=duration,
+            error=error,
+            details=dict(ctx.details) if ctx else {},
         )
 
 
 def _result(item: WorkItem, status: Status, *, error: str | None) -> Result:
     return Result(
-        tenant=item.tenant.name if item.tenant else None, database=item.database,
-        schema=item.schema, operation=item.operation.name, status=status, rows=None,
-        started_at=None, finished_at=None, duration_s=None, error=error,
+        tenant=item.tenant.name if item.tenant else None,
+        database=item.database,
+        schema=item.schema,
+        operation=item.operation.name,
+        status=status,
+        rows=None,
+        started_at=None,
+        finished_at=None,
+        duration_s=None,
+        error=error,
     )
 
 

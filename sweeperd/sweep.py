@@ -34,7 +34,9 @@ async def open_databases(
 ) -> tuple[dict[str, Database], dict[str, str]]:
     """Open the named databases concurrently; (open ones, unreachable name → reason)."""
     databases = {name: Database(config.databases[name]) for name in names}
-    outcomes = await asyncio.gather(*(db.open() for db in databases.values()), return_exceptions=True)
+    outcomes = await asyncio.gather(
+        *(db.open() for db in databases.values()), return_exceptions=True
+    )
     unreachable: dict[str, str] = {}
     for name, outcome in zip(list(databases), outcomes, strict=True):
         if isinstance(outcome, DatabaseUnreachable):
@@ -59,7 +61,7 @@ async def resolve_tenants(config: Config, databases: Mapping[str, Database]) -> 
         if database is None:
             continue  # unreachable: reported already
         for schema in await database.find_schemas(source.schemas):
-            name = schema[len(source.prefix):] if schema.startswith(source.prefix) else schema
+            name = schema[len(source.prefix) :] if schema.startswith(source.prefix) else schema
             if not name or name in names or (source.database, schema) in schemas:
                 continue
             tenants.append(Tenant(name=name, database=source.database, schema=schema))
@@ -93,15 +95,31 @@ async def sweep_once(
     databases, unreachable = await open_databases(config, relevant_databases(config, tenant_globs))
     try:
         tenants = await resolve_tenants(config, databases)
-        plan = make_plan(config, plugins.operations, tenants, sweep=sweep,
-                         tenant_globs=tenant_globs, only_globs=only_globs)
-        runner = Runner(databases, plugins.pm, config.plugins,
-                        limits_for(config, plan.per_tenant_concurrency))
-        log.info("sweep started", sweep=plan.sweep, items=len(plan.items), tenants=len(tenants),
-                 dry_run=dry_run)
+        plan = make_plan(
+            config,
+            plugins.operations,
+            tenants,
+            sweep=sweep,
+            tenant_globs=tenant_globs,
+            only_globs=only_globs,
+        )
+        runner = Runner(
+            databases, plugins.pm, config.plugins, limits_for(config, plan.per_tenant_concurrency)
+        )
+        log.info(
+            "sweep started",
+            sweep=plan.sweep,
+            items=len(plan.items),
+            tenants=len(tenants),
+            dry_run=dry_run,
+        )
         report = await runner.run(plan, dry_run=dry_run, unreachable=unreachable)
-        log.info("sweep finished", sweep=plan.sweep, duration_s=round(report.duration_s, 3),
-                 **report.counts())
+        log.info(
+            "sweep finished",
+            sweep=plan.sweep,
+            duration_s=round(report.duration_s, 3),
+            **report.counts(),
+        )
         return report
     finally:
         await asyncio.gather(*(db.close() for db in databases.values()), return_exceptions=True)
