@@ -27,6 +27,7 @@ APPLICATION_NAME = "sweeperd"
 _APP_NAME_BYTES = 63  # NAMEDATALEN - 1: the server truncates beyond this
 
 AsyncConn = psycopg.AsyncConnection[Any]
+_SET_APPLICATION_NAME = "SELECT pg_catalog.set_config('application_name', %s, false)"
 
 
 class DatabaseUnreachable(Exception):
@@ -147,7 +148,8 @@ class Database:
             max_size=self.config.max_connections,
             open=False,
             name=f"sweeperd-{self.name}",
-            check=AsyncConnectionPool.check_connection,
+            # No check= callback: the labelling statement at checkout doubles as the liveness
+            # check (see connection()), which saves a round trip per operation.
             reset=_reset_session,
             timeout=self.config.connect_timeout + 5.0,
         )
@@ -168,12 +170,34 @@ class Database:
         """A pooled connection labelled ``sweeperd: <label>`` in ``pg_stat_activity``."""
         if self._pool is None:
             raise RuntimeError(f"database {self.name!r} is not open")
-        async with self._pool.connection() as conn:
-            await conn.execute(
-                "SELECT pg_catalog.set_config('application_name', %s, false)",
-                (application_name(label),),
-            )
+        pool = self._pool
+        conn = await self._checkout(pool, application_name(label))
+        try:
             yield conn
+        finally:
+            await pool.putconn(conn)
+
+    async def _checkout(self, pool: AsyncConnectionPool[AsyncConn], name: str) -> AsyncConn:
+        """Get a live connection and label it, in one round trip.
+
+        A connection the server dropped while it sat in the pool (restart, failover,
+        pg_terminate_backend) fails the labelling statement; it is handed back (the pool discards
+        closed connections and opens replacements) and the next one is tried.
+        """
+        attempts = self.config.max_connections + 1
+        for attempt in range(attempts):
+            conn = await pool.getconn()
+            try:
+                await conn.execute(_SET_APPLICATION_NAME, (name,))
+                return conn
+            except psycopg.OperationalError:
+                await pool.putconn(conn)
+                if not conn.closed or attempt == attempts - 1:
+                    raise
+            except BaseException:
+                await pool.putconn(conn)
+                raise
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def find_schemas(self, like: str) -> list[str]:
         """Schemas whose name matches the LIKE pattern, in name order."""

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping, Sequence
-from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -139,6 +138,10 @@ class _SweepRun:
         self.done = [asyncio.Event() for _ in plan.items]
         self.results: dict[int, Result] = {}
         self.tenant_slots: dict[tuple[str, str], asyncio.Semaphore] = {}
+        # Calling a hook nobody implements still costs; ask once per sweep, not once per item.
+        hook = runner.pm.hook
+        self.has_veto = bool(hook.sweeperd_skip_operation.get_hookimpls())
+        self.has_observers = bool(hook.sweeperd_operation_finished.get_hookimpls())
 
     async def execute(self) -> None:
         tasks = [
@@ -192,9 +195,12 @@ class _SweepRun:
             return
         self.results[item.index] = result
         self.done[item.index].set()
-        _notify(
-            self.runner.pm.hook.sweeperd_operation_finished, result=result, sweep=self.plan.sweep
-        )
+        if self.has_observers:
+            _notify(
+                self.runner.pm.hook.sweeperd_operation_finished,
+                result=result,
+                sweep=self.plan.sweep,
+            )
         if result.status == "failed":
             log.warning(
                 "operation failed",
@@ -211,7 +217,7 @@ class _SweepRun:
             return _result(
                 item, "failed", error=f"database unreachable: {self.unreachable[item.database]}"
             )
-        veto = runner.pm.hook.sweeperd_skip_operation(
+        veto = self.has_veto and runner.pm.hook.sweeperd_skip_operation(
             operation=item.operation, tenant=item.tenant, sweep=self.plan.sweep
         )
         if veto:
@@ -221,12 +227,11 @@ class _SweepRun:
             # third-party DELETE must never run because someone asked for a dry run.
             return _result(item, "dry-run", error=None)
         database = runner.databases[item.database]
-        async with AsyncExitStack() as bounds:
-            tenant_slot = self.tenant_slot(item)
-            if tenant_slot is not None:
-                await bounds.enter_async_context(tenant_slot)
-            await bounds.enter_async_context(runner._per_db[item.database])
-            await bounds.enter_async_context(runner._global)
+        tenant_slot = self.tenant_slot(item)
+        if tenant_slot is None:
+            async with runner._per_db[item.database], runner._global:
+                return await self.execute_item(item, database)
+        async with tenant_slot, runner._per_db[item.database], runner._global:
             return await self.execute_item(item, database)
         raise AssertionError("unreachable")  # pragma: no cover - for type checkers
 
