@@ -27,6 +27,10 @@ APPLICATION_NAME = "sweeperd"
 _APP_NAME_BYTES = 63  # NAMEDATALEN - 1: the server truncates beyond this
 
 AsyncConn = psycopg.AsyncConnection[Any]
+_RESET_SESSION = (
+    "SET SESSION AUTHORIZATION DEFAULT; RESET ALL; CLOSE ALL; UNLISTEN *; "
+    "SELECT pg_catalog.pg_advisory_unlock_all(); DISCARD TEMP"
+)
 _SET_APPLICATION_NAME = "SELECT pg_catalog.set_config('application_name', %s, false)"
 
 
@@ -213,8 +217,10 @@ class Database:
 
 
 async def _reset_session(conn: AsyncConn) -> None:
-    # An operation may have changed settings (search_path, timeouts, role) or taken advisory
-    # locks; none of that may leak into the next operation that gets this connection.
+    # An operation may have changed settings (search_path, timeouts, role), taken advisory locks,
+    # opened cursors, listened or made temp tables; none of that may leak into the next operation
+    # that gets this connection. This is DISCARD ALL minus DEALLOCATE ALL, which would pull the
+    # prepared statements from under psycopg's cache. RESET ALL alone leaves SET ROLE in place.
     if not conn.autocommit:
         await conn.set_autocommit(True)
-    await conn.execute("RESET ALL; SELECT pg_catalog.pg_advisory_unlock_all()")
+    await conn.execute(_RESET_SESSION)

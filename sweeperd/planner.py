@@ -79,8 +79,8 @@ def make_plan(
     ops = list(operations.values())
     pairs: dict[tuple[str, str], tuple[Operation, Tenant]] = {}
     db_ops: dict[tuple[str, str], tuple[Operation, str]] = {}
-    selected_dbs: set[str] = set()
     for sw in sweeps:
+        selected_dbs: set[str] = set()  # per sweep: another sweep's tenants must not count
         chosen_ops = [
             op
             for op in ops

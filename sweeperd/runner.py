@@ -100,14 +100,8 @@ class Runner:
         started = datetime.now(UTC)
         run = _SweepRun(self, plan, dry_run, dict(unreachable or {}))
         _notify(self.pm.hook.sweeperd_sweep_started, sweep=plan.sweep, items=len(plan.items))
-        try:
-            if plan.timeout is not None:
-                async with asyncio.timeout(plan.timeout):
-                    await run.execute()
-            else:
-                await run.execute()
-        except TimeoutError:
-            run.timed_out = True
+        await run.execute(plan.timeout)
+        if run.timed_out:
             log.warning(
                 "sweep timed out; unfinished operations cancelled",
                 sweep=plan.sweep,
@@ -143,20 +137,27 @@ class _SweepRun:
         self.has_veto = bool(hook.sweeperd_skip_operation.get_hookimpls())
         self.has_observers = bool(hook.sweeperd_operation_finished.get_hookimpls())
 
-    async def execute(self) -> None:
+    async def execute(self, deadline_s: float | None) -> None:
+        """Run all items; on timeout (or an outer cancel) cancel what is left, exactly once.
+
+        Each cancelled task records itself as cancelled and psycopg cancels its query on the
+        server. A task is cancelled once only: a second cancel landing while psycopg is sending
+        the server-side cancel would make it drop the connection instead.
+        """
         tasks = [
             asyncio.create_task(self.run_item(item), name=f"sweeperd {item.label}")
             for item in self.plan.items
         ]
+        if not tasks:
+            return
         try:
-            await asyncio.gather(*tasks)
-        except BaseException:
-            # Sweep timeout or an outer cancel (SIGTERM): stop everything still running; each
-            # task records itself as cancelled, and psycopg cancels its query on the server.
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            _done, pending = await asyncio.wait(tasks, timeout=deadline_s)
+        except asyncio.CancelledError:
+            await _cancel_and_wait(tasks)
             raise
+        if pending:
+            self.timed_out = True  # before cancelling: the tasks read it for their reason
+            await _cancel_and_wait(tasks)
 
     def results_in_plan_order(self) -> list[Result]:
         out = []
@@ -188,6 +189,10 @@ class _SweepRun:
             reason = "sweep timed out" if self.timed_out else "cancelled"
             self.finish(item, _result(item, "cancelled", error=reason))
             raise
+        except Exception as exc:
+            # Outside the operation itself (a veto hook raised, ...): still this item's failure
+            # only, and its dependents must not wait forever for it.
+            result = _result(item, "failed", error=describe_error(exc))
         self.finish(item, result)
 
     def finish(self, item: WorkItem, result: Result) -> None:
@@ -295,6 +300,13 @@ class _SweepRun:
             error=error,
             details=dict(ctx.details) if ctx else {},
         )
+
+
+async def _cancel_and_wait(tasks: Sequence[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        if not task.done() and not task.cancelling():
+            task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _result(item: WorkItem, status: Status, *, error: str | None) -> Result:
