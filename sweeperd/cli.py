@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
         )
         return p
 
+    run = with_config(sub.add_parser("run", help="the daemon, foreground (systemd runs this)"))
+    run.set_defaults(func=cmd_run)
+
     sweep = with_config(sub.add_parser("sweep", help="run one sweep now, in the foreground"))
     sweep.add_argument(
         "sweep",
@@ -157,6 +160,16 @@ def cmd_plugins(args: argparse.Namespace) -> int:
             desc = f"  {op.description}" if op.description else ""
             print(f"    {op.name}  [scope {op.scope}; tables {tables}]{desc}")
     return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .daemon import run_daemon
+    from .logs import setup_logging
+
+    path = resolve_config_path(args.config)
+    config, plugins = _load(args)
+    setup_logging(config.log)
+    return run_daemon(path, config, plugins)
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:

@@ -23,6 +23,7 @@ from .durations import parse_duration
 DEFAULT_CONFIG_PATH = Path("/etc/sweeperd/sweeperd.toml")
 NAMEDATALEN = 63  # PostgreSQL truncates longer identifiers; a truncated schema is another schema
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
+_WINDOW = re.compile(r"(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})")
 
 Overlap = Literal["skip", "queue", "replace"]
 
@@ -92,6 +93,12 @@ class SweepConfig:
     operation_timeout: float | None = None
     overlap: Overlap = "skip"
     jitter: float = 0.0
+    # Maintenance window as minutes after midnight (start, end) in [daemon] timezone; end < start
+    # spans midnight. No operation starts outside it; at its end running ones are cancelled
+    # (window_end = "cancel") or allowed to finish ("finish").
+    window: tuple[int, int] | None = None
+    window_end: Literal["cancel", "finish"] = "cancel"
+    misfire_grace_time: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -516,6 +523,9 @@ class _Validator:
             "operation_timeout",
             "overlap",
             "jitter",
+            "window",
+            "window_end",
+            "misfire_grace_time",
         }
         out: dict[str, SweepConfig] = {}
         for name, t in raw.items():
@@ -557,8 +567,38 @@ class _Validator:
                 ),
                 overlap=overlap,
                 jitter=self.duration(t, "jitter", where, 0.0) or 0.0,
+                window=self.window(t, where),
+                window_end=self.choice(t, "window_end", where, ("cancel", "finish"), "cancel"),
+                misfire_grace_time=self.duration(
+                    t, "misfire_grace_time", where, None, allow_zero=False
+                ),
             )
         return out
+
+    def choice(
+        self, t: Mapping[str, Any], key: str, where: str, options: tuple[str, ...], default: str
+    ) -> Any:
+        expectation = "one of " + ", ".join(f'"{o}"' for o in options)
+        value = self.string(t, key, where, default, expectation)
+        if value not in options:
+            self.error(f"{where}.{key}", f"expected {expectation}, got {value!r}")
+            return default
+        return value
+
+    def window(self, t: Mapping[str, Any], where: str) -> tuple[int, int] | None:
+        expectation = 'a time window such as "01:00-05:00" (24-hour clock; may span midnight)'
+        value = self.string(t, "window", where, None, expectation)
+        if value is None:
+            return None
+        match = _WINDOW.fullmatch(value.strip())
+        if match is None:
+            self.error(f"{where}.window", f"expected {expectation}, got {value!r}")
+            return None
+        h1, m1, h2, m2 = (int(g) for g in match.groups())
+        if h1 > 23 or h2 > 24 or m1 > 59 or m2 > 59 or (h2 == 24 and m2) or (h1, m1) == (h2, m2):
+            self.error(f"{where}.window", f"expected {expectation}, got {value!r}")
+            return None
+        return h1 * 60 + m1, h2 * 60 + m2
 
     def cron(self, expr: str, where: str, timezone: str) -> None:
         # APScheduler is the authority on what it will accept; validating with it avoids a

@@ -46,5 +46,7 @@ def setup_logging(config: LogConfig, stream: TextIO | None = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # psycopg_pool logs every connection attempt at INFO; that is noise at our INFO.
-    logging.getLogger("psycopg.pool").setLevel(max(level, logging.WARNING))
+    # psycopg_pool logs every connection attempt and APScheduler every job run at INFO; at our
+    # INFO that is noise (sweeperd logs its own sweep start/finish lines).
+    for noisy in ("psycopg.pool", "apscheduler"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping, Sequence
+from asyncio import FIRST_COMPLETED
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -34,7 +35,64 @@ log = structlog.get_logger("sweeperd.runner")
 class Limits:
     max_concurrency: int
     per_database: Mapping[str, int]
-    per_tenant: int
+
+
+class Bounds:
+    """The global and per-database slots, shared by every sweep running in one process.
+
+    A reload builds new bounds from the new limits but keeps each semaphore whose limit did not
+    change, so sweeps that straddle a reload still count against the same slots.
+    """
+
+    def __init__(self, limits: Limits, previous: Bounds | None = None) -> None:
+        self.limits = limits
+        self.global_slots: asyncio.Semaphore
+        if previous is not None and previous.limits.max_concurrency == limits.max_concurrency:
+            self.global_slots = previous.global_slots
+        else:
+            self.global_slots = asyncio.Semaphore(limits.max_concurrency)
+        self.per_database: dict[str, asyncio.Semaphore] = {}
+        for name, n in limits.per_database.items():
+            old = previous.per_database.get(name) if previous is not None else None
+            same = previous is not None and previous.limits.per_database.get(name) == n
+            self.per_database[name] = old if same and old is not None else asyncio.Semaphore(n)
+
+
+class Stop:
+    """Ends a sweep early: at a deadline (timeout, window end) or on request (replace, drain).
+
+    The earliest deadline wins; ``reason`` says why, for the cancelled items' ``error``.
+    """
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.reason: str | None = None
+        self._deadline: float | None = None
+        self._deadline_reason = ""
+
+    def at(self, seconds_from_now: float, reason: str) -> None:
+        deadline = time.monotonic() + seconds_from_now
+        if self._deadline is None or deadline < self._deadline:
+            self._deadline, self._deadline_reason = deadline, reason
+
+    def now(self, reason: str) -> None:
+        if not self.event.is_set():
+            self.reason = reason
+            self.event.set()
+
+    def remaining(self) -> float | None:
+        """Seconds until the deadline (None: none); also settles the reason if it is due."""
+        if self._deadline is None:
+            return None
+        left = self._deadline - time.monotonic()
+        if self.reason is None:
+            self.reason = self._deadline_reason  # used only if the deadline is what ends it
+        return max(0.0, left)
+
+
+# Asked right before an item starts: None to run it, or the status and reason to report instead
+# (the daemon is stopping, the maintenance window has closed).
+Gate = Callable[[], tuple[Status, str] | None]
 
 
 @dataclass(slots=True)
@@ -80,32 +138,42 @@ class Runner:
         databases: Mapping[str, Database],
         pm: pluggy.PluginManager,
         settings: Mapping[str, Mapping[str, Any]],
-        limits: Limits,
+        bounds: Bounds | Limits,
     ) -> None:
         self.databases = databases
         self.pm = pm
         self.settings = settings
-        self.limits = limits
-        self._global = asyncio.Semaphore(limits.max_concurrency)
-        self._per_db = {name: asyncio.Semaphore(n) for name, n in limits.per_database.items()}
+        self.bounds = bounds if isinstance(bounds, Bounds) else Bounds(bounds)
 
     async def run(
-        self, plan: Plan, *, dry_run: bool = False, unreachable: Mapping[str, str] | None = None
+        self,
+        plan: Plan,
+        *,
+        dry_run: bool = False,
+        unreachable: Mapping[str, str] | None = None,
+        gate: Gate | None = None,
+        stop: Stop | None = None,
     ) -> SweepReport:
         """Run every item of ``plan``; never raises for an item's failure.
 
         ``unreachable`` maps database names that could not be opened to the reason; their items
-        are reported ``failed`` with it, everything else still runs.
+        are reported ``failed`` with it, everything else still runs. ``gate`` is asked before
+        each item starts (see :data:`Gate`). ``stop`` ends the run early, still with a report:
+        unfinished items are cancelled (on the server too) and reported with the stop's reason.
+        The plan's ``timeout`` is such a stop.
         """
         started = datetime.now(UTC)
-        run = _SweepRun(self, plan, dry_run, dict(unreachable or {}))
+        stop = stop or Stop()
+        if plan.timeout is not None:
+            stop.at(plan.timeout, "sweep timed out")
+        run = _SweepRun(self, plan, dry_run, dict(unreachable or {}), gate)
         _notify(self.pm.hook.sweeperd_sweep_started, sweep=plan.sweep, items=len(plan.items))
-        await run.execute(plan.timeout)
-        if run.timed_out:
+        await run.execute(stop)
+        if run.stop_reason is not None:
             log.warning(
-                "sweep timed out; unfinished operations cancelled",
+                "sweep stopped early; unfinished operations cancelled",
                 sweep=plan.sweep,
-                timeout=format_duration(plan.timeout or 0),
+                reason=run.stop_reason,
             )
         report = SweepReport(
             sweep=plan.sweep,
@@ -122,13 +190,19 @@ class _SweepRun:
     """The state of one plan's execution."""
 
     def __init__(
-        self, runner: Runner, plan: Plan, dry_run: bool, unreachable: dict[str, str]
+        self,
+        runner: Runner,
+        plan: Plan,
+        dry_run: bool,
+        unreachable: dict[str, str],
+        gate: Gate | None,
     ) -> None:
         self.runner = runner
+        self.gate = gate
         self.plan = plan
         self.dry_run = dry_run
         self.unreachable = unreachable
-        self.timed_out = False
+        self.stop_reason: str | None = None
         self.done = [asyncio.Event() for _ in plan.items]
         self.results: dict[int, Result] = {}
         self.tenant_slots: dict[tuple[str, str], asyncio.Semaphore] = {}
@@ -137,8 +211,8 @@ class _SweepRun:
         self.has_veto = bool(hook.sweeperd_skip_operation.get_hookimpls())
         self.has_observers = bool(hook.sweeperd_operation_finished.get_hookimpls())
 
-    async def execute(self, deadline_s: float | None) -> None:
-        """Run all items; on timeout (or an outer cancel) cancel what is left, exactly once.
+    async def execute(self, stop: Stop) -> None:
+        """Run all items until they are done or ``stop`` fires; then cancel the rest, once.
 
         Each cancelled task records itself as cancelled and psycopg cancels its query on the
         server. A task is cancelled once only: a second cancel landing while psycopg is sending
@@ -150,23 +224,30 @@ class _SweepRun:
         ]
         if not tasks:
             return
+        everything = asyncio.ensure_future(asyncio.wait(tasks))
+        stopped = asyncio.ensure_future(stop.event.wait())
         try:
-            _done, pending = await asyncio.wait(tasks, timeout=deadline_s)
+            await asyncio.wait(
+                (everything, stopped), timeout=stop.remaining(), return_when=FIRST_COMPLETED
+            )
+            if not everything.done():
+                # Before cancelling: the tasks read it for their reason.
+                self.stop_reason = stop.reason or "sweep timed out"
+                await _cancel_and_wait(tasks)
         except asyncio.CancelledError:
+            self.stop_reason = "cancelled"
             await _cancel_and_wait(tasks)
             raise
-        if pending:
-            self.timed_out = True  # before cancelling: the tasks read it for their reason
-            await _cancel_and_wait(tasks)
+        finally:
+            stopped.cancel()
+            everything.cancel()
 
     def results_in_plan_order(self) -> list[Result]:
         out = []
         for item in self.plan.items:
             result = self.results.get(item.index)
             if result is None:
-                reason = (
-                    "sweep timed out before it started" if self.timed_out else "sweep cancelled"
-                )
+                reason = f"{self.stop_reason or 'cancelled'} before it started"
                 result = _result(item, "cancelled", error=reason)
             out.append(result)
         return out
@@ -186,8 +267,7 @@ class _SweepRun:
                 await self.done[dep].wait()
             result = await self.bounded(item)
         except asyncio.CancelledError:
-            reason = "sweep timed out" if self.timed_out else "cancelled"
-            self.finish(item, _result(item, "cancelled", error=reason))
+            self.finish(item, _result(item, "cancelled", error=self.stop_reason or "cancelled"))
             raise
         except Exception as exc:
             # Outside the operation itself (a veto hook raised, ...): still this item's failure
@@ -232,12 +312,22 @@ class _SweepRun:
             # third-party DELETE must never run because someone asked for a dry run.
             return _result(item, "dry-run", error=None)
         database = runner.databases[item.database]
+        db_slot = runner.bounds.per_database[item.database]
+        global_slot = runner.bounds.global_slots
         tenant_slot = self.tenant_slot(item)
         if tenant_slot is None:
-            async with runner._per_db[item.database], runner._global:
-                return await self.execute_item(item, database)
-        async with tenant_slot, runner._per_db[item.database], runner._global:
-            return await self.execute_item(item, database)
+            async with db_slot, global_slot:
+                return await self.gated(item, database)
+        async with tenant_slot, db_slot, global_slot:
+            return await self.gated(item, database)
+
+    async def gated(self, item: WorkItem, database: Database) -> Result:
+        # Asked after the wait for slots, which can be long: the answer may have changed.
+        verdict = self.gate() if self.gate is not None else None
+        if verdict is not None:
+            status, reason = verdict
+            return _result(item, status, error=reason)
+        return await self.execute_item(item, database)
         raise AssertionError("unreachable")  # pragma: no cover - for type checkers
 
     async def execute_item(self, item: WorkItem, database: Database) -> Result:

@@ -21,11 +21,10 @@ from .runner import Limits, Runner, SweepReport
 log = structlog.get_logger("sweeperd.sweep")
 
 
-def limits_for(config: Config, per_tenant: int) -> Limits:
+def limits_for(config: Config) -> Limits:
     return Limits(
         max_concurrency=config.daemon.max_concurrency,
         per_database={name: db.max_connections for name, db in config.databases.items()},
-        per_tenant=per_tenant,
     )
 
 
@@ -104,7 +103,7 @@ async def sweep_once(
             only_globs=only_globs,
         )
         runner = Runner(
-            databases, plugins.pm, config.plugins, limits_for(config, plan.per_tenant_concurrency)
+            databases, plugins.pm, config.plugins, limits_for(config)
         )
         log.info(
             "sweep started",

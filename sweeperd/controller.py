@@ -1,0 +1,170 @@
+"""One controller per sweep: the overlap policy, the sweep's timeout and its maintenance window.
+
+When a firing arrives while the previous run is still going:
+* ``skip``: log it and count it;
+* ``queue``: run once more right after the current run (several firings meanwhile still make one);
+* ``replace``: cancel the current run (its queries are cancelled on the server), then start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import structlog
+
+from .config import Config
+from .durations import format_duration
+from .model import Status
+from .planner import make_plan
+from .plugins import Plugins
+from .runner import Runner, Stop, SweepReport
+from .schedule import Window
+from .sweep import resolve_tenants
+
+log = structlog.get_logger("sweeperd.controller")
+
+# Beyond the sweep's own timeout (enforced per item by the runner), the whole run, tenant
+# discovery included, gets this much longer before it is cancelled as hung.
+HUNG_GRACE_S = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """What a sweep run uses from start to end; a reload makes a new one, runs keep theirs."""
+
+    config: Config
+    plugins: Plugins
+    runner: Runner
+
+
+class Host(Protocol):
+    def snapshot(self) -> Snapshot: ...
+
+    def stopping(self) -> bool: ...
+
+    def sweep_started(self, name: str, items: int) -> None: ...
+
+    def sweep_finished(self, name: str, report: SweepReport | None) -> None: ...
+
+
+class SweepController:
+    def __init__(self, name: str, host: Host) -> None:
+        self.name = name
+        self.host = host
+        self.current: asyncio.Task[None] | None = None
+        self.queued = False
+        self.skipped_firings = 0
+        self.last_report: SweepReport | None = None
+        self._stop: Stop | None = None  # the current run's
+
+    @property
+    def running(self) -> bool:
+        return self.current is not None and not self.current.done()
+
+    async def fire(self) -> None:
+        """A firing from the scheduler (or a test): start, or apply the overlap policy."""
+        if self.host.stopping():
+            return
+        snapshot = self.host.snapshot()
+        sweep = snapshot.config.sweeps.get(self.name)
+        if sweep is None:
+            return  # removed by a reload between the firing and now
+        if not self.running:
+            self._start()
+            return
+        if sweep.overlap == "queue":
+            if self.queued:
+                self.skipped_firings += 1
+                log.info("sweep already queued; firing folded into it", sweep=self.name)
+            else:
+                self.queued = True
+                log.info("sweep still running; queued to run again when it ends", sweep=self.name)
+        elif sweep.overlap == "replace":
+            log.warning("sweep still running; replacing it", sweep=self.name)
+            await self.abort("replaced by a newer firing")
+            if not self.host.stopping():
+                self._start()
+        else:
+            self.skipped_firings += 1
+            log.warning(
+                "sweep still running; firing skipped",
+                sweep=self.name,
+                skipped_firings=self.skipped_firings,
+            )
+
+    async def abort(self, reason: str) -> None:
+        """Stop the running sweep now and wait for it: unfinished operations are cancelled (their
+        queries too, on the server) and reported ``cancelled`` with ``reason``."""
+        self.queued = False
+        if self._stop is not None:
+            self._stop.now(reason)
+        await self.wait()
+
+    async def wait(self) -> None:
+        task = self.current
+        if task is not None:
+            await asyncio.gather(task, return_exceptions=True)
+
+    def _start(self) -> None:
+        self.current = asyncio.create_task(self._loop(), name=f"sweeperd sweep {self.name}")
+
+    async def _loop(self) -> None:
+        while True:
+            self.queued = False
+            await self._run_once()
+            if not self.queued or self.host.stopping():
+                return
+
+    async def _run_once(self) -> None:
+        snapshot = self.host.snapshot()
+        config = snapshot.config
+        sweep = config.sweeps.get(self.name)
+        if sweep is None:
+            return
+        window = Window(sweep.window, config.daemon.timezone) if sweep.window else None
+        now = dt.datetime.now(dt.UTC)
+        if window is not None and not window.contains(now):
+            log.info("outside the maintenance window; not started", sweep=self.name,
+                     window=window.describe())
+            return
+        report: SweepReport | None = None
+        self._stop = stop = Stop()
+        if window is not None and sweep.window_end == "cancel":
+            stop.at((window.closes_after(now) - now).total_seconds(), "maintenance window closed")
+        try:
+            guard = (sweep.timeout + HUNG_GRACE_S) if sweep.timeout is not None else None
+            async with asyncio.timeout(guard):
+                runner = snapshot.runner
+                tenants = await resolve_tenants(config, runner.databases)
+                plan = make_plan(config, snapshot.plugins.operations, tenants, sweep=self.name)
+                self.host.sweep_started(self.name, len(plan.items))
+                report = await runner.run(plan, gate=self._gate(window), stop=stop)
+        except TimeoutError:
+            log.error("sweep hung and was cancelled", sweep=self.name,
+                      timeout=format_duration((sweep.timeout or 0) + HUNG_GRACE_S))
+        except asyncio.CancelledError:
+            log.warning("sweep cancelled", sweep=self.name)
+            self.host.sweep_finished(self.name, report)
+            raise
+        except Exception as exc:
+            # Tenant discovery failing (database down), a plan error: this run fails, the
+            # schedule and the other sweeps go on.
+            log.error("sweep failed before running", sweep=self.name, error=str(exc))
+        finally:
+            self._stop = None
+        self.last_report = report
+        self.host.sweep_finished(self.name, report)
+
+    def _gate(self, window: Window | None) -> Callable[[], tuple[Status, str] | None]:
+        def gate() -> tuple[Status, str] | None:
+            if self.host.stopping():
+                return "cancelled", "daemon stopping"
+            if window is not None and not window.contains(dt.datetime.now(dt.UTC)):
+                return "skipped", f"outside the maintenance window {window.describe()}"
+            return None
+
+        return gate

@@ -1,0 +1,243 @@
+"""``sweeperd run``: the long-running daemon that systemd starts (``Type=notify``).
+
+Signal handlers only set events; the main loop acts on them (Patroni's pattern):
+* SIGHUP: ``RELOADING=1``, re-read the config, swap it in (sweeps rescheduled by stable id, pools
+  reopened where their database settings changed), ``READY=1``. A bad config keeps the old one
+  running, logs every problem once, and still sends ``READY=1`` with a STATUS saying so.
+* SIGTERM/SIGINT: ``STOPPING=1``, no new operations, wait ``drain_timeout`` for the running ones,
+  cancel the rest on the server, close the pools, exit 0. A second signal cancels at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import signal
+from collections.abc import Iterable
+from pathlib import Path
+
+import structlog
+
+from .config import Config, ConfigError, load_config
+from .controller import Snapshot, SweepController
+from .db import Database
+from .logs import setup_logging
+from .plugins import PluginError, Plugins, load_plugins
+from .runner import Bounds, Runner, SweepReport
+from .schedule import SweepScheduler
+from .sdnotify import Notifier
+from .sweep import limits_for, open_databases
+
+log = structlog.get_logger("sweeperd.daemon")
+
+EXIT_OK, EXIT_CONFIG, EXIT_UNREACHABLE = 0, 2, 3
+
+
+def load(path: Path) -> tuple[Config, Plugins]:
+    """Config and plugins, or ConfigError/PluginError with every problem."""
+    config = load_config(path)
+    return config, load_plugins(config)
+
+
+class Daemon:
+    def __init__(self, path: Path, config: Config, plugins: Plugins,
+                 notifier: Notifier | None = None) -> None:
+        self.path = path
+        self._initial = (config, plugins)
+        self.notifier = notifier or Notifier()
+        self.scheduler = SweepScheduler(self._fire)
+        self.controllers: dict[str, SweepController] = {}
+        self._snapshot: Snapshot | None = None
+        self._bounds: Bounds | None = None
+        self._reload_requested = asyncio.Event()
+        self._stop_requested = asyncio.Event()
+        self._force_stop = asyncio.Event()
+        self._stopping = False
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._last_status = ""
+
+    # -- Host protocol (used by the controllers) -------------------------------------------------
+    def snapshot(self) -> Snapshot:
+        assert self._snapshot is not None
+        return self._snapshot
+
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def sweep_started(self, name: str, items: int) -> None:
+        log.info("sweep started", sweep=name, items=items)
+        self._update_status()
+
+    def sweep_finished(self, name: str, report: SweepReport | None) -> None:
+        if report is not None:
+            log.info("sweep finished", sweep=name, duration_s=round(report.duration_s, 3),
+                     **report.counts())
+        self._update_status()
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, self._reload_requested.set)
+        for signo in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signo, self._on_stop_signal)
+        watchdog = asyncio.create_task(self.notifier.watchdog(), name="sweeperd watchdog")
+        try:
+            config, plugins = self._initial
+            databases, unreachable = await open_databases(config, list(config.databases))
+            if unreachable:
+                for name, reason in unreachable.items():
+                    log.error("cannot start: database unreachable", database=name, error=reason)
+                await _close(databases.values())
+                self.notifier.status(f"failed: database {', '.join(unreachable)} unreachable")
+                return EXIT_UNREACHABLE
+            self._install(config, plugins, databases)
+            self.scheduler.start(config)
+            self.notifier.ready(self._status())
+            log.info("sweeperd ready", sweeps=sorted(config.sweeps), databases=sorted(databases),
+                     operations=len(plugins.operations))
+            await self._main_loop()
+            await self._shutdown()
+            return EXIT_OK
+        finally:
+            watchdog.cancel()
+            for signo in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(signo)
+            self.notifier.close()
+
+    def _on_stop_signal(self) -> None:
+        if self._stop_requested.is_set():
+            self._force_stop.set()  # the second SIGTERM: no more waiting
+        self._stop_requested.set()
+
+    async def _main_loop(self) -> None:
+        while not self._stop_requested.is_set():
+            reload = asyncio.ensure_future(self._reload_requested.wait())
+            stop = asyncio.ensure_future(self._stop_requested.wait())
+            await asyncio.wait((reload, stop), return_when=asyncio.FIRST_COMPLETED)
+            reload.cancel()
+            stop.cancel()
+            if self._stop_requested.is_set():
+                return
+            self._reload_requested.clear()
+            await self.reload()
+
+    def _install(self, config: Config, plugins: Plugins, databases: dict[str, Database]) -> None:
+        self._bounds = Bounds(limits_for(config), previous=self._bounds)
+        runner = Runner(databases, plugins.pm, config.plugins, self._bounds)
+        self._snapshot = Snapshot(config=config, plugins=plugins, runner=runner)
+        for name in config.sweeps:
+            self.controllers.setdefault(name, SweepController(name, self))
+        for name in [n for n in self.controllers if n not in config.sweeps]:
+            if not self.controllers[name].running:
+                del self.controllers[name]
+
+    async def _fire(self, name: str) -> None:
+        controller = self.controllers.get(name)
+        if controller is not None:
+            await controller.fire()
+
+    async def reload(self) -> bool:
+        """Re-read the config; swap it in, or keep the old one. True if the new one is in use."""
+        self.notifier.reloading()
+        old = self.snapshot()
+        log.info("reloading configuration", path=str(self.path))
+        try:
+            config, plugins = load(self.path)
+        except (ConfigError, PluginError) as exc:
+            return self._reload_failed(exc.problems)
+        old_dbs = old.runner.databases
+        keep = {n: db for n, db in old_dbs.items() if config.databases.get(n) == db.config}
+        wanted = [n for n in config.databases if n not in keep]
+        opened, unreachable = await open_databases(config, wanted)
+        if unreachable:
+            await _close(opened.values())
+            return self._reload_failed(
+                [f"database {n!r} unreachable: {reason}" for n, reason in unreachable.items()])
+        setup_logging(config.log)
+        self._install(config, plugins, {**keep, **opened})
+        self.scheduler.sync(config)
+        retired = [db for n, db in old_dbs.items() if keep.get(n) is not db]
+        if retired:
+            self._retire(retired)
+        log.info("configuration reloaded", sweeps=sorted(config.sweeps),
+                 reopened=sorted(opened), operations=len(plugins.operations))
+        self.notifier.ready(self._status())
+        return True
+
+    def _reload_failed(self, problems: Iterable[str]) -> bool:
+        problems = list(problems)
+        for problem in problems:
+            log.error("reload failed; keeping the previous configuration", problem=problem)
+        self.notifier.ready(f"reload failed ({len(problems)} problem(s)); "
+                            f"running the previous configuration; {self._status()}")
+        return False
+
+    def _retire(self, databases: list[Database]) -> None:
+        """Close pools replaced by a reload once the sweeps that may still use them are done."""
+        running = [c for c in self.controllers.values() if c.running]
+
+        async def close_when_idle() -> None:
+            await asyncio.gather(*(c.wait() for c in running))
+            await _close(databases)
+
+        task = asyncio.create_task(close_when_idle(), name="sweeperd retire pools")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def _shutdown(self) -> None:
+        self._stopping = True  # the runner's gate: no operation starts from now on
+        self.scheduler.pause()
+        running = [c for c in self.controllers.values() if c.running]
+        drain = self.snapshot().config.daemon.drain_timeout
+        self.notifier.stopping(f"stopping: draining {len(running)} running sweep(s)")
+        log.info("stopping", running=[c.name for c in running], drain_timeout_s=drain)
+        if running:
+            drained = asyncio.ensure_future(asyncio.gather(*(c.wait() for c in running)))
+            forced = asyncio.ensure_future(self._force_stop.wait())
+            await asyncio.wait((drained, forced), timeout=drain,
+                               return_when=asyncio.FIRST_COMPLETED)
+            forced.cancel()
+            if not drained.done():
+                reason = ("daemon stopping: second stop signal" if self._force_stop.is_set()
+                          else "daemon stopping: drain timeout expired")
+                log.warning("cancelling running operations", reason=reason)
+                await asyncio.gather(*(c.abort(reason) for c in running))
+            await drained
+        self.scheduler.shutdown()
+        await asyncio.gather(*self._retiring, return_exceptions=True)
+        await _close(self.snapshot().runner.databases.values())
+        log.info("sweeperd stopped")
+
+    # -- STATUS= --------------------------------------------------------------------------------
+    def _status(self) -> str:
+        parts = []
+        running = [c.name for c in self.controllers.values() if c.running]
+        parts.append(f"running {', '.join(running)}" if running else "idle")
+        upcoming = sorted(self.scheduler.next_runs().items(), key=lambda kv: kv[1])
+        if upcoming:
+            name, when = upcoming[0]
+            parts.append(f"next {name} {_short_time(when)}")
+        finished = [c for c in self.controllers.values() if c.last_report is not None]
+        if finished:
+            last = max(finished, key=lambda c: c.last_report.finished_at)  # type: ignore[union-attr]
+            counts = last.last_report.counts()  # type: ignore[union-attr]
+            parts.append(f"last {last.name}: {counts['ok']} ok, {counts['failed']} failed")
+        return "; ".join(parts)
+
+    def _update_status(self) -> None:
+        status = self._status()
+        if status != self._last_status and not self._stopping:
+            self._last_status = status
+            self.notifier.status(status)
+
+
+def _short_time(when: dt.datetime) -> str:
+    return when.strftime("%Y-%m-%d %H:%M %Z")
+
+
+async def _close(databases: Iterable[Database]) -> None:
+    await asyncio.gather(*(db.close() for db in databases), return_exceptions=True)
+
+
+def run_daemon(path: Path, config: Config, plugins: Plugins) -> int:
+    return asyncio.run(Daemon(path, config, plugins).run())
