@@ -222,8 +222,8 @@ def _target(ctx: sweeperd.Context, rule: Rule) -> tuple[str, str]:
 
 async def _run(ctx: sweeperd.Context, rule: Rule) -> int:
     schema, table = _target(ctx, rule)
-    ident = sql.Identifier(schema, table)
-    if not await _check_table(ctx, rule, schema, table):
+    members = await _members(ctx, rule, schema, table)
+    if members is None:
         raise sweeperd.Skip(f'table "{schema}"."{table}" does not exist (missing = "skip")')
     await _apply_timeouts(ctx, rule)
     cur = await ctx.conn.execute(
@@ -233,10 +233,11 @@ async def _run(ctx: sweeperd.Context, rule: Rule) -> int:
     assert row is not None
     cutoff = row[0]
     ctx.details["cutoff"] = cutoff.isoformat()
+    conn = ctx.conn
     filters = sql.SQL(" AND ").join(
-        [sql.SQL("{} < %(cutoff)s").format(sql.Identifier(rule.column))]
+        [sql.SQL("{} < %(cutoff)s").format(param_safe(conn, sql.Identifier(rule.column)))]
         + [
-            sql.SQL("{} = %({})s").format(sql.Identifier(col), sql.SQL(f"m{i}"))
+            sql.SQL("{} = %({})s").format(param_safe(conn, sql.Identifier(col)), sql.SQL(f"m{i}"))
             for i, (col, _value) in enumerate(rule.match)
         ]
     )
@@ -245,38 +246,82 @@ async def _run(ctx: sweeperd.Context, rule: Rule) -> int:
     }
 
     if ctx.dry_run:
-        count = sql.SQL("SELECT count(*) FROM {} WHERE {}").format(ident, filters)
+        count = sql.SQL("SELECT count(*) FROM {} WHERE {}").format(
+            param_safe(conn, sql.Identifier(schema, table)), filters
+        )
         cur = await ctx.conn.execute(count, params)
         row = await cur.fetchone()
         would = int(row[0]) if row else 0
         return min(would, rule.max_rows) if rule.max_rows else would
 
-    delete = sql.SQL(
-        "DELETE FROM {t} WHERE ctid = ANY(ARRAY("
-        "SELECT ctid FROM {t} WHERE {f} LIMIT %(limit)s FOR UPDATE SKIP LOCKED)) AND {f}"
-    ).format(t=ident, f=filters)
-    deleted = batches = 0
-    last_progress = time.monotonic()
-    while True:
-        limit = rule.batch_size
-        if rule.max_rows is not None:
-            limit = min(limit, rule.max_rows - deleted)
-            if limit <= 0:
-                break
-        cur = await ctx.conn.execute(delete, params | {"limit": limit})
-        n = cur.rowcount
-        deleted += n
-        batches += 1
-        ctx.details["batches"] = batches
+    progress = _Progress(ctx, rule)
+    for member in members:
+        await _prune(ctx, rule, member, filters, params, progress)
+        if progress.exhausted:
+            break
+    return progress.deleted
+
+
+class _Progress:
+    """Rows and batches so far, across the members of a partitioned or inherited table."""
+
+    def __init__(self, ctx: sweeperd.Context, rule: Rule) -> None:
+        self.ctx, self.rule = ctx, rule
+        self.deleted = self.batches = 0
+        self.last_log = time.monotonic()
+
+    @property
+    def exhausted(self) -> bool:
+        return self.rule.max_rows is not None and self.deleted >= self.rule.max_rows
+
+    def next_limit(self) -> int:
+        if self.rule.max_rows is None:
+            return self.rule.batch_size
+        return min(self.rule.batch_size, self.rule.max_rows - self.deleted)
+
+    def add(self, rows: int) -> None:
+        self.deleted += rows
+        self.batches += 1
+        self.ctx.details["batches"] = self.batches
         now = time.monotonic()
-        if now - last_progress >= PROGRESS_EVERY_S:
-            ctx.log.info("retention progress", rows=deleted, batches=batches)
-            last_progress = now
-        if n < limit:
-            break  # a short batch: nothing older than the cutoff is left (or all of it is locked)
+        if now - self.last_log >= PROGRESS_EVERY_S:
+            self.ctx.log.info("retention progress", rows=self.deleted, batches=self.batches)
+            self.last_log = now
+
+
+async def _prune(
+    ctx: sweeperd.Context,
+    rule: Rule,
+    member: tuple[str, str],
+    filters: sql.Composable,
+    params: dict[str, Any],
+    progress: _Progress,
+) -> None:
+    """Delete in batches from one plain table (ONLY: a ctid identifies a row within one table)."""
+    ident = param_safe(ctx.conn, sql.Identifier(*member))
+    delete = sql.SQL(
+        "DELETE FROM ONLY {t} WHERE ctid = ANY(ARRAY("
+        "SELECT ctid FROM ONLY {t} WHERE {f} LIMIT %(limit)s FOR UPDATE SKIP LOCKED)) AND {f}"
+    ).format(t=ident, f=filters)
+    while True:
+        limit = progress.next_limit()
+        if limit <= 0:
+            return
+        cur = await ctx.conn.execute(delete, params | {"limit": limit})
+        progress.add(cur.rowcount)
+        if cur.rowcount < limit or progress.exhausted:
+            return  # a short batch: nothing older than the cutoff is left (or it is all locked)
         if rule.pause:
             await asyncio.sleep(rule.pause)
-    return deleted
+
+
+def param_safe(conn: Any, composable: sql.Composable) -> sql.Composable:
+    """``composable`` rendered with any ``%`` doubled, for queries that also carry parameters.
+
+    psycopg reads ``%`` inside quoted names as the start of a placeholder, so a legitimate
+    schema such as ``tenant_50%off`` would break the query (never inject: it fails).
+    """
+    return sql.SQL(composable.as_string(conn).replace("%", "%%"))
 
 
 async def _apply_timeouts(ctx: sweeperd.Context, rule: Rule) -> None:
@@ -302,31 +347,54 @@ async def _apply_timeouts(ctx: sweeperd.Context, rule: Rule) -> None:
     await ctx.conn.execute(query)
 
 
-async def _check_table(ctx: sweeperd.Context, rule: Rule, schema: str, table: str) -> bool:
-    """False if the table is missing and the rule says skip; warns once about a missing index."""
-    cur = await ctx.conn.execute(
-        """
-        SELECT c.oid IS NOT NULL,
-               EXISTS (SELECT 1 FROM pg_catalog.pg_index i
-                         JOIN pg_catalog.pg_attribute a
-                           ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
-                        WHERE i.indrelid = c.oid AND a.attname = %s)
-          FROM (SELECT 1) AS one
-          LEFT JOIN pg_catalog.pg_namespace n ON n.nspname = %s
-          LEFT JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = %s
-                                         AND c.relkind IN ('r', 'p')
-        """,
-        (rule.column, schema, table),
+_MEMBERS = """
+    WITH RECURSIVE root AS (
+        SELECT c.oid, c.relkind FROM pg_catalog.pg_class c
+          JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+         WHERE n.nspname = %(schema)s AND c.relname = %(table)s AND c.relkind IN ('r', 'p')
+    ), tree AS (
+        SELECT oid FROM root
+        UNION ALL
+        SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN tree ON i.inhparent = tree.oid
     )
-    row = await cur.fetchone()
-    exists, indexed = (bool(row[0]), bool(row[1])) if row else (False, False)
-    if not exists:
-        # "fail": go on and let PostgreSQL report UndefinedTable (42P01) with its own words.
-        return rule.missing != "skip"
-    if not indexed and rule.table not in rule.warned:
+    SELECT (SELECT relkind FROM root), n.nspname, c.relname,
+           EXISTS (SELECT 1 FROM pg_catalog.pg_index i
+                     JOIN pg_catalog.pg_attribute a
+                       ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+                    WHERE i.indrelid = c.oid AND a.attname = %(column)s)
+      FROM (SELECT 1) AS one
+      LEFT JOIN (tree JOIN pg_catalog.pg_class c ON c.oid = tree.oid AND c.relkind = 'r'
+                 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace) ON true
+"""
+
+
+async def _members(
+    ctx: sweeperd.Context, rule: Rule, schema: str, table: str
+) -> list[tuple[str, str]] | None:
+    """The plain tables holding the rows: the table itself, or its partitions/children.
+
+    None if the table is missing and the rule says skip; warns once about a missing index.
+    """
+    cur = await ctx.conn.execute(
+        _MEMBERS, {"schema": schema, "table": table, "column": rule.column}
+    )
+    rows = await cur.fetchall()
+    relkind = rows[0][0] if rows else None
+    if relkind is None:
+        if rule.missing == "skip":
+            return None
+        # "fail": let PostgreSQL report UndefinedTable (42P01) in its own words.
+        return [(schema, table)]
+    members = [(r[1], r[2]) for r in rows if r[1] is not None]
+    unindexed = [m for m, r in zip(members, rows, strict=False) if not r[3]]
+    if unindexed and rule.table not in rule.warned:
         rule.warned.add(rule.table)
+        # Partitioned tables take a plain CREATE INDEX (it cascades to every partition).
+        how = (
+            "CREATE INDEX ON {} ({})" if relkind == "p" else "CREATE INDEX CONCURRENTLY ON {} ({})"
+        )
         statement = (
-            sql.SQL("CREATE INDEX CONCURRENTLY ON {} ({})")
+            sql.SQL(how)
             .format(sql.Identifier(schema, table), sql.Identifier(rule.column))
             .as_string(ctx.conn)
         )
@@ -336,4 +404,4 @@ async def _check_table(ctx: sweeperd.Context, rule: Rule, schema: str, table: st
             column=rule.column,
             fix=statement,
         )
-    return True
+    return members

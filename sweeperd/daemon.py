@@ -119,7 +119,12 @@ class Daemon:
             if self._stop_requested.is_set():
                 return
             self._reload_requested.clear()
-            await self.reload()
+            try:
+                await self.reload()
+            except Exception as exc:
+                # Whatever went wrong, a reload must never take the running daemon down.
+                log.exception("reload failed unexpectedly; keeping the previous configuration")
+                self._reload_failed([f"{type(exc).__name__}: {exc}"])
 
     def _install(self, config: Config, plugins: Plugins, databases: dict[str, Database]) -> None:
         self._bounds = Bounds(limits_for(config), previous=self._bounds)

@@ -10,6 +10,7 @@ with ``application_name`` per work item, and are reset when they go back to the 
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -20,8 +21,17 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from .config import DatabaseConfig
+from .telemetry import telemetry
 
-__all__ = ["Database", "DatabaseUnreachable", "check_dsn", "describe_error", "qualified", "sql"]
+__all__ = [
+    "Database",
+    "DatabaseUnreachable",
+    "check_dsn",
+    "describe_error",
+    "qualified",
+    "sql",
+    "sqlstate_of",
+]
 
 APPLICATION_NAME = "sweeperd"
 _APP_NAME_BYTES = 63  # NAMEDATALEN - 1: the server truncates beyond this
@@ -34,7 +44,7 @@ _RESET_SESSION = (
 # PostgreSQL 15+ flushes a backend's table statistics up to a second after its transaction ends;
 # asking for the flush now means the VACUUM that follows a retention DELETE sees the dead tuples
 # it is about to remove (same round trip as the reset, so it costs nothing).
-_RESET_SESSION_15 = _RESET_SESSION + "; SELECT pg_catalog.pg_stat_force_next_flush()"
+_FLUSH_STATS = "SELECT pg_catalog.pg_stat_force_next_flush()"
 _SET_APPLICATION_NAME = "SELECT pg_catalog.set_config('application_name', %s, false)"
 
 
@@ -71,7 +81,9 @@ def redact_dsn(dsn: str) -> str:
     return make_conninfo("", **params) or "<defaults from PG* environment>"
 
 
-_PASSWORD_IN_TEXT = re.compile(r"(password\s*=\s*)(\S+)|(://[^:/@\s]*:)([^@\s]*)(@)", re.IGNORECASE)
+_PASSWORD_IN_TEXT = re.compile(
+    r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)|(://[^:/@\s]*:)([^@\s]*)(@)", re.IGNORECASE
+)
 
 
 def redact(text: str) -> str:
@@ -83,6 +95,11 @@ def redact(text: str) -> str:
         return f"{m.group(3)}***{m.group(5)}"
 
     return _PASSWORD_IN_TEXT.sub(repl, text)
+
+
+def sqlstate_of(exc: BaseException) -> str | None:
+    """The SQLSTATE PostgreSQL reported for ``exc``, if it is a database error that has one."""
+    return exc.sqlstate if isinstance(exc, psycopg.Error) else None
 
 
 def describe_error(exc: BaseException) -> str:
@@ -117,22 +134,31 @@ class Database:
         self.config = config
         self.name = config.name
         self.server_version = 0
+        self.server_address: str | None = None  # host name, address or unix socket directory
+        self.server_port: int | None = None
         self._pool: AsyncConnectionPool[AsyncConn] | None = None
+        self._reset_statement = _RESET_SESSION
 
     def _connect_kwargs(self) -> dict[str, Any]:
+        return {
+            "autocommit": True,
+            "application_name": APPLICATION_NAME,
+            "connect_timeout": max(1, round(self.config.connect_timeout)),
+        }
+
+    def _options(self, effective: str) -> str:
+        """libpq's options plus our timeouts, as startup parameters.
+
+        Startup parameters are the session's defaults: they cost no round trip and survive
+        RESET ALL (ours or an operation's). ``effective`` is what libpq itself used (the DSN,
+        PGOPTIONS or a service file): passing options= replaces it, so it is carried over.
+        """
         cfg = self.config
-        # Preserve any options the user put in the DSN; ours come after, so they win.
-        existing = conninfo_to_dict(cfg.dsn).get("options") or ""
         ours = (
             f"-c lock_timeout={_ms(cfg.lock_timeout)} "
             f"-c statement_timeout={_ms(cfg.statement_timeout)}"
         )
-        return {
-            "autocommit": True,
-            "application_name": APPLICATION_NAME,
-            "connect_timeout": max(1, round(cfg.connect_timeout)),
-            "options": f"{existing} {ours}".strip(),
-        }
+        return f"{effective} {ours}".strip()
 
     async def open(self) -> None:
         """Connect once to fail fast with the real reason, then open the pool.
@@ -149,6 +175,12 @@ class Database:
             raise DatabaseUnreachable(self.name, describe_error(exc)) from None
         async with probe:
             self.server_version = probe.info.server_version
+            self.server_address = probe.info.host or None
+            self.server_port = probe.info.port or None
+            effective = next((o.val for o in probe.pgconn.info if o.keyword == b"options"), None)
+        kwargs["options"] = self._options(effective.decode() if effective else "")
+        if self.server_version >= 150000:
+            self._reset_statement = f"{_RESET_SESSION}; {_FLUSH_STATS}"
         self._pool = AsyncConnectionPool(
             self.config.dsn,
             kwargs=kwargs,
@@ -179,7 +211,10 @@ class Database:
         if self._pool is None:
             raise RuntimeError(f"database {self.name!r} is not open")
         pool = self._pool
+        t0 = time.perf_counter()
         conn = await self._checkout(pool, application_name(label))
+        telemetry().connection_wait.record(
+            time.perf_counter() - t0, {"db.client.connection.pool.name": self.name})
         try:
             yield conn
         finally:
@@ -224,7 +259,7 @@ class Database:
         # SET ROLE in place.
         if not conn.autocommit:
             await conn.set_autocommit(True)
-        await conn.execute(_RESET_SESSION_15 if self.server_version >= 150000 else _RESET_SESSION)
+        await conn.execute(self._reset_statement)
 
     def pool_stats(self) -> dict[str, int]:
         return self._pool.get_stats() if self._pool is not None else {}

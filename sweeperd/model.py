@@ -72,6 +72,8 @@ class Operation:
     :param phase: ordering among operations sharing a table (:class:`Phase`; any int works).
     :param timeout: seconds before the runner cancels it (its query is cancelled on the server);
         None: the sweep's ``operation_timeout`` applies.
+    :param db_operation: the SQL verb it runs (``DELETE``, ``VACUUM``): the span's
+        ``db.operation.name`` and name (``VACUUM tenant_acme.notifications``).
     :param after: globs of operation names that must all finish before this one starts: in the
         same tenant for scope ``tenant``, in the same database (any scope) for scope
         ``database`` (e.g. a once-per-database step after every tenant's vacuum).
@@ -87,6 +89,7 @@ class Operation:
     scope: Scope = "tenant"
     phase: int = Phase.DEFAULT
     timeout: float | None = None
+    db_operation: str | None = None
     after: tuple[str, ...] = ()
     dry_run: bool = False
     description: str = ""
@@ -176,6 +179,9 @@ class Result:
     duration_s: float | None
     error: str | None
     details: Mapping[str, Any] = field(default_factory=dict)
+    # For traces and metrics, not in the JSON report: the exception class and the SQLSTATE.
+    error_type: str | None = None
+    sqlstate: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         doc: dict[str, Any] = {

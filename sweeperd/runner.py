@@ -22,11 +22,15 @@ from typing import Any
 
 import pluggy
 import structlog
+from opentelemetry import trace
+from opentelemetry.trace import INVALID_SPAN, Span
 
-from .db import Database, describe_error
+from .db import Database, describe_error, sqlstate_of
 from .durations import format_duration
 from .model import STATUSES, Context, Result, Skip, Status
 from .planner import Plan, WorkItem
+from .telemetry import telemetry
+from .tracing import SweepTrace
 
 log = structlog.get_logger("sweeperd.runner")
 
@@ -168,7 +172,13 @@ class Runner:
             stop.at(plan.timeout, "sweep timed out")
         run = _SweepRun(self, plan, dry_run, dict(unreachable or {}), gate)
         _notify(self.pm.hook.sweeperd_sweep_started, sweep=plan.sweep, items=len(plan.items))
-        await run.execute(stop)
+        # Tasks copy the context they are created in: every item inherits the sweep's span and
+        # log fields from here.
+        with (
+            trace.use_span(run.trace.span, end_on_exit=False),
+            structlog.contextvars.bound_contextvars(sweep=plan.sweep),
+        ):
+            await run.execute(stop)
         if run.stop_reason is not None:
             log.warning(
                 "sweep stopped early; unfinished operations cancelled",
@@ -182,6 +192,7 @@ class Runner:
             results=run.results_in_plan_order(),
             unreachable=dict(unreachable or {}),
         )
+        run.trace.close(report.counts(), report.duration_s)
         _notify(self.pm.hook.sweeperd_sweep_finished, sweep=plan.sweep, results=report.results)
         return report
 
@@ -203,6 +214,8 @@ class _SweepRun:
         self.dry_run = dry_run
         self.unreachable = unreachable
         self.stop_reason: str | None = None
+        self.trace = SweepTrace(telemetry(), plan)
+        self.spans: dict[int, Span] = {}
         self.done = [asyncio.Event() for _ in plan.items]
         self.results: dict[int, Result] = {}
         self.tenant_slots: dict[tuple[str, str], asyncio.Semaphore] = {}
@@ -262,6 +275,9 @@ class _SweepRun:
         return slot
 
     async def run_item(self, item: WorkItem) -> None:
+        # Task-local: every log line of this item carries its tenant and operation.
+        structlog.contextvars.bind_contextvars(
+            tenant=item.tenant.name if item.tenant else None, operation=item.operation.name)
         try:
             for dep in item.deps:
                 await self.done[dep].wait()
@@ -286,15 +302,11 @@ class _SweepRun:
                 result=result,
                 sweep=self.plan.sweep,
             )
+        span = self.spans.pop(item.index, None)
         if result.status == "failed":
-            log.warning(
-                "operation failed",
-                sweep=self.plan.sweep,
-                tenant=result.tenant,
-                database=result.database,
-                operation=result.operation,
-                error=result.error,
-            )
+            with trace.use_span(span or INVALID_SPAN, end_on_exit=False):
+                log.warning("operation failed", database=result.database, error=result.error)
+        self.trace.finish(item, span, result)
 
     async def bounded(self, item: WorkItem) -> Result:
         runner = self.runner
@@ -339,6 +351,8 @@ class _SweepRun:
         status: Status = "ok"
         rows: int | None = None
         error: str | None = None
+        failure: BaseException | None = None
+        span = self.spans[item.index] = self.trace.start(item, database)
         try:
             async with asyncio.timeout(timeout) as deadline:
                 async with database.connection(item.label) as conn:
@@ -349,22 +363,19 @@ class _SweepRun:
                         database=item.database,
                         dry_run=self.dry_run,
                         settings=self.runner.settings.get(op.plugin, {}),
-                        log=log.bind(
-                            sweep=self.plan.sweep,
-                            tenant=item.tenant.name if item.tenant else None,
-                            operation=op.name,
-                        ),
+                        log=log,  # tenant and operation come from the task's contextvars
                         sweep=self.plan.sweep,
                         server_version=database.server_version,
                     )
-                    rows = await op.run(ctx)
+                    with trace.use_span(span, end_on_exit=False):
+                        rows = await op.run(ctx)
             if rows is not None and not isinstance(rows, int):
                 raise TypeError(f"run() returned {type(rows).__name__}, expected int or None")
             status = "dry-run" if self.dry_run else "ok"
         except Skip as exc:
             status, error = "skipped", str(exc) or "skipped by the operation"
         except TimeoutError as exc:
-            status = "failed"
+            status, failure = "failed", exc
             if deadline.expired():
                 error = (
                     f"TimeoutError: exceeded the operation timeout of "
@@ -375,7 +386,7 @@ class _SweepRun:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            status, error = "failed", describe_error(exc)
+            status, error, failure = "failed", describe_error(exc), exc
         duration = time.perf_counter() - t0
         return Result(
             tenant=item.tenant.name if item.tenant else None,
@@ -389,6 +400,8 @@ class _SweepRun:
             duration_s=duration,
             error=error,
             details=dict(ctx.details) if ctx else {},
+            error_type=type(failure).__name__ if failure is not None else None,
+            sqlstate=sqlstate_of(failure) if failure is not None else None,
         )
 
 

@@ -8,6 +8,7 @@ sweep's controller and returns at once, so APScheduler never sees a long-running
 from __future__ import annotations
 
 import datetime as dt
+import math
 from collections.abc import Awaitable, Callable
 from zoneinfo import ZoneInfo
 
@@ -88,7 +89,8 @@ class SweepScheduler:
                 replace_existing=True,
                 coalesce=True,
                 max_instances=1,
-                misfire_grace_time=round(misfire_grace(sweep)),
+                # APScheduler wants whole seconds > 0; never round a grace down to nothing.
+                misfire_grace_time=max(1, math.ceil(misfire_grace(sweep))),
             )
             action = "rescheduled" if name in self._signatures else "scheduled"
             self._signatures[name] = signature

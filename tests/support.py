@@ -42,7 +42,9 @@ def toml_str(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     """Run the real ``sweeperd`` CLI in a subprocess (``python -m sweeperd``)."""
     full_env = dict(os.environ)
     full_env.pop("SWEEPERD_CONFIG", None)

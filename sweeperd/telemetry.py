@@ -1,0 +1,207 @@
+"""OpenTelemetry: traces and metrics, configured by the standard ``OTEL_*`` variables.
+
+Honoured: ``OTEL_SDK_DISABLED``, ``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``,
+``OTEL_TRACES_EXPORTER`` / ``OTEL_METRICS_EXPORTER`` (``otlp``, ``console``, ``none``; comma lists),
+``OTEL_EXPORTER_OTLP_PROTOCOL`` (``http/protobuf`` in the default install, ``grpc`` with
+``sweeperd[grpc]``), ``OTEL_EXPORTER_OTLP_ENDPOINT`` / ``_HEADERS`` (and their ``_TRACES_`` /
+``_METRICS_`` forms, read by the exporters), ``OTEL_TRACES_SAMPLER[_ARG]``,
+``OTEL_METRIC_EXPORT_INTERVAL``.
+
+One deliberate difference from the SDK's auto-configuration: with neither an exporter variable
+nor an OTLP endpoint set, nothing is exported and the no-op API is used, so an unconfigured
+sweeperd neither pays for tracing nor logs connection errors to a collector that is not there.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from opentelemetry import metrics, trace
+from opentelemetry.metrics import CallbackOptions, Observation
+
+log = structlog.get_logger("sweeperd.telemetry")
+
+SCOPE = "sweeperd"
+
+
+class TelemetryError(Exception):
+    """An OTEL_* variable asks for something this installation cannot do."""
+
+
+@dataclass
+class Telemetry:
+    tracer: trace.Tracer
+    meter: metrics.Meter
+    tenant_metrics: bool = False
+    _shutdown: list[Callable[[], Any]] = field(default_factory=list)
+    _pool_sources: list[Callable[[], Mapping[str, Mapping[str, int]]]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        m = self.meter
+        self.operations = m.create_counter(
+            "sweeperd.operations", unit="{operation}", description="Operations by final status")
+        self.rows = m.create_counter(
+            "sweeperd.rows", unit="{row}", description="Rows affected (e.g. deleted) by operations")
+        self.dead_tuples = m.create_counter(
+            "sweeperd.dead_tuples.removed", unit="{tuple}",
+            description="Dead tuples removed by VACUUM operations")
+        self.operation_duration = m.create_histogram(
+            "sweeperd.operation.duration", unit="s", description="Duration of operations")
+        self.sweep_duration = m.create_histogram(
+            "sweeperd.sweep.duration", unit="s", description="Duration of sweeps")
+        self.connection_wait = m.create_histogram(
+            "db.client.connection.wait_time", unit="s",
+            description="Time to obtain a pooled connection (after the bounds were acquired)")
+        m.create_observable_up_down_counter(
+            "db.client.connection.count", callbacks=[self._observe_connections],
+            unit="{connection}", description="Pooled connections by state (idle, used)")
+        m.create_observable_up_down_counter(
+            "db.client.connection.pending_requests", callbacks=[self._observe_waiting],
+            unit="{request}", description="Requests waiting for a pooled connection")
+
+    def watch_pools(self, source: Callable[[], Mapping[str, Mapping[str, int]]]) -> None:
+        """Report pool usage from ``source()``: database name → psycopg_pool stats."""
+        self._pool_sources = [source]
+
+    def _pool_stats(self) -> Iterable[tuple[str, Mapping[str, int]]]:
+        for source in self._pool_sources:
+            yield from source().items()
+
+    def _observe_connections(self, _options: CallbackOptions) -> Iterable[Observation]:
+        for name, stats in self._pool_stats():
+            size, idle = stats.get("pool_size", 0), stats.get("pool_available", 0)
+            attrs = {"db.client.connection.pool.name": name}
+            yield Observation(idle, {**attrs, "db.client.connection.state": "idle"})
+            yield Observation(size - idle, {**attrs, "db.client.connection.state": "used"})
+
+    def _observe_waiting(self, _options: CallbackOptions) -> Iterable[Observation]:
+        for name, stats in self._pool_stats():
+            yield Observation(stats.get("requests_waiting", 0),
+                              {"db.client.connection.pool.name": name})
+
+    def shutdown(self) -> None:
+        """Flush and stop exporters (SIGTERM does not run atexit handlers: call this)."""
+        for stop in self._shutdown:
+            try:
+                stop()
+            except Exception as exc:  # a dead collector must not turn a clean stop into a crash
+                log.warning("telemetry shutdown failed", error=str(exc))
+        self._shutdown.clear()
+
+
+_current: Telemetry | None = None
+
+
+def telemetry() -> Telemetry:
+    """The process's telemetry (no-op until :func:`setup_telemetry` ran)."""
+    global _current
+    if _current is None:
+        _current = Telemetry(trace.NoOpTracer(), metrics.NoOpMeter(SCOPE))
+    return _current
+
+
+def setup_telemetry(environ: Mapping[str, str] | None = None, *,
+                    tenant_metrics: bool = False) -> Telemetry:
+    """Build providers from the environment and make them this process's (and global) ones."""
+    global _current
+    env = os.environ if environ is None else environ
+    from . import __version__
+
+    tracer: trace.Tracer = trace.NoOpTracer()
+    meter: metrics.Meter = metrics.NoOpMeter(SCOPE)
+    stops: list[Callable[[], Any]] = []
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() != "true":
+        from opentelemetry.sdk.resources import Resource
+
+        resource = Resource.create({"service.name": env.get("OTEL_SERVICE_NAME") or "sweeperd",
+                                    "service.version": __version__})
+        span_exporters = _exporters(env, "TRACES")
+        if span_exporters:
+            from opentelemetry.sdk.trace import TracerProvider
+            from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+            # sampler=None: the SDK reads OTEL_TRACES_SAMPLER and OTEL_TRACES_SAMPLER_ARG.
+            tracer_provider = TracerProvider(resource=resource, shutdown_on_exit=False)
+            for exporter in span_exporters:
+                tracer_provider.add_span_processor(BatchSpanProcessor(exporter))
+            trace.set_tracer_provider(tracer_provider)
+            tracer = tracer_provider.get_tracer(SCOPE, __version__)
+            stops.append(tracer_provider.shutdown)
+        metric_exporters = _exporters(env, "METRICS")
+        if metric_exporters:
+            from opentelemetry.sdk.metrics import MeterProvider
+            from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+            readers = [PeriodicExportingMetricReader(e) for e in metric_exporters]
+            meter_provider = MeterProvider(resource=resource, metric_readers=readers,
+                                           shutdown_on_exit=False)
+            metrics.set_meter_provider(meter_provider)
+            meter = meter_provider.get_meter(SCOPE, __version__)
+            stops.append(meter_provider.shutdown)
+    _current = Telemetry(tracer, meter, tenant_metrics=tenant_metrics, _shutdown=stops)
+    return _current
+
+
+def _exporters(env: Mapping[str, str], signal: str) -> list[Any]:
+    names = env.get(f"OTEL_{signal}_EXPORTER")
+    if names is None:
+        endpoint = env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get(
+            f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT")
+        names = "otlp" if endpoint else "none"
+    out = []
+    for name in (n.strip().lower() for n in names.split(",")):
+        if name in ("", "none"):
+            continue
+        if name == "console":
+            out.append(_console(signal))
+        elif name == "otlp":
+            out.append(_otlp(env, signal))
+        else:
+            raise TelemetryError(f"OTEL_{signal}_EXPORTER: unsupported exporter {name!r} "
+                                 "(expected otlp, console or none)")
+    return out
+
+
+def _console(signal: str) -> Any:
+    if signal == "TRACES":
+        from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+        return ConsoleSpanExporter()
+    from opentelemetry.sdk.metrics.export import ConsoleMetricExporter
+
+    return ConsoleMetricExporter()
+
+
+def _otlp(env: Mapping[str, str], signal: str) -> Any:
+    protocol = (env.get(f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL")
+                or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "http/protobuf").strip().lower()
+    if protocol == "grpc":
+        try:
+            if signal == "TRACES":
+                from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+                    OTLPSpanExporter as GrpcSpanExporter,
+                )
+
+                return GrpcSpanExporter()
+            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
+                OTLPMetricExporter as GrpcMetricExporter,
+            )
+
+            return GrpcMetricExporter()
+        except ImportError:
+            raise TelemetryError("OTEL_EXPORTER_OTLP_PROTOCOL=grpc needs the gRPC exporter: "
+                                 "pip install 'sweeperd[grpc]'") from None
+    if protocol != "http/protobuf":
+        raise TelemetryError(f"OTEL_EXPORTER_OTLP_PROTOCOL: unsupported protocol {protocol!r} "
+                             "(expected http/protobuf or grpc)")
+    if signal == "TRACES":
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        return OTLPSpanExporter()
+    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+
+    return OTLPMetricExporter()

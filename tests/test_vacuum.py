@@ -1,0 +1,428 @@
+"""The bundled vacuum plugin against a real PostgreSQL, driven the way ``sweeperd sweep`` is.
+
+Dead tuples come from the cumulative statistics (``pg_stat_user_tables``), which a backend
+publishes shortly after its transactions end: set-up code forces the flush and then polls until
+the expected counts are visible, so nothing depends on timing. Tables are created with
+``autovacuum_enabled = false`` so that only sweeperd vacuums them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import tomli_w
+from psycopg import sql
+from support import PgServer, write_config
+from sweeperd.bundled.vacuum import Settings, vacuum_options
+
+from sweeperd.config import Config, ConfigError, load_config
+from sweeperd.model import Result
+from sweeperd.plugins import Plugins, load_plugins
+from sweeperd.runner import SweepReport
+from sweeperd.sweep import sweep_once
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+
+def config_doc(
+    dsn: str,
+    tenants: Sequence[tuple[str, str]],
+    *,
+    vacuum: Mapping[str, Any] | None = None,
+    rules: Sequence[Mapping[str, Any]] = (),
+    lock_timeout: str = "5s",
+) -> dict[str, Any]:
+    plugins: dict[str, Any] = {}
+    if vacuum is not None:
+        plugins["vacuum"] = dict(vacuum)
+    if rules:
+        plugins["retention"] = {"rules": [dict(r) for r in rules]}
+    return {
+        "history": {"enabled": False},
+        "databases": {"main": {"dsn": dsn, "max_connections": 4, "lock_timeout": lock_timeout}},
+        "tenants": [{"name": name, "database": "main", "schema": schema}
+                    for name, schema in tenants],
+        "plugins": plugins,
+    }
+
+
+def load(tmp_path: Path, doc: Mapping[str, Any]) -> tuple[Config, Plugins]:
+    path = write_config(tmp_path, tomli_w.dumps(doc))
+    config = load_config(path)
+    return config, load_plugins(config, entry_points=False)
+
+
+def sweep(config: Config, plugins: Plugins, *, dry_run: bool = False,
+          only: Sequence[str] = ("vacuum.*",)) -> SweepReport:
+    return asyncio.run(sweep_once(config, plugins, only_globs=list(only), dry_run=dry_run))
+
+
+def result_of(report: SweepReport, operation: str, tenant: str | None) -> Result:
+    [result] = [r for r in report.results if r.operation == operation and r.tenant == tenant]
+    return result
+
+
+def connect(dsn: str) -> psycopg.Connection[Any]:
+    return psycopg.connect(dsn, autocommit=True)
+
+
+def make_table(dsn: str, schema: str, table: str, *, rows: int, delete: int = 0,
+               update: int = 0) -> None:
+    """A table of ``rows`` rows of which ``delete`` were deleted and ``update`` updated."""
+    ident = sql.Identifier(schema, table)
+    with connect(dsn) as conn:
+        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+        conn.execute(sql.SQL("CREATE TABLE {} (id int PRIMARY KEY, v text)"
+                             " WITH (autovacuum_enabled = false)").format(ident))
+        conn.execute(sql.SQL("INSERT INTO {} SELECT g, 'x' FROM generate_series(1, %s) g")
+                     .format(ident), (rows,))
+        if delete:
+            conn.execute(sql.SQL("DELETE FROM {} WHERE id <= %s").format(ident), (delete,))
+        if update:
+            conn.execute(sql.SQL("UPDATE {} SET v = 'y' WHERE id > %s AND id <= %s")
+                         .format(ident), (rows - update, rows))
+        conn.execute("SELECT pg_stat_force_next_flush()")
+        conn.execute("SELECT 1")  # the flush happens when the backend goes idle
+
+
+def stats(dsn: str, schema: str, table: str) -> tuple[int, int, int]:
+    """(n_dead_tup, n_live_tup, vacuum_count) as the statistics see them now."""
+    with connect(dsn) as conn:
+        row = conn.execute(
+            "SELECT n_dead_tup, n_live_tup, vacuum_count FROM pg_stat_user_tables"
+            " WHERE schemaname = %s AND relname = %s", (schema, table)).fetchone()
+    assert row is not None, f"no statistics for {schema}.{table}"
+    return int(row[0]), int(row[1]), int(row[2])
+
+
+def wait_for_dead_tuples(dsn: str, schema: str, table: str, at_least: int) -> int:
+    """Poll until the statistics show the dead tuples (they are published asynchronously)."""
+    deadline = time.monotonic() + 15
+    with connect(dsn) as conn:
+        while True:
+            row = conn.execute(
+                "SELECT n_dead_tup FROM pg_stat_user_tables WHERE schemaname = %s AND relname = %s",
+                (schema, table)).fetchone()
+            if row is not None and row[0] >= at_least:
+                return int(row[0])
+            if time.monotonic() > deadline:
+                pytest.fail(f"statistics never showed {at_least} dead tuples in {schema}.{table}"
+                            f" (last: {row})")
+            time.sleep(0.05)
+
+
+# -- dead tuples ---------------------------------------------------------------------------------
+
+
+def test_vacuum_removes_dead_tuples(tmp_path: Path, pg_dsn: str) -> None:
+    make_table(pg_dsn, "tenant_a", "events", rows=2000, delete=600, update=400)
+    before = wait_for_dead_tuples(pg_dsn, "tenant_a", "events", 1000)
+    config, plugins = load(tmp_path, config_doc(pg_dsn, [("a", "tenant_a")],
+                                                vacuum={"tables": ["events"]}))
+    report = sweep(config, plugins)
+
+    result = result_of(report, "vacuum.events", "a")
+    assert result.status == "ok", result.error
+    assert result.schema == "tenant_a"
+    assert result.details["dead_tuples_before"] >= before > 0
+    assert result.details["dead_tuples_after"] < result.details["dead_tuples_before"]
+    assert result.rows == (result.details["dead_tuples_before"]
+                           - result.details["dead_tuples_after"])
+    dead, live, vacuums = stats(pg_dsn, "tenant_a", "events")
+    assert vacuums == 1
+    assert dead < before
+    assert live == 1400
+
+
+def test_vacuum_without_analyze_and_skip_locked(tmp_path: Path, pg_dsn: str) -> None:
+    make_table(pg_dsn, "tenant_a", "events", rows=100, delete=50)
+    wait_for_dead_tuples(pg_dsn, "tenant_a", "events", 50)
+    config, plugins = load(tmp_path, config_doc(
+        pg_dsn, [("a", "tenant_a")],
+        vacuum={"tables": ["events"], "analyze": False, "skip_locked": False,
+                "buffer_usage_limit": "1MB"}))
+    result = result_of(sweep(config, plugins), "vacuum.events", "a")
+    assert result.status == "ok", result.error
+    with connect(pg_dsn) as conn:
+        row = conn.execute("SELECT vacuum_count, analyze_count FROM pg_stat_user_tables"
+                           " WHERE relname = 'events'").fetchone()
+    assert row == (1, 0)
+
+
+# -- SKIP_LOCKED ----------------------------------------------------------------------------------
+
+
+def test_locked_table_is_skipped_not_waited_for(tmp_path: Path, pg_dsn: str) -> None:
+    make_table(pg_dsn, "tenant_a", "events", rows=100, delete=50)
+    make_table(pg_dsn, "tenant_a", "other", rows=100, delete=50)
+    # A short lock_timeout: had the vacuum waited for the lock it would fail, not hang.
+    config, plugins = load(tmp_path, config_doc(pg_dsn, [("a", "tenant_a")],
+                                                vacuum={"tables": ["events", "other"]},
+                                                lock_timeout="2s"))
+    with psycopg.connect(pg_dsn) as app:
+        app.execute("LOCK TABLE tenant_a.events IN ACCESS EXCLUSIVE MODE")
+        report = sweep(config, plugins)
+        assert app.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+        app.rollback()
+
+    locked = result_of(report, "vacuum.events", "a")
+    assert locked.status == "skipped"
+    assert locked.error is not None and "lock" in locked.error
+    assert "events" in locked.error
+    other = result_of(report, "vacuum.other", "a")
+    assert other.status == "ok", other.error
+    assert stats(pg_dsn, "tenant_a", "events")[2] == 0
+    assert stats(pg_dsn, "tenant_a", "other")[2] == 1
+
+
+def test_without_skip_locked_a_locked_table_fails_on_lock_timeout(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    make_table(pg_dsn, "tenant_a", "events", rows=100, delete=50)
+    config, plugins = load(tmp_path, config_doc(pg_dsn, [("a", "tenant_a")],
+                                                vacuum={"tables": ["events"], "skip_locked": False},
+                                                lock_timeout="300ms"))
+    with psycopg.connect(pg_dsn) as app:
+        app.execute("LOCK TABLE tenant_a.events IN ACCESS EXCLUSIVE MODE")
+        report = sweep(config, plugins)
+        app.rollback()
+    result = result_of(report, "vacuum.events", "a")
+    assert result.status == "failed"
+    assert result.error is not None and "55P03" in result.error
+
+
+def test_auto_skips_locked_tables_and_vacuums_the_rest(tmp_path: Path, pg_dsn: str) -> None:
+    for name in ("locked", "free"):
+        make_table(pg_dsn, "tenant_a", name, rows=2000, delete=1500)
+        wait_for_dead_tuples(pg_dsn, "tenant_a", name, 1500)
+    config, plugins = load(tmp_path, config_doc(pg_dsn, [("a", "tenant_a")],
+                                                vacuum={"tables": "auto"}, lock_timeout="2s"))
+    with psycopg.connect(pg_dsn) as app:
+        app.execute("LOCK TABLE tenant_a.locked IN ACCESS EXCLUSIVE MODE")
+        report = sweep(config, plugins)
+        app.rollback()
+    result = result_of(report, "vacuum.auto", "a")
+    assert result.status == "ok", result.error
+    assert sorted(result.details["tables"]) == ["free", "locked"]
+    assert result.details["skipped_locked"] == ["locked"]
+    assert stats(pg_dsn, "tenant_a", "locked")[2] == 0
+    assert stats(pg_dsn, "tenant_a", "free")[2] == 1
+
+
+# -- tables = "auto" -----------------------------------------------------------------------------
+
+
+def test_auto_vacuums_only_tables_past_the_thresholds(tmp_path: Path, pg_dsn: str) -> None:
+    tables = {  # name: (rows, deleted)
+        "many_dead": (1000, 600),   # 600 dead, ratio 0.6: yes
+        "half_dead": (1000, 500),   # 500 dead, ratio 0.5: yes
+        "few_dead": (1000, 10),     # 10 dead: below min_dead_tuples
+        "low_ratio": (1000, 200),   # 200 dead, ratio 0.2: below min_dead_ratio
+        "small": (100, 90),         # ratio 0.9 but only 90 dead
+        "clean": (1000, 0),
+    }
+    for name, (rows, deleted) in tables.items():
+        make_table(pg_dsn, "tenant_a", name, rows=rows, delete=deleted)
+    make_table(pg_dsn, "tenant_b", "many_dead", rows=1000, delete=100)
+    for name, (_rows, deleted) in tables.items():
+        wait_for_dead_tuples(pg_dsn, "tenant_a", name, deleted)
+    wait_for_dead_tuples(pg_dsn, "tenant_b", "many_dead", 100)
+
+    config, plugins = load(tmp_path, config_doc(
+        pg_dsn, [("a", "tenant_a"), ("b", "tenant_b")],
+        vacuum={"tables": "auto", "min_dead_tuples": 100, "min_dead_ratio": 0.3}))
+    assert "vacuum.auto" in plugins.operations
+    report = sweep(config, plugins)
+
+    a, b = result_of(report, "vacuum.auto", "a"), result_of(report, "vacuum.auto", "b")
+    assert a.status == "ok", a.error
+    assert b.status == "ok", b.error
+    assert a.details["tables"] == ["many_dead", "half_dead"]  # most dead tuples first
+    assert b.details["tables"] == []
+    assert a.rows == 1100
+    for name in tables:
+        assert stats(pg_dsn, "tenant_a", name)[2] == (name in ("many_dead", "half_dead")), name
+    assert stats(pg_dsn, "tenant_b", "many_dead")[2] == 0
+
+
+def test_auto_dry_run_vacuums_nothing(tmp_path: Path, pg_dsn: str) -> None:
+    make_table(pg_dsn, "tenant_a", "bloated", rows=2000, delete=1200)
+    make_table(pg_dsn, "tenant_a", "fine", rows=2000, delete=10)
+    wait_for_dead_tuples(pg_dsn, "tenant_a", "bloated", 1200)
+    wait_for_dead_tuples(pg_dsn, "tenant_a", "fine", 10)
+    config, plugins = load(tmp_path, config_doc(pg_dsn, [("a", "tenant_a")],
+                                                vacuum={"tables": "auto"}))  # defaults: 1000, 5 %
+    result = result_of(sweep(config, plugins, dry_run=True), "vacuum.auto", "a")
+    assert result.status == "dry-run"
+    assert result.details["tables"] == ["bloated"]
+    assert result.rows == 1200
+    assert stats(pg_dsn, "tenant_a", "bloated") == (1200, 800, 0)
+
+
+# -- version gating ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("settings", "version", "expected"), [
+    (Settings(tables=()), 110000, "ANALYZE"),
+    (Settings(tables=()), 120000, "ANALYZE, SKIP_LOCKED"),
+    (Settings(tables=()), 150000, "ANALYZE, SKIP_LOCKED"),
+    (Settings(tables=()), 160000, "ANALYZE, SKIP_LOCKED, SKIP_DATABASE_STATS"),
+    (Settings(tables=(), buffer_usage_limit="256MB"), 150000, "ANALYZE, SKIP_LOCKED"),
+    (Settings(tables=(), buffer_usage_limit="256MB"), 160000,
+     "ANALYZE, SKIP_LOCKED, SKIP_DATABASE_STATS, BUFFER_USAGE_LIMIT '256MB'"),
+    (Settings(tables=(), analyze=False, skip_locked=False), 110000, ""),
+    (Settings(tables=(), analyze=False, skip_locked=False), 180000, "SKIP_DATABASE_STATS"),
+    (Settings(tables=(), analyze=False), 120000, "SKIP_LOCKED"),
+])
+def test_vacuum_options_by_server_version(
+    pg_server: PgServer, settings: Settings, version: int, expected: str
+) -> None:
+    with connect(pg_server.admin_dsn) as conn:
+        rendered = sql.SQL(", ").join(vacuum_options(settings, version)).as_string(conn)
+    assert rendered == expected
+
+
+def test_vacuum_options_for_this_server_are_accepted(pg_dsn: str) -> None:
+    make_table(pg_dsn, "public", "t", rows=10, delete=5)
+    settings = Settings(tables=("t",), buffer_usage_limit="256MB")
+    with connect(pg_dsn) as conn:
+        options = vacuum_options(settings, conn.info.server_version)
+        conn.execute(sql.SQL("VACUUM ({}) public.t").format(sql.SQL(", ").join(options)))
+
+
+# -- vacuum.database_stats -----------------------------------------------------------------------
+
+
+def test_database_stats_runs_after_every_table_vacuum(tmp_path: Path, pg_dsn: str) -> None:
+    tenants = [(f"t{i}", f"tenant_{i}") for i in range(3)]
+    for _name, schema in tenants:
+        for table in ("events", "logs"):
+            make_table(pg_dsn, schema, table, rows=200, delete=100)
+    config, plugins = load(tmp_path, config_doc(pg_dsn, tenants,
+                                                vacuum={"tables": ["events", "logs"]}))
+    report = sweep(config, plugins)
+
+    stats_result = result_of(report, "vacuum.database_stats", None)
+    assert stats_result.status == "ok", stats_result.error
+    assert stats_result.database == "main"
+    table_vacuums = [r for r in report.results if r.operation != "vacuum.database_stats"]
+    assert len(table_vacuums) == 6
+    assert {r.status for r in table_vacuums} == {"ok"}
+    assert stats_result.started_at is not None
+    for r in table_vacuums:
+        assert r.finished_at is not None
+        assert r.finished_at <= stats_result.started_at, r.operation
+
+
+def test_no_vacuum_operations_without_tables(tmp_path: Path) -> None:
+    _config, plugins = load(tmp_path, config_doc("dbname=x", [], vacuum={"analyze": True}))
+    assert not any(name.startswith("vacuum.") for name in plugins.operations)
+
+
+# -- ordering with retention ---------------------------------------------------------------------
+
+
+def test_retention_finishes_before_the_vacuum_of_its_table(tmp_path: Path, pg_dsn: str) -> None:
+    tenants = [("a", "tenant_a"), ("b", "tenant_b")]
+    for _name, schema in tenants:
+        make_table(pg_dsn, schema, "notifications", rows=10, delete=0)
+        with connect(pg_dsn) as conn:
+            ident = sql.Identifier(schema, "notifications")
+            conn.execute(sql.SQL("ALTER TABLE {} ADD created_at timestamptz").format(ident))
+            conn.execute(sql.SQL("CREATE INDEX ON {} (created_at)").format(ident))
+            conn.execute(sql.SQL("INSERT INTO {} SELECT g, 'x', now() - interval '100 days'"
+                                 " FROM generate_series(11, 510) g").format(ident))
+    doc = config_doc(pg_dsn, tenants, vacuum={"tables": ["notifications"]}, rules=[{
+        "name": "notifications", "table": "notifications", "column": "created_at",
+        "older_than": "30d", "batch_size": 100, "pause": "50ms"}])
+    config, plugins = load(tmp_path, doc)
+    report = sweep(config, plugins, only=["retention.*", "vacuum.*"])
+
+    assert {r.status for r in report.results} == {"ok"}, [r.error for r in report.results]
+    for name, schema in tenants:
+        retention = result_of(report, "retention.notifications", name)
+        vacuum = result_of(report, "vacuum.notifications", name)
+        assert retention.rows == 500
+        assert retention.finished_at is not None and vacuum.started_at is not None
+        assert retention.finished_at <= vacuum.started_at
+        with connect(pg_dsn) as conn:
+            assert conn.execute(sql.SQL("SELECT count(*) FROM {}").format(
+                sql.Identifier(schema, "notifications"))).fetchone() == (10,)
+
+
+# -- failures, dry run ---------------------------------------------------------------------------
+
+
+def test_missing_table_fails_with_undefined_table(tmp_path: Path, pg_dsn: str) -> None:
+    make_table(pg_dsn, "tenant_a", "events", rows=10, delete=5)
+    make_table(pg_dsn, "tenant_b", "other", rows=10, delete=5)
+    config, plugins = load(tmp_path, config_doc(pg_dsn, [("a", "tenant_a"), ("b", "tenant_b")],
+                                                vacuum={"tables": ["events"]}))
+    report = sweep(config, plugins)
+    missing = result_of(report, "vacuum.events", "b")
+    assert missing.status == "failed"
+    assert missing.error is not None and "42P01" in missing.error
+    assert result_of(report, "vacuum.events", "a").status == "ok"
+
+
+def test_dry_run_vacuums_nothing_and_reports_dead_tuples(tmp_path: Path, pg_dsn: str) -> None:
+    make_table(pg_dsn, "tenant_a", "events", rows=500, delete=300)
+    wait_for_dead_tuples(pg_dsn, "tenant_a", "events", 300)
+    config, plugins = load(tmp_path, config_doc(pg_dsn, [("a", "tenant_a")],
+                                                vacuum={"tables": ["events"]}))
+    report = sweep(config, plugins, dry_run=True)
+
+    result = result_of(report, "vacuum.events", "a")
+    assert result.status == "dry-run"
+    assert result.details["dead_tuples_before"] == 300
+    assert result.rows == 300
+    assert "dead_tuples_after" not in result.details
+    assert result_of(report, "vacuum.database_stats", None).status == "dry-run"
+    assert stats(pg_dsn, "tenant_a", "events") == (300, 200, 0)
+    with connect(pg_dsn) as conn:
+        row = conn.execute("SELECT last_vacuum, last_analyze FROM pg_stat_user_tables"
+                           " WHERE relname = 'events'").fetchone()
+    assert row == (None, None)
+
+
+# -- settings validation -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("vacuum", "key"), [
+    ({"tables": "events"}, "tables"),
+    ({"tables": 5}, "tables"),
+    ({"tables": ["events", 3]}, "tables"),
+    ({"tables": ["events", ""]}, "tables"),
+    ({"tables": ["events", "events"]}, "tables"),
+    ({"tables": ["events"], "min_dead_ratio": 2}, "min_dead_ratio"),
+    ({"tables": ["events"], "min_dead_ratio": -0.1}, "min_dead_ratio"),
+    ({"tables": "auto", "min_dead_tuples": -1}, "min_dead_tuples"),
+    ({"tables": "auto", "min_dead_tuples": True}, "min_dead_tuples"),
+    ({"tables": ["events"], "tabels": ["x"]}, "tabels"),
+    ({"tables": ["events"], "analyze": "yes"}, "analyze"),
+    ({"tables": ["events"], "skip_locked": 1}, "skip_locked"),
+    ({"tables": ["events"], "buffer_usage_limit": 256}, "buffer_usage_limit"),
+])
+def test_invalid_settings_name_the_key(tmp_path: Path, vacuum: dict[str, Any], key: str) -> None:
+    path = write_config(tmp_path, tomli_w.dumps(config_doc("dbname=x", [], vacuum=vacuum)))
+    with pytest.raises(ConfigError) as excinfo:
+        load_plugins(load_config(path), entry_points=False)
+    prefix = f"{path}: plugins.vacuum.{key}: "
+    assert any(p.startswith(prefix) for p in excinfo.value.problems), excinfo.value.problems
+    assert all("\n" not in p for p in excinfo.value.problems)
+
+
+def test_all_vacuum_problems_at_once(tmp_path: Path) -> None:
+    vacuum = {"tables": 5, "min_dead_ratio": 2, "unknown": True}
+    path = write_config(tmp_path, tomli_w.dumps(config_doc("dbname=x", [], vacuum=vacuum)))
+    with pytest.raises(ConfigError) as excinfo:
+        load_plugins(load_config(path), entry_points=False)
+    keys = {p.split(": ")[1] for p in excinfo.value.problems}
+    assert keys == {"plugins.vacuum.tables", "plugins.vacuum.min_dead_ratio",
+                    "plugins.vacuum.unknown"}
