@@ -76,6 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--json", action="store_true", help="print the JSON report on stdout")
     sweep.set_defaults(func=cmd_sweep)
 
+    status = with_config(sub.add_parser("status", help="recent runs from the run history"))
+    status.add_argument("--sweep", metavar="NAME", help="only this sweep")
+    status.add_argument("--tenant", metavar="GLOB", help="only failures of matching tenants")
+    status.add_argument("--failed", action="store_true", help="only runs with failures")
+    status.add_argument("--json", action="store_true", help="print JSON on stdout")
+    status.set_defaults(func=cmd_status)
+
     check = with_config(
         sub.add_parser("check-config", help="validate the configuration (never connects)")
     )
@@ -162,23 +169,54 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _observability(config: Config) -> None:
+    """Logs and telemetry as configured; a bad OTEL_* variable is a usage error (exit 2)."""
+    from .logs import setup_logging
+    from .telemetry import TelemetryError, setup_telemetry
+
+    setup_logging(config.log)
+    try:
+        setup_telemetry(tenant_metrics=config.telemetry.tenant_metrics)
+    except TelemetryError as exc:
+        raise UsageError([str(exc)]) from None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .daemon import run_daemon
-    from .logs import setup_logging
 
     path = resolve_config_path(args.config)
     config, plugins = _load(args)
-    setup_logging(config.log)
+    _observability(config)
     return run_daemon(path, config, plugins)
 
 
-def cmd_sweep(args: argparse.Namespace) -> int:
+def cmd_status(args: argparse.Namespace) -> int:
     from .logs import setup_logging
+    from .status import collect, render, to_json
+
+    config = load_config(resolve_config_path(args.config))
+    setup_logging(config.log)
+    if args.sweep is not None and args.sweep not in config.sweeps:
+        known = ", ".join(sorted(config.sweeps)) or "none configured"
+        raise UsageError([f"no sweep named {args.sweep!r} in {config.path} (known: {known})"])
+    runs, last_ok, unreachable = asyncio.run(
+        collect(config, sweep=args.sweep, tenant=args.tenant, failed_only=args.failed)
+    )
+    if args.json:
+        json.dump(to_json(runs, last_ok, unreachable), sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        print(render(runs, last_ok, unreachable, config.history.enabled))
+    return EXIT_UNREACHABLE if unreachable else EXIT_OK
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
     from .report import render_text
     from .sweep import sweep_once
+    from .telemetry import telemetry
 
     config, plugins = _load(args)
-    setup_logging(config.log)
+    _observability(config)
     report = asyncio.run(
         sweep_once(
             config,
@@ -189,6 +227,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             dry_run=args.dry_run,
         )
     )
+    telemetry().shutdown()  # flush spans and metrics before exiting
     if args.json:
         json.dump(report.to_json(), sys.stdout, indent=None)
         sys.stdout.write("\n")

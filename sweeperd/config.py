@@ -57,6 +57,13 @@ class HistoryConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TelemetryConfig:
+    # Metrics carry no tenant label by default: thousands of tenants would mean thousands of
+    # time series per metric in the backend.
+    tenant_metrics: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class DatabaseConfig:
     name: str
     # The conninfo may hold a password: never in repr (it would end up in logs and tracebacks).
@@ -107,6 +114,7 @@ class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     log: LogConfig = field(default_factory=LogConfig)
     history: HistoryConfig = field(default_factory=HistoryConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     databases: Mapping[str, DatabaseConfig] = field(default_factory=dict)
     tenants: tuple[TenantConfig, ...] = ()
     tenant_sources: tuple[TenantSource, ...] = ()
@@ -297,6 +305,7 @@ class _Validator:
                 "tenant_sources",
                 "sweeps",
                 "plugins",
+                "telemetry",
             },
         )
         daemon = self.daemon(
@@ -309,6 +318,12 @@ class _Validator:
         )
         log = self.log(self.table(doc, "log", "log", {"format", "level"}))
         history = self.history(self.table(doc, "history", "history", {"enabled", "keep"}))
+        telemetry_t = self.table(doc, "telemetry", "telemetry", {"tenant_metrics"})
+        telemetry = TelemetryConfig(
+            tenant_metrics=self.get(
+                telemetry_t, "tenant_metrics", "telemetry", bool, False, "true or false"
+            )
+        )
         databases = self.databases(doc.get("databases", {}))
         tenants = self.tenants(doc.get("tenants", []), databases)
         sources = self.tenant_sources(doc.get("tenant_sources", []), databases)
@@ -322,6 +337,7 @@ class _Validator:
             daemon=daemon,
             log=log,
             history=history,
+            telemetry=telemetry,
             databases=MappingProxyType(databases),
             tenants=tenants,
             tenant_sources=sources,

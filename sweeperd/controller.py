@@ -50,6 +50,8 @@ class Host(Protocol):
 
     def sweep_finished(self, name: str, report: SweepReport | None) -> None: ...
 
+    async def record(self, report: SweepReport, snapshot: Snapshot) -> None: ...
+
 
 class SweepController:
     def __init__(self, name: str, host: Host) -> None:
@@ -128,8 +130,11 @@ class SweepController:
         window = Window(sweep.window, config.daemon.timezone) if sweep.window else None
         now = dt.datetime.now(dt.UTC)
         if window is not None and not window.contains(now):
-            log.info("outside the maintenance window; not started", sweep=self.name,
-                     window=window.describe())
+            log.info(
+                "outside the maintenance window; not started",
+                sweep=self.name,
+                window=window.describe(),
+            )
             return
         report: SweepReport | None = None
         self._stop = stop = Stop()
@@ -144,8 +149,11 @@ class SweepController:
                 self.host.sweep_started(self.name, len(plan.items))
                 report = await runner.run(plan, gate=self._gate(window), stop=stop)
         except TimeoutError:
-            log.error("sweep hung and was cancelled", sweep=self.name,
-                      timeout=format_duration((sweep.timeout or 0) + HUNG_GRACE_S))
+            log.error(
+                "sweep hung and was cancelled",
+                sweep=self.name,
+                timeout=format_duration((sweep.timeout or 0) + HUNG_GRACE_S),
+            )
         except asyncio.CancelledError:
             log.warning("sweep cancelled", sweep=self.name)
             self.host.sweep_finished(self.name, report)
@@ -158,6 +166,8 @@ class SweepController:
             self._stop = None
         self.last_report = report
         self.host.sweep_finished(self.name, report)
+        if report is not None:
+            await self.host.record(report, snapshot)
 
     def _gate(self, window: Window | None) -> Callable[[], tuple[Status, str] | None]:
         def gate() -> tuple[Status, str] | None:

@@ -21,12 +21,14 @@ import structlog
 from .config import Config, ConfigError, load_config
 from .controller import Snapshot, SweepController
 from .db import Database
+from .history import History
 from .logs import setup_logging
 from .plugins import PluginError, Plugins, load_plugins
 from .runner import Bounds, Runner, SweepReport
 from .schedule import SweepScheduler
 from .sdnotify import Notifier
 from .sweep import limits_for, open_databases
+from .telemetry import telemetry
 
 log = structlog.get_logger("sweeperd.daemon")
 
@@ -40,8 +42,9 @@ def load(path: Path) -> tuple[Config, Plugins]:
 
 
 class Daemon:
-    def __init__(self, path: Path, config: Config, plugins: Plugins,
-                 notifier: Notifier | None = None) -> None:
+    def __init__(
+        self, path: Path, config: Config, plugins: Plugins, notifier: Notifier | None = None
+    ) -> None:
         self.path = path
         self._initial = (config, plugins)
         self.notifier = notifier or Notifier()
@@ -55,6 +58,7 @@ class Daemon:
         self._stopping = False
         self._retiring: set[asyncio.Task[None]] = set()
         self._last_status = ""
+        self.history = History(config.history)
 
     # -- Host protocol (used by the controllers) -------------------------------------------------
     def snapshot(self) -> Snapshot:
@@ -65,14 +69,16 @@ class Daemon:
         return self._stopping
 
     def sweep_started(self, name: str, items: int) -> None:
-        log.info("sweep started", sweep=name, items=items)
         self._update_status()
 
     def sweep_finished(self, name: str, report: SweepReport | None) -> None:
-        if report is not None:
-            log.info("sweep finished", sweep=name, duration_s=round(report.duration_s, 3),
-                     **report.counts())
         self._update_status()
+
+    def _pool_stats(self) -> dict[str, dict[str, int]]:
+        return {name: db.pool_stats() for name, db in self.snapshot().runner.databases.items()}
+
+    async def record(self, report: SweepReport, snapshot: Snapshot) -> None:
+        await self.history.record(report, snapshot.runner.databases)
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def run(self) -> int:
@@ -93,8 +99,12 @@ class Daemon:
             self._install(config, plugins, databases)
             self.scheduler.start(config)
             self.notifier.ready(self._status())
-            log.info("sweeperd ready", sweeps=sorted(config.sweeps), databases=sorted(databases),
-                     operations=len(plugins.operations))
+            log.info(
+                "sweeperd ready",
+                sweeps=sorted(config.sweeps),
+                databases=sorted(databases),
+                operations=len(plugins.operations),
+            )
             await self._main_loop()
             await self._shutdown()
             return EXIT_OK
@@ -130,6 +140,8 @@ class Daemon:
         self._bounds = Bounds(limits_for(config), previous=self._bounds)
         runner = Runner(databases, plugins.pm, config.plugins, self._bounds)
         self._snapshot = Snapshot(config=config, plugins=plugins, runner=runner)
+        self.history.config = config.history
+        telemetry().watch_pools(self._pool_stats)
         for name in config.sweeps:
             self.controllers.setdefault(name, SweepController(name, self))
         for name in [n for n in self.controllers if n not in config.sweeps]:
@@ -157,15 +169,20 @@ class Daemon:
         if unreachable:
             await _close(opened.values())
             return self._reload_failed(
-                [f"database {n!r} unreachable: {reason}" for n, reason in unreachable.items()])
+                [f"database {n!r} unreachable: {reason}" for n, reason in unreachable.items()]
+            )
         setup_logging(config.log)
         self._install(config, plugins, {**keep, **opened})
         self.scheduler.sync(config)
         retired = [db for n, db in old_dbs.items() if keep.get(n) is not db]
         if retired:
             self._retire(retired)
-        log.info("configuration reloaded", sweeps=sorted(config.sweeps),
-                 reopened=sorted(opened), operations=len(plugins.operations))
+        log.info(
+            "configuration reloaded",
+            sweeps=sorted(config.sweeps),
+            reopened=sorted(opened),
+            operations=len(plugins.operations),
+        )
         self.notifier.ready(self._status())
         return True
 
@@ -173,8 +190,10 @@ class Daemon:
         problems = list(problems)
         for problem in problems:
             log.error("reload failed; keeping the previous configuration", problem=problem)
-        self.notifier.ready(f"reload failed ({len(problems)} problem(s)); "
-                            f"running the previous configuration; {self._status()}")
+        self.notifier.ready(
+            f"reload failed ({len(problems)} problem(s)); "
+            f"running the previous configuration; {self._status()}"
+        )
         return False
 
     def _retire(self, databases: list[Database]) -> None:
@@ -199,18 +218,24 @@ class Daemon:
         if running:
             drained = asyncio.ensure_future(asyncio.gather(*(c.wait() for c in running)))
             forced = asyncio.ensure_future(self._force_stop.wait())
-            await asyncio.wait((drained, forced), timeout=drain,
-                               return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                (drained, forced), timeout=drain, return_when=asyncio.FIRST_COMPLETED
+            )
             forced.cancel()
             if not drained.done():
-                reason = ("daemon stopping: second stop signal" if self._force_stop.is_set()
-                          else "daemon stopping: drain timeout expired")
+                reason = (
+                    "daemon stopping: second stop signal"
+                    if self._force_stop.is_set()
+                    else "daemon stopping: drain timeout expired"
+                )
                 log.warning("cancelling running operations", reason=reason)
                 await asyncio.gather(*(c.abort(reason) for c in running))
             await drained
         self.scheduler.shutdown()
         await asyncio.gather(*self._retiring, return_exceptions=True)
         await _close(self.snapshot().runner.databases.values())
+        # SIGTERM runs no atexit handlers: flush spans and metrics ourselves.
+        await asyncio.to_thread(telemetry().shutdown)
         log.info("sweeperd stopped")
 
     # -- STATUS= --------------------------------------------------------------------------------

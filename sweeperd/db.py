@@ -28,6 +28,7 @@ __all__ = [
     "DatabaseUnreachable",
     "check_dsn",
     "describe_error",
+    "is_insufficient_privilege",
     "qualified",
     "sql",
     "sqlstate_of",
@@ -97,6 +98,10 @@ def redact(text: str) -> str:
     return _PASSWORD_IN_TEXT.sub(repl, text)
 
 
+def is_insufficient_privilege(exc: BaseException) -> bool:
+    return isinstance(exc, psycopg.errors.InsufficientPrivilege)
+
+
 def sqlstate_of(exc: BaseException) -> str | None:
     """The SQLSTATE PostgreSQL reported for ``exc``, if it is a database error that has one."""
     return exc.sqlstate if isinstance(exc, psycopg.Error) else None
@@ -136,6 +141,8 @@ class Database:
         self.server_version = 0
         self.server_address: str | None = None  # host name, address or unix socket directory
         self.server_port: int | None = None
+        self.dbname: str | None = None
+        self.user: str | None = None
         self._pool: AsyncConnectionPool[AsyncConn] | None = None
         self._reset_statement = _RESET_SESSION
 
@@ -177,6 +184,7 @@ class Database:
             self.server_version = probe.info.server_version
             self.server_address = probe.info.host or None
             self.server_port = probe.info.port or None
+            self.dbname, self.user = probe.info.dbname, probe.info.user
             effective = next((o.val for o in probe.pgconn.info if o.keyword == b"options"), None)
         kwargs["options"] = self._options(effective.decode() if effective else "")
         if self.server_version >= 150000:

@@ -178,20 +178,19 @@ class Runner:
             trace.use_span(run.trace.span, end_on_exit=False),
             structlog.contextvars.bound_contextvars(sweep=plan.sweep),
         ):
+            log.info("sweep started", items=len(plan.items), dry_run=dry_run)
             await run.execute(stop)
-        if run.stop_reason is not None:
-            log.warning(
-                "sweep stopped early; unfinished operations cancelled",
+            if run.stop_reason is not None:
+                log.warning("sweep stopped early; unfinished operations cancelled",
+                            reason=run.stop_reason)
+            report = SweepReport(
                 sweep=plan.sweep,
-                reason=run.stop_reason,
+                started_at=started,
+                finished_at=datetime.now(UTC),
+                results=run.results_in_plan_order(),
+                unreachable=dict(unreachable or {}),
             )
-        report = SweepReport(
-            sweep=plan.sweep,
-            started_at=started,
-            finished_at=datetime.now(UTC),
-            results=run.results_in_plan_order(),
-            unreachable=dict(unreachable or {}),
-        )
+            log.info("sweep finished", duration_s=round(report.duration_s, 3), **report.counts())
         run.trace.close(report.counts(), report.duration_s)
         _notify(self.pm.hook.sweeperd_sweep_finished, sweep=plan.sweep, results=report.results)
         return report

@@ -13,6 +13,7 @@ import structlog
 
 from .config import Config
 from .db import Database, DatabaseUnreachable
+from .history import History
 from .model import Tenant
 from .planner import SelectionError, make_plan, matches
 from .plugins import Plugins
@@ -105,20 +106,9 @@ async def sweep_once(
         runner = Runner(
             databases, plugins.pm, config.plugins, limits_for(config)
         )
-        log.info(
-            "sweep started",
-            sweep=plan.sweep,
-            items=len(plan.items),
-            tenants=len(tenants),
-            dry_run=dry_run,
-        )
         report = await runner.run(plan, dry_run=dry_run, unreachable=unreachable)
-        log.info(
-            "sweep finished",
-            sweep=plan.sweep,
-            duration_s=round(report.duration_s, 3),
-            **report.counts(),
-        )
+        if not dry_run:
+            await History(config.history).record(report, databases)
         return report
     finally:
         await asyncio.gather(*(db.close() for db in databases.values()), return_exceptions=True)

@@ -15,6 +15,7 @@ sweeperd neither pays for tracing nor logs connection errors to a collector that
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,25 +44,39 @@ class Telemetry:
     def __post_init__(self) -> None:
         m = self.meter
         self.operations = m.create_counter(
-            "sweeperd.operations", unit="{operation}", description="Operations by final status")
+            "sweeperd.operations", unit="{operation}", description="Operations by final status"
+        )
         self.rows = m.create_counter(
-            "sweeperd.rows", unit="{row}", description="Rows affected (e.g. deleted) by operations")
+            "sweeperd.rows", unit="{row}", description="Rows affected (e.g. deleted) by operations"
+        )
         self.dead_tuples = m.create_counter(
-            "sweeperd.dead_tuples.removed", unit="{tuple}",
-            description="Dead tuples removed by VACUUM operations")
+            "sweeperd.dead_tuples.removed",
+            unit="{tuple}",
+            description="Dead tuples removed by VACUUM operations",
+        )
         self.operation_duration = m.create_histogram(
-            "sweeperd.operation.duration", unit="s", description="Duration of operations")
+            "sweeperd.operation.duration", unit="s", description="Duration of operations"
+        )
         self.sweep_duration = m.create_histogram(
-            "sweeperd.sweep.duration", unit="s", description="Duration of sweeps")
+            "sweeperd.sweep.duration", unit="s", description="Duration of sweeps"
+        )
         self.connection_wait = m.create_histogram(
-            "db.client.connection.wait_time", unit="s",
-            description="Time to obtain a pooled connection (after the bounds were acquired)")
+            "db.client.connection.wait_time",
+            unit="s",
+            description="Time to obtain a pooled connection (after the bounds were acquired)",
+        )
         m.create_observable_up_down_counter(
-            "db.client.connection.count", callbacks=[self._observe_connections],
-            unit="{connection}", description="Pooled connections by state (idle, used)")
+            "db.client.connection.count",
+            callbacks=[self._observe_connections],
+            unit="{connection}",
+            description="Pooled connections by state (idle, used)",
+        )
         m.create_observable_up_down_counter(
-            "db.client.connection.pending_requests", callbacks=[self._observe_waiting],
-            unit="{request}", description="Requests waiting for a pooled connection")
+            "db.client.connection.pending_requests",
+            callbacks=[self._observe_waiting],
+            unit="{request}",
+            description="Requests waiting for a pooled connection",
+        )
 
     def watch_pools(self, source: Callable[[], Mapping[str, Mapping[str, int]]]) -> None:
         """Report pool usage from ``source()``: database name → psycopg_pool stats."""
@@ -80,8 +95,9 @@ class Telemetry:
 
     def _observe_waiting(self, _options: CallbackOptions) -> Iterable[Observation]:
         for name, stats in self._pool_stats():
-            yield Observation(stats.get("requests_waiting", 0),
-                              {"db.client.connection.pool.name": name})
+            yield Observation(
+                stats.get("requests_waiting", 0), {"db.client.connection.pool.name": name}
+            )
 
     def shutdown(self) -> None:
         """Flush and stop exporters (SIGTERM does not run atexit handlers: call this)."""
@@ -104,8 +120,9 @@ def telemetry() -> Telemetry:
     return _current
 
 
-def setup_telemetry(environ: Mapping[str, str] | None = None, *,
-                    tenant_metrics: bool = False) -> Telemetry:
+def setup_telemetry(
+    environ: Mapping[str, str] | None = None, *, tenant_metrics: bool = False
+) -> Telemetry:
     """Build providers from the environment and make them this process's (and global) ones."""
     global _current
     env = os.environ if environ is None else environ
@@ -117,8 +134,12 @@ def setup_telemetry(environ: Mapping[str, str] | None = None, *,
     if env.get("OTEL_SDK_DISABLED", "").strip().lower() != "true":
         from opentelemetry.sdk.resources import Resource
 
-        resource = Resource.create({"service.name": env.get("OTEL_SERVICE_NAME") or "sweeperd",
-                                    "service.version": __version__})
+        resource = Resource.create(
+            {
+                "service.name": env.get("OTEL_SERVICE_NAME") or "sweeperd",
+                "service.version": __version__,
+            }
+        )
         span_exporters = _exporters(env, "TRACES")
         if span_exporters:
             from opentelemetry.sdk.trace import TracerProvider
@@ -137,8 +158,9 @@ def setup_telemetry(environ: Mapping[str, str] | None = None, *,
             from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 
             readers = [PeriodicExportingMetricReader(e) for e in metric_exporters]
-            meter_provider = MeterProvider(resource=resource, metric_readers=readers,
-                                           shutdown_on_exit=False)
+            meter_provider = MeterProvider(
+                resource=resource, metric_readers=readers, shutdown_on_exit=False
+            )
             metrics.set_meter_provider(meter_provider)
             meter = meter_provider.get_meter(SCOPE, __version__)
             stops.append(meter_provider.shutdown)
@@ -150,7 +172,8 @@ def _exporters(env: Mapping[str, str], signal: str) -> list[Any]:
     names = env.get(f"OTEL_{signal}_EXPORTER")
     if names is None:
         endpoint = env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get(
-            f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT")
+            f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT"
+        )
         names = "otlp" if endpoint else "none"
     out = []
     for name in (n.strip().lower() for n in names.split(",")):
@@ -161,8 +184,10 @@ def _exporters(env: Mapping[str, str], signal: str) -> list[Any]:
         elif name == "otlp":
             out.append(_otlp(env, signal))
         else:
-            raise TelemetryError(f"OTEL_{signal}_EXPORTER: unsupported exporter {name!r} "
-                                 "(expected otlp, console or none)")
+            raise TelemetryError(
+                f"OTEL_{signal}_EXPORTER: unsupported exporter {name!r} "
+                "(expected otlp, console or none)"
+            )
     return out
 
 
@@ -170,15 +195,22 @@ def _console(signal: str) -> Any:
     if signal == "TRACES":
         from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 
-        return ConsoleSpanExporter()
+        return ConsoleSpanExporter(out=sys.stderr)  # stdout is for reports (sweep --json)
     from opentelemetry.sdk.metrics.export import ConsoleMetricExporter
 
-    return ConsoleMetricExporter()
+    return ConsoleMetricExporter(out=sys.stderr)
 
 
 def _otlp(env: Mapping[str, str], signal: str) -> Any:
-    protocol = (env.get(f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL")
-                or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "http/protobuf").strip().lower()
+    protocol = (
+        (
+            env.get(f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL")
+            or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+            or "http/protobuf"
+        )
+        .strip()
+        .lower()
+    )
     if protocol == "grpc":
         try:
             if signal == "TRACES":
@@ -193,11 +225,15 @@ def _otlp(env: Mapping[str, str], signal: str) -> Any:
 
             return GrpcMetricExporter()
         except ImportError:
-            raise TelemetryError("OTEL_EXPORTER_OTLP_PROTOCOL=grpc needs the gRPC exporter: "
-                                 "pip install 'sweeperd[grpc]'") from None
+            raise TelemetryError(
+                "OTEL_EXPORTER_OTLP_PROTOCOL=grpc needs the gRPC exporter: "
+                "pip install 'sweeperd[grpc]'"
+            ) from None
     if protocol != "http/protobuf":
-        raise TelemetryError(f"OTEL_EXPORTER_OTLP_PROTOCOL: unsupported protocol {protocol!r} "
-                             "(expected http/protobuf or grpc)")
+        raise TelemetryError(
+            f"OTEL_EXPORTER_OTLP_PROTOCOL: unsupported protocol {protocol!r} "
+            "(expected http/protobuf or grpc)"
+        )
     if signal == "TRACES":
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 

@@ -31,8 +31,10 @@ class SweepTrace:
         self.t = telemetry
         self.plan = plan
         self.span = telemetry.tracer.start_span(
-            f"sweep {plan.sweep}", kind=SpanKind.INTERNAL,
-            attributes={"sweeperd.sweep": plan.sweep, "sweeperd.items": len(plan.items)})
+            f"sweep {plan.sweep}",
+            kind=SpanKind.INTERNAL,
+            attributes={"sweeperd.sweep": plan.sweep, "sweeperd.items": len(plan.items)},
+        )
         self.context = trace.set_span_in_context(self.span)
         self._remaining = Counter(_tenant_key(item) for item in plan.items if item.tenant)
         self._tenant_spans: dict[tuple[str, str], tuple[Span, otel_context.Context]] = {}
@@ -46,10 +48,15 @@ class SweepTrace:
         entry = self._tenant_spans.get(key)
         if entry is None:
             span = self.t.tracer.start_span(
-                f"tenant {item.tenant.name}", context=self.context, kind=SpanKind.INTERNAL,
-                attributes={"sweeperd.tenant": item.tenant.name,
-                            "sweeperd.schema": item.tenant.schema,
-                            "sweeperd.database": item.database})
+                f"tenant {item.tenant.name}",
+                context=self.context,
+                kind=SpanKind.INTERNAL,
+                attributes={
+                    "sweeperd.tenant": item.tenant.name,
+                    "sweeperd.schema": item.tenant.schema,
+                    "sweeperd.database": item.database,
+                },
+            )
             entry = self._tenant_spans[key] = (span, trace.set_span_in_context(span))
         return entry[1]
 
@@ -75,8 +82,9 @@ class SweepTrace:
         if op.db_operation:
             attributes["db.operation.name"] = op.db_operation
         name = f"{op.db_operation} {collection}" if op.db_operation and collection else op.name
-        return self.t.tracer.start_span(name, context=self.parent(item), kind=SpanKind.CLIENT,
-                                        attributes=attributes)
+        return self.t.tracer.start_span(
+            name, context=self.parent(item), kind=SpanKind.CLIENT, attributes=attributes
+        )
 
     def finish(self, item: WorkItem, span: Span | None, result: Result) -> None:
         """End the item's span (if it started one) and record its metrics."""
@@ -84,8 +92,11 @@ class SweepTrace:
             # Never started (vetoed, dry run of an unsafe op, cancelled early): a short span
             # still makes the skip or cancel visible in the trace.
             span = self.t.tracer.start_span(
-                item.operation.name, context=self.parent(item), kind=SpanKind.INTERNAL,
-                attributes={"sweeperd.operation": item.operation.name})
+                item.operation.name,
+                context=self.parent(item),
+                kind=SpanKind.INTERNAL,
+                attributes={"sweeperd.operation": item.operation.name},
+            )
         _annotate(span, result)
         span.end()
         self._record(item, result)
@@ -117,12 +128,15 @@ class SweepTrace:
             self.span.set_status(Status(StatusCode.ERROR, "operations failed or were cancelled"))
         self.span.end()
         outcome = "failed" if counts.get("failed") or counts.get("cancelled") else "ok"
-        self.t.sweep_duration.record(duration_s, {"sweeperd.sweep": self.plan.sweep,
-                                                  "sweeperd.outcome": outcome})
+        self.t.sweep_duration.record(
+            duration_s, {"sweeperd.sweep": self.plan.sweep, "sweeperd.outcome": outcome}
+        )
 
     def _record(self, item: WorkItem, result: Result) -> None:
-        attrs: dict[str, Any] = {"sweeperd.operation": result.operation,
-                                 "sweeperd.status": result.status}
+        attrs: dict[str, Any] = {
+            "sweeperd.operation": result.operation,
+            "sweeperd.status": result.status,
+        }
         if self.t.tenant_metrics and result.tenant is not None:
             attrs["sweeperd.tenant"] = result.tenant
         self.t.operations.add(1, attrs)

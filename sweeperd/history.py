@@ -1,0 +1,263 @@
+"""Run history in each database (schema ``sweeperd``): what every sweep did, queryable with SQL.
+
+``sweeperd.runs`` has one row per (sweep run, database); ``sweeperd.results`` one row per (run,
+tenant, operation). Both are written in bulk when a sweep ends (one transaction and one COPY per
+database, never a round trip per operation), and pruned by ``[history] keep`` at most once an
+hour per database, so the history cannot grow without bound the way pg_cron's does.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import structlog
+
+from .config import HistoryConfig
+from .db import Database, describe_error, is_insufficient_privilege, sql
+from .model import Result
+from .runner import SweepReport
+
+log = structlog.get_logger("sweeperd.history")
+
+SCHEMA = "sweeperd"
+PRUNE_EVERY_S = 3600.0
+
+_DDL = """
+CREATE SCHEMA IF NOT EXISTS sweeperd;
+CREATE TABLE IF NOT EXISTS sweeperd.runs (
+    run_id      uuid PRIMARY KEY,
+    sweep       text NOT NULL,
+    instance    text NOT NULL,
+    started_at  timestamptz NOT NULL,
+    finished_at timestamptz NOT NULL,
+    ok          integer NOT NULL,
+    failed      integer NOT NULL,
+    skipped     integer NOT NULL,
+    cancelled   integer NOT NULL
+);
+CREATE INDEX IF NOT EXISTS runs_sweep_started ON sweeperd.runs (sweep, started_at DESC);
+CREATE INDEX IF NOT EXISTS runs_finished ON sweeperd.runs (finished_at);
+CREATE TABLE IF NOT EXISTS sweeperd.results (
+    run_id      uuid NOT NULL REFERENCES sweeperd.runs ON DELETE CASCADE,
+    tenant      text,
+    schema_name text,
+    operation   text NOT NULL,
+    status      text NOT NULL,
+    rows        bigint,
+    started_at  timestamptz,
+    finished_at timestamptz,
+    duration_s  double precision,
+    error       text
+);
+CREATE INDEX IF NOT EXISTS results_run ON sweeperd.results (run_id);
+CREATE INDEX IF NOT EXISTS results_operation ON sweeperd.results (operation, tenant, finished_at)
+"""
+
+_COLUMNS = (
+    "run_id",
+    "tenant",
+    "schema_name",
+    "operation",
+    "status",
+    "rows",
+    "started_at",
+    "finished_at",
+    "duration_s",
+    "error",
+)
+
+
+def instance_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class History:
+    """Writes sweep reports to the databases they ran against; never fails a sweep."""
+
+    def __init__(self, config: HistoryConfig, instance: str | None = None) -> None:
+        self.config = config
+        self.instance = instance or instance_name()
+        self._ready: set[int] = set()  # id() of Database objects whose schema exists
+        self._pruned_at: dict[str, float] = {}
+        self._broken: set[str] = set()  # databases already reported (once) as unwritable
+
+    async def record(self, report: SweepReport, databases: Mapping[str, Database]) -> None:
+        if not self.config.enabled:
+            return
+        by_db: dict[str, list[Result]] = defaultdict(list)
+        for result in report.results:
+            by_db[result.database].append(result)
+        run_id = uuid.uuid4()
+        for name, results in by_db.items():
+            database = databases.get(name)
+            if database is None:
+                continue  # unreachable: nothing to write to
+            try:
+                await self._write(database, report, run_id, results)
+            except Exception as exc:
+                self._report_failure(database, exc)
+
+    async def _write(
+        self, database: Database, report: SweepReport, run_id: uuid.UUID, results: Sequence[Result]
+    ) -> None:
+        async with database.connection("history") as conn:
+            if id(database) not in self._ready:
+                await conn.execute(_DDL)
+                self._ready.add(id(database))
+            counts = _counts(results)
+            async with conn.transaction():
+                await conn.execute(
+                    "INSERT INTO sweeperd.runs (run_id, sweep, instance, started_at, finished_at,"
+                    " ok, failed, skipped, cancelled) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                    (
+                        run_id,
+                        report.sweep,
+                        self.instance,
+                        report.started_at,
+                        report.finished_at,
+                        counts["ok"],
+                        counts["failed"],
+                        counts["skipped"],
+                        counts["cancelled"],
+                    ),
+                )
+                copy_sql = sql.SQL("COPY sweeperd.results ({}) FROM STDIN").format(
+                    sql.SQL(", ").join(sql.Identifier(c) for c in _COLUMNS)
+                )
+                async with conn.cursor().copy(copy_sql) as copy:
+                    for r in results:
+                        await copy.write_row(
+                            (
+                                run_id,
+                                r.tenant,
+                                r.schema,
+                                r.operation,
+                                r.status,
+                                r.rows,
+                                r.started_at,
+                                r.finished_at,
+                                r.duration_s,
+                                r.error,
+                            )
+                        )
+            now = time.monotonic()
+            if now - self._pruned_at.get(database.name, -PRUNE_EVERY_S) >= PRUNE_EVERY_S:
+                cur = await conn.execute(
+                    "DELETE FROM sweeperd.runs WHERE finished_at < now() - %s::interval",
+                    (timedelta(seconds=self.config.keep),),
+                )
+                self._pruned_at[database.name] = now
+                if cur.rowcount:
+                    log.info("history pruned", database=database.name, runs=cur.rowcount)
+        self._broken.discard(database.name)
+
+    def _report_failure(self, database: Database, exc: Exception) -> None:
+        if database.name in self._broken:
+            return
+        self._broken.add(database.name)
+        if is_insufficient_privilege(exc):
+            log.error(
+                "cannot write the run history: missing privileges",
+                database=database.name,
+                error=describe_error(exc),
+                fix=f"GRANT CREATE ON DATABASE {database.dbname or '<database>'} TO "
+                f"{database.user or '<sweeperd role>'}; (or create schema sweeperd for it, "
+                "or set [history] enabled = false)",
+            )
+        else:
+            log.error(
+                "cannot write the run history", database=database.name, error=describe_error(exc)
+            )
+
+
+def _counts(results: Sequence[Result]) -> dict[str, int]:
+    counts = {"ok": 0, "failed": 0, "skipped": 0, "cancelled": 0}
+    for r in results:
+        key = "ok" if r.status == "dry-run" else r.status
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+@dataclass(frozen=True, slots=True)
+class StatusRow:
+    database: str
+    sweep: str
+    run_id: str
+    instance: str
+    started_at: Any
+    finished_at: Any
+    counts: dict[str, int]
+    failures: list[dict[str, Any]]
+
+
+async def latest_runs(
+    database: Database, *, sweep: str | None, tenant_like: str | None, failed_only: bool
+) -> tuple[list[StatusRow], list[dict[str, Any]]]:
+    """The latest run per sweep with its failures, and each operation's last success."""
+    async with database.connection("status") as conn:
+        cur = await conn.execute("SELECT to_regclass('sweeperd.runs') IS NOT NULL")
+        row = await cur.fetchone()
+        if not row or not row[0]:
+            return [], []
+        cur = await conn.execute(
+            """
+            SELECT DISTINCT ON (sweep) run_id, sweep, instance, started_at, finished_at,
+                   ok, failed, skipped, cancelled
+              FROM sweeperd.runs WHERE %(sweep)s::text IS NULL OR sweep = %(sweep)s
+             ORDER BY sweep, started_at DESC
+            """,
+            {"sweep": sweep},
+        )
+        runs = await cur.fetchall()
+        out: list[StatusRow] = []
+        for run_id, name, instance, started, finished, ok, failed, skipped, cancelled in runs:
+            if failed_only and not (failed or cancelled):
+                continue
+            cur = await conn.execute(
+                """
+                SELECT tenant, operation, status, error FROM sweeperd.results
+                 WHERE run_id = %(run)s AND status IN ('failed', 'cancelled')
+                   AND (%(tenant)s::text IS NULL OR tenant LIKE %(tenant)s)
+                 ORDER BY operation, tenant
+                """,
+                {"run": run_id, "tenant": tenant_like},
+            )
+            failures = [
+                dict(zip(("tenant", "operation", "status", "error"), r, strict=True))
+                for r in await cur.fetchall()
+            ]
+            out.append(
+                StatusRow(
+                    database.name,
+                    name,
+                    str(run_id),
+                    instance,
+                    started,
+                    finished,
+                    {"ok": ok, "failed": failed, "skipped": skipped, "cancelled": cancelled},
+                    failures,
+                )
+            )
+        cur = await conn.execute(
+            """
+            SELECT r.operation, max(r.finished_at), count(DISTINCT r.tenant)
+              FROM sweeperd.results r JOIN sweeperd.runs u USING (run_id)
+             WHERE r.status = 'ok' AND (%(sweep)s::text IS NULL OR u.sweep = %(sweep)s)
+               AND (%(tenant)s::text IS NULL OR r.tenant LIKE %(tenant)s)
+             GROUP BY r.operation ORDER BY r.operation
+            """,
+            {"sweep": sweep, "tenant": tenant_like},
+        )
+        last_ok = [
+            {"database": database.name, "operation": op, "last_success": when, "tenants": n}
+            for op, when, n in await cur.fetchall()
+        ]
+        return out, last_ok
