@@ -7,6 +7,8 @@ Scenarios (each run on the same server, in the same process, back to back):
   * sleep-200x50ms@20     200 operations of pg_sleep(0.05) at max_concurrency 20: ideal 0.5 s
   * sleep-1000x4x20ms@32  1 000 tenants x 4 operations of pg_sleep(0.02) at 32 connections
   * select1-1000x4@32     4 000 trivial operations (SELECT 1): the runner's own client CPU per op
+  * the same with tracing and metrics on (SDK providers, spans batched to an exporter that drops
+    them, metrics to an in-memory reader): what telemetry costs per operation
 The baseline is the origin story's pattern done by hand: one task per operation, one semaphore,
 one psycopg pool, no tenants, no ordering, no reports. Machines here are shared and noisy, so
 look at the ratios (to the ideal, to the baseline), not at absolute times.
@@ -33,6 +35,26 @@ from sweeperd.config import LogConfig, parse_config
 from sweeperd.logs import setup_logging
 from sweeperd.plugins import Plugins, new_plugin_manager
 from sweeperd.sweep import sweep_once
+from sweeperd.telemetry import Telemetry
+
+
+def enable_telemetry() -> None:
+    """SDK tracing and metrics as in production, minus the network: spans go nowhere."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+    class Drop(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(BatchSpanProcessor(Drop()))
+    meter_provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
+    import sweeperd.telemetry as t
+
+    t._current = Telemetry(tracer_provider.get_tracer("bench"), meter_provider.get_meter("bench"))
 
 
 @contextmanager
@@ -101,6 +123,7 @@ def main() -> int:
         ("sleep-200x50ms@20", 200, 1, 20, "SELECT pg_sleep(0.05)", 0.05),
         ("sleep-1000x4x20ms@32", 1000, 4, 32, "SELECT pg_sleep(0.02)", 0.02),
         ("select1-1000x4@32", 1000, 4, 32, "SELECT 1", 0.0),
+        ("select1+telemetry", 1000, 4, 32, "SELECT 1", 0.0),
     ]
     print(f"{'scenario':<22}{'ops':>6}{'ideal':>8}{'sweeperd':>10}{'/ideal':>8}{'baseline':>10}"
           f"{'/base':>7}{'cpu/op sw':>11}{'cpu/op base':>12}")
@@ -108,6 +131,8 @@ def main() -> int:
         with psycopg.connect(dsn) as conn:
             print(f"# {conn.execute('SELECT version()').fetchone()[0]}")  # type: ignore[index]
         for name, tenants, per_tenant, conns, query, seconds in scenarios:
+            if name.endswith("+telemetry"):
+                enable_telemetry()
             n = tenants * per_tenant
             ideal = n * seconds / conns
             wall, cpu, bad = asyncio.run(run_sweeperd(dsn, tenants, per_tenant, conns, query))
