@@ -17,12 +17,13 @@ from typing import Protocol
 import structlog
 
 from .config import Config
+from .coordination import DATABASE_SCOPE, Claims
 from .durations import format_duration
-from .model import Status
+from .model import Status, Tenant
 from .planner import make_plan
 from .plugins import Plugins
 from .runner import Runner, Stop, SweepReport
-from .schedule import Window
+from .schedule import Window, nominal_firing
 from .sweep import resolve_tenants
 
 log = structlog.get_logger("sweeperd.controller")
@@ -52,13 +53,16 @@ class Host(Protocol):
 
     async def record(self, report: SweepReport, snapshot: Snapshot) -> None: ...
 
+    @property
+    def claims(self) -> Claims: ...
+
 
 class SweepController:
     def __init__(self, name: str, host: Host) -> None:
         self.name = name
         self.host = host
         self.current: asyncio.Task[None] | None = None
-        self.queued = False
+        self.queued: dt.datetime | None = None  # the firing to run when the current run ends
         self.skipped_firings = 0
         self.last_report: SweepReport | None = None
         self._stop: Stop | None = None  # the current run's
@@ -75,21 +79,22 @@ class SweepController:
         sweep = snapshot.config.sweeps.get(self.name)
         if sweep is None:
             return  # removed by a reload between the firing and now
+        firing = nominal_firing(sweep, snapshot.config.daemon.timezone, dt.datetime.now(dt.UTC))
         if not self.running:
-            self._start()
+            self._start(firing)
             return
         if sweep.overlap == "queue":
-            if self.queued:
+            if self.queued is not None:
                 self.skipped_firings += 1
                 log.info("sweep already queued; firing folded into it", sweep=self.name)
             else:
-                self.queued = True
+                self.queued = firing
                 log.info("sweep still running; queued to run again when it ends", sweep=self.name)
         elif sweep.overlap == "replace":
             log.warning("sweep still running; replacing it", sweep=self.name)
             await self.abort("replaced by a newer firing")
             if not self.host.stopping():
-                self._start()
+                self._start(firing)
         else:
             self.skipped_firings += 1
             log.warning(
@@ -101,7 +106,7 @@ class SweepController:
     async def abort(self, reason: str) -> None:
         """Stop the running sweep now and wait for it: unfinished operations are cancelled (their
         queries too, on the server) and reported ``cancelled`` with ``reason``."""
-        self.queued = False
+        self.queued = None
         if self._stop is not None:
             self._stop.now(reason)
         await self.wait()
@@ -111,17 +116,19 @@ class SweepController:
         if task is not None:
             await asyncio.gather(task, return_exceptions=True)
 
-    def _start(self) -> None:
-        self.current = asyncio.create_task(self._loop(), name=f"sweeperd sweep {self.name}")
+    def _start(self, firing: dt.datetime) -> None:
+        self.current = asyncio.create_task(
+            self._loop(firing), name=f"sweeperd sweep {self.name}"
+        )
 
-    async def _loop(self) -> None:
-        while True:
-            self.queued = False
-            await self._run_once()
-            if not self.queued or self.host.stopping():
-                return
+    async def _loop(self, firing: dt.datetime) -> None:
+        next_firing: dt.datetime | None = firing
+        while next_firing is not None:
+            self.queued = None
+            await self._run_once(next_firing)
+            next_firing = None if self.host.stopping() else self.queued
 
-    async def _run_once(self) -> None:
+    async def _run_once(self, firing: dt.datetime) -> None:
         snapshot = self.host.snapshot()
         config = snapshot.config
         sweep = config.sweeps.get(self.name)
@@ -145,7 +152,9 @@ class SweepController:
             async with asyncio.timeout(guard):
                 runner = snapshot.runner
                 tenants = await resolve_tenants(config, runner.databases)
-                plan = make_plan(config, snapshot.plugins.operations, tenants, sweep=self.name)
+                tenants, db_scope = await self._claim(runner, tenants, firing)
+                plan = make_plan(config, snapshot.plugins.operations, tenants, sweep=self.name,
+                                 database_scope_in=db_scope)
                 self.host.sweep_started(self.name, len(plan.items))
                 report = await runner.run(plan, gate=self._gate(window), stop=stop)
         except TimeoutError:
@@ -168,6 +177,17 @@ class SweepController:
         self.host.sweep_finished(self.name, report)
         if report is not None:
             await self.host.record(report, snapshot)
+
+    async def _claim(
+        self, runner: Runner, tenants: list[Tenant], firing: dt.datetime
+    ) -> tuple[list[Tenant], set[str]]:
+        """Keep the tenants (and databases, for database-scope work) this instance claimed."""
+        wanted: dict[str, list[str]] = {name: [DATABASE_SCOPE] for name in runner.databases}
+        for tenant in tenants:
+            wanted.setdefault(tenant.database, []).append(tenant.name)
+        owned = await self.host.claims.claim(runner.databases, self.name, firing, wanted)
+        mine = [t for t in tenants if t.name in owned.get(t.database, set())]
+        return mine, {db for db, names in owned.items() if DATABASE_SCOPE in names}
 
     def _gate(self, window: Window | None) -> Callable[[], tuple[Status, str] | None]:
         def gate() -> tuple[Status, str] | None:

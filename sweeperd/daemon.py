@@ -20,6 +20,7 @@ import structlog
 
 from .config import Config, ConfigError, load_config
 from .controller import Snapshot, SweepController
+from .coordination import Claims
 from .db import Database
 from .history import History
 from .logs import setup_logging
@@ -59,6 +60,7 @@ class Daemon:
         self._retiring: set[asyncio.Task[None]] = set()
         self._last_status = ""
         self.history = History(config.history)
+        self._claims = Claims(self.history.instance)
 
     # -- Host protocol (used by the controllers) -------------------------------------------------
     def snapshot(self) -> Snapshot:
@@ -73,6 +75,10 @@ class Daemon:
 
     def sweep_finished(self, name: str, report: SweepReport | None) -> None:
         self._update_status()
+
+    @property
+    def claims(self) -> Claims:
+        return self._claims
 
     def _pool_stats(self) -> dict[str, dict[str, int]]:
         return {name: db.pool_stats() for name, db in self.snapshot().runner.databases.items()}

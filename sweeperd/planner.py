@@ -68,13 +68,16 @@ def make_plan(
     sweep: str | None = None,
     tenant_globs: Sequence[str] = (),
     only_globs: Sequence[str] = (),
+    database_scope_in: Iterable[str] | None = None,
 ) -> Plan:
     """Select (tenant, operation) pairs for ``sweep`` (None: every configured sweep once).
 
     ``tenant_globs`` and ``only_globs`` (the CLI's ``--tenant``/``--only``) narrow the selection
     further. Database-scope operations run once per database that has a selected tenant, or on
-    every configured database when no ``--tenant`` narrowing was asked for.
+    every configured database when no ``--tenant`` narrowing was asked for; ``database_scope_in``
+    (another instance owns the rest) narrows that further.
     """
+    allowed_dbs = set(database_scope_in) if database_scope_in is not None else None
     sweeps = _sweeps(config, sweep)
     ops = list(operations.values())
     pairs: dict[tuple[str, str], tuple[Operation, Tenant]] = {}
@@ -97,6 +100,8 @@ def make_plan(
                 if op.scope == "tenant":
                     pairs.setdefault((tenant.name, op.name), (op, tenant))
         databases = selected_dbs if tenant_globs else set(config.databases) | selected_dbs
+        if allowed_dbs is not None:
+            databases &= allowed_dbs
         for db in sorted(databases):
             for op in chosen_ops:
                 if op.scope == "database":

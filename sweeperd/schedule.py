@@ -37,15 +37,47 @@ def misfire_grace(sweep: SweepConfig) -> float:
     return DEFAULT_MISFIRE_GRACE
 
 
-def build_trigger(sweep: SweepConfig, timezone: str) -> CronTrigger | IntervalTrigger:
+# Interval sweeps fire on a grid anchored here, not at whenever the daemon started: every instance
+# (and every restart) then agrees on which firing is which.
+INTERVAL_EPOCH = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
+
+
+def build_trigger(
+    sweep: SweepConfig, timezone: str, *, with_jitter: bool = True
+) -> CronTrigger | IntervalTrigger:
     tz = ZoneInfo(timezone)
-    jitter = round(sweep.jitter) if sweep.jitter else None
+    jitter = round(sweep.jitter) if sweep.jitter and with_jitter else None
     if sweep.cron is not None:
         trigger = CronTrigger.from_crontab(sweep.cron, timezone=tz)
         trigger.jitter = jitter
         return trigger
     assert sweep.interval is not None  # validated: cron or interval
-    return IntervalTrigger(seconds=sweep.interval, timezone=tz, jitter=jitter)
+    return IntervalTrigger(
+        seconds=sweep.interval, timezone=tz, jitter=jitter, start_date=INTERVAL_EPOCH
+    )
+
+
+def nominal_firing(sweep: SweepConfig, timezone: str, now: dt.datetime) -> dt.datetime:
+    """The firing a run starting at ``now`` belongs to: the latest un-jittered fire time ≤ now.
+
+    Jitter and a late start (within the misfire grace) delay a run, they do not change its
+    firing; a run started by hand (no fire time that recent) is its own firing, ``now``.
+    """
+    candidate: dt.datetime | None = None
+    if sweep.interval is not None:
+        steps = (now - INTERVAL_EPOCH).total_seconds() // sweep.interval
+        candidate = INTERVAL_EPOCH + dt.timedelta(seconds=steps * sweep.interval)
+    else:
+        trigger = build_trigger(sweep, timezone, with_jitter=False)
+        window = dt.timedelta(seconds=sweep.jitter + misfire_grace(sweep) + 1)
+        probe = trigger.get_next_fire_time(None, now - window)
+        while probe is not None and probe <= now:
+            candidate = probe
+            probe = trigger.get_next_fire_time(probe, probe + dt.timedelta(seconds=1))
+    if candidate is None:
+        return now
+    lateness = (now - candidate).total_seconds()
+    return candidate if lateness <= sweep.jitter + misfire_grace(sweep) + 1 else now
 
 
 def job_signature(sweep: SweepConfig, timezone: str) -> tuple[object, ...]:
