@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 
 import structlog
 
-from .db import Database, describe_error
+from .db import Database, describe_error, is_insufficient_privilege
 
 log = structlog.get_logger("sweeperd.coordination")
 
@@ -70,11 +70,12 @@ class Claims:
             except Exception as exc:
                 if name not in self._unavailable:
                     self._unavailable.add(name)
-                    log.error(
-                        "cannot coordinate with other instances; running every tenant",
-                        database=name, error=describe_error(exc),
-                        fix="GRANT CREATE ON DATABASE to the sweeperd role, or create schema "
-                            "sweeperd for it")
+                    extra = {}
+                    if is_insufficient_privilege(exc):
+                        extra["fix"] = (f"GRANT CREATE ON DATABASE {database.dbname} TO "
+                                        f"{database.user} (or create schema sweeperd for it)")
+                    log.error("cannot coordinate with other instances; running every tenant",
+                              database=name, error=describe_error(exc), **extra)
                 out[name] = set(names)
         return out
 
@@ -82,7 +83,7 @@ class Claims:
                         names: list[str]) -> set[str]:
         async with database.connection("claim") as conn:
             if id(database) not in self._ready:
-                await conn.execute(_DDL)
+                await database.ensure_schema(conn, _DDL)
                 self._ready.add(id(database))
             cur = await conn.execute(_CLAIM, {"sweep": sweep, "firing": firing,
                                               "tenants": names, "instance": self.instance})

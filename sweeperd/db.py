@@ -46,6 +46,7 @@ _RESET_SESSION = (
 # asking for the flush now means the VACUUM that follows a retention DELETE sees the dead tuples
 # it is about to remove (same round trip as the reset, so it costs nothing).
 _FLUSH_STATS = "SELECT pg_catalog.pg_stat_force_next_flush()"
+_DDL_LOCK_KEY = 0x5357_4545_5045_5244  # "SWEEPERD": serializes sweeperd's own schema DDL
 _SET_APPLICATION_NAME = "SELECT pg_catalog.set_config('application_name', %s, false)"
 
 
@@ -268,6 +269,16 @@ class Database:
         if not conn.autocommit:
             await conn.set_autocommit(True)
         await conn.execute(self._reset_statement)
+
+    async def ensure_schema(self, conn: AsyncConn, ddl: str) -> None:
+        """Run idempotent DDL (CREATE ... IF NOT EXISTS) safely against concurrent instances.
+
+        Two sessions running CREATE SCHEMA IF NOT EXISTS at once can still collide (a unique
+        violation in the catalog); a transaction-scoped advisory lock serializes them.
+        """
+        async with conn.transaction():
+            await conn.execute("SELECT pg_catalog.pg_advisory_xact_lock(%s)", (_DDL_LOCK_KEY,))
+            await conn.execute(ddl)
 
     def pool_stats(self) -> dict[str, int]:
         return self._pool.get_stats() if self._pool is not None else {}

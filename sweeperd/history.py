@@ -110,7 +110,7 @@ class History:
     ) -> None:
         async with database.connection("history") as conn:
             if id(database) not in self._ready:
-                await conn.execute(_DDL)
+                await database.ensure_schema(conn, _DDL)
                 self._ready.add(id(database))
             counts = _counts(results)
             async with conn.transaction():
