@@ -46,7 +46,8 @@ def build_trigger(
     sweep: SweepConfig, timezone: str, *, with_jitter: bool = True
 ) -> CronTrigger | IntervalTrigger:
     tz = ZoneInfo(timezone)
-    jitter = round(sweep.jitter) if sweep.jitter and with_jitter else None
+    # APScheduler draws the delay with random.uniform: sub-second jitter works as a float.
+    jitter = sweep.jitter if sweep.jitter and with_jitter else None
     if sweep.cron is not None:
         trigger = CronTrigger.from_crontab(sweep.cron, timezone=tz)
         trigger.jitter = jitter

@@ -1,0 +1,896 @@
+"""``sweeperd run`` end to end: real daemon processes against a real PostgreSQL.
+
+Each test starts ``python -m sweeperd run -c <config>`` as a subprocess with ``NOTIFY_SOCKET``
+pointing at an AF_UNIX datagram socket the test binds, and reads the sd_notify messages the daemon
+sends. The work is a drop-in plugin (``plugins.d/nap.py``) whose one operation records its start in
+``public.runs`` (``clock_timestamp()`` on the server), runs ``SELECT pg_sleep(x)`` with ``x`` from
+``[plugins.nap] seconds``, then records its end. A run whose ``finished`` stays NULL was cancelled.
+
+Whether a query still runs is asked of the server (``pg_stat_activity``), never inferred from
+wall-clock time. The only timed assertions are generous upper bounds on how long a stop takes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import itertools
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import tomli_w
+from support import run_sql
+
+from sweeperd.config import ConfigError, load_config
+from sweeperd.sdnotify import monotonic_usec
+
+UNREACHABLE_DSN = "host=/nonexistent dbname=x connect_timeout=1"
+STOP_SLACK = 10.0  # "exits within drain_timeout + N s"
+NAP_APP = "sweeperd: nap.sleep"
+
+NAP_PLUGIN = textwrap.dedent('''\
+    """Test drop-in: record the run, sleep on the server, record the end."""
+    import sweeperd
+
+
+    def make_run(seconds):
+        async def run(ctx):
+            cur = await ctx.conn.execute(
+                "INSERT INTO public.runs (sweep, tenant, pid, started) "
+                "VALUES (%s, %s, pg_backend_pid(), clock_timestamp()) RETURNING id",
+                (ctx.sweep, ctx.tenant.name),
+            )
+            (run_id,) = await cur.fetchone()
+            await ctx.conn.execute("SELECT pg_sleep(%s)", (seconds,))
+            await ctx.conn.execute(
+                "UPDATE public.runs SET finished = clock_timestamp() WHERE id = %s", (run_id,)
+            )
+            return None
+
+        return run
+
+
+    @sweeperd.hookimpl
+    def sweeperd_operations(settings):
+        seconds = float(settings.get("seconds", 0))
+        return [sweeperd.Operation(name="nap.sleep", run=make_run(seconds), tables=("t",))]
+    ''')
+
+
+# -- the database side --------------------------------------------------------------------------
+
+
+def query(dsn: str, statement: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return conn.execute(statement, params).fetchall()  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Run:
+    id: int
+    sweep: str
+    tenant: str
+    pid: int
+    started: Any
+    finished: Any
+
+
+def runs(dsn: str, *, sweep: str | None = None, tenant: str | None = None) -> list[Run]:
+    rows = query(
+        dsn,
+        "SELECT id, sweep, tenant, pid, started, finished FROM public.runs ORDER BY started, id",
+    )
+    out = [Run(*row) for row in rows]
+    return [
+        r
+        for r in out
+        if (sweep is None or r.sweep == sweep) and (tenant is None or r.tenant == tenant)
+    ]
+
+
+def active_naps(dsn: str) -> list[tuple[int, Any, str]]:
+    """(pid, query_start, application_name) of sweeperd backends running pg_sleep right now."""
+    return [
+        (pid, started, app)
+        for pid, started, app in query(
+            dsn,
+            "SELECT pid, query_start, application_name FROM pg_stat_activity "
+            "WHERE datname = current_database() AND application_name LIKE 'sweeperd:%%' "
+            "AND state = 'active' AND query LIKE '%%pg_sleep%%'",
+        )
+    ]
+
+
+def sweeperd_backends(dsn: str) -> list[tuple[int, str, str | None]]:
+    """Every sweeperd connection to the test database, busy or idle."""
+    return [
+        tuple(row)
+        for row in query(  # type: ignore[misc]
+            dsn,
+            "SELECT pid, application_name, query FROM pg_stat_activity "
+            "WHERE datname = current_database() AND application_name LIKE 'sweeperd%%'",
+        )
+    ]
+
+
+def wait_until(
+    predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05
+) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def wait_for_no_backends(dsn: str, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    left = sweeperd_backends(dsn)
+    while left and time.monotonic() < deadline:
+        time.sleep(0.05)
+        left = sweeperd_backends(dsn)
+    assert left == [], f"sweeperd connections remain after exit: {left}"
+
+
+@pytest.fixture
+def db(pg_dsn: str) -> str:
+    run_sql(
+        pg_dsn,
+        "CREATE SCHEMA tenant_acme",
+        "CREATE SCHEMA tenant_globex",
+        "CREATE TABLE public.runs (id bigserial PRIMARY KEY, sweep text NOT NULL, "
+        "tenant text NOT NULL, pid int NOT NULL, started timestamptz NOT NULL, "
+        "finished timestamptz)",
+    )
+    return pg_dsn
+
+
+# -- the configuration --------------------------------------------------------------------------
+
+
+def write_daemon_config(
+    directory: Path,
+    dsn: str,
+    *,
+    sweeps: Mapping[str, Mapping[str, Any]],
+    tenants: tuple[str, ...] = ("acme",),
+    seconds: float = 0.0,
+    drain: str = "5s",
+    database: Mapping[str, Any] | None = None,
+    raw_extra: str = "",
+    history: bool = False,
+) -> Path:
+    """``sweeperd.toml`` with database "main", the tenants, the sweeps (of ``nap.*``) and the
+    plugin directory ``plugins.d`` holding the nap plugin; written whole, then renamed."""
+    plugins_d = directory / "plugins.d"
+    plugins_d.mkdir(exist_ok=True)
+    (plugins_d / "nap.py").write_text(NAP_PLUGIN, encoding="utf-8")
+    doc: dict[str, Any] = {
+        "daemon": {"plugin_dirs": ["plugins.d"], "drain_timeout": drain},
+        "log": {"format": "json", "level": "info"},
+        "history": {"enabled": history},
+        "databases": {
+            "main": {"dsn": dsn, "max_connections": 4, "connect_timeout": "5s", **(database or {})}
+        },
+        "tenants": [{"name": t, "database": "main", "schema": f"tenant_{t}"} for t in tenants],
+        "sweeps": {name: {"operations": ["nap.*"], **body} for name, body in sweeps.items()},
+        "plugins": {"nap": {"seconds": seconds}},
+    }
+    path = directory / "sweeperd.toml"
+    tmp = directory / "sweeperd.toml.new"
+    tmp.write_text(tomli_w.dumps(doc) + raw_extra, encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+# -- the notify socket --------------------------------------------------------------------------
+
+
+Message = tuple[str, ...]
+
+
+def fields(message: Message) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in message)
+
+
+class NotifySocket:
+    """A bound AF_UNIX datagram socket collecting what the daemon sends to NOTIFY_SOCKET."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sender: subprocess.Popen[bytes] | None = None  # fail fast once it has exited
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.messages: list[Message] = []
+        self._cursor = 0
+
+    def _receive(self, timeout: float) -> bool:
+        self.sock.settimeout(max(timeout, 0.001))
+        try:
+            data = self.sock.recv(65536)
+        except (TimeoutError, BlockingIOError):
+            return False
+        self.messages.append(tuple(data.decode("utf-8").split("\n")))
+        return True
+
+    def drain(self) -> list[Message]:
+        """Everything received so far (without waiting for more)."""
+        while self._receive(0.001):
+            pass
+        return list(self.messages)
+
+    def expect(self, predicate: Callable[[Message], bool], timeout: float, what: str) -> Message:
+        """The next message (after the last one expected) that satisfies ``predicate``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            while self._cursor < len(self.messages):
+                message = self.messages[self._cursor]
+                self._cursor += 1
+                if predicate(message):
+                    return message
+            left = deadline - time.monotonic()
+            exited = self.sender is not None and self.sender.poll() is not None
+            if left <= 0 or (exited and not self._receive(0.05)):
+                raise AssertionError(
+                    f"no notify message {what} within {timeout}s"
+                    f"{' (the daemon exited)' if exited else ''}; got {self.messages}"
+                )
+            self._receive(min(left, 0.2))
+
+    def expect_first(self, key: str, timeout: float = 15.0) -> Message:
+        return self.expect(lambda m: m[0] == key, timeout, f"starting with {key}")
+
+    def lifecycle(self) -> list[str]:
+        """The READY/RELOADING/STOPPING messages' first lines, in order."""
+        return [m[0] for m in self.drain() if m[0] in ("READY=1", "RELOADING=1", "STOPPING=1")]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+# -- the daemon process -------------------------------------------------------------------------
+
+
+@dataclass
+class Daemon:
+    proc: subprocess.Popen[bytes]
+    notify: NotifySocket
+    stderr_path: Path
+    stdout_path: Path
+
+    def send(self, signo: int) -> float:
+        now = time.monotonic()
+        self.proc.send_signal(signo)
+        return now
+
+    def wait_exit(self, timeout: float) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(encoding="utf-8", errors="replace")
+
+    def logs(self) -> list[dict[str, Any]]:
+        """stderr parsed as JSON lines; a line that is not JSON fails the test."""
+        out = []
+        for line in self.stderr().splitlines():
+            if not line.strip():
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                pytest.fail(f"stderr line is not JSON: {line!r}\n{self.stderr()}")
+        return out
+
+    def events(self, event: str) -> list[dict[str, Any]]:
+        return [e for e in self.logs() if e.get("event") == event]
+
+    def wait_log(self, event: str, timeout: float, count: int = 1) -> list[dict[str, Any]]:
+        return wait_until(
+            lambda: (lambda found: found if len(found) >= count else None)(self.events(event)),
+            timeout,
+            f"log event {event!r} x{count}\n{self.stderr()}",
+        )
+
+    def ready(self, timeout: float = 20.0) -> Message:
+        try:
+            return self.notify.expect_first("READY=1", timeout)
+        except AssertionError:
+            raise AssertionError(
+                f"daemon not ready; exit code {self.proc.poll()}\n{self.stderr()}"
+            ) from None
+
+    def reload(self, timeout: float = 15.0) -> tuple[Message, Message, int, int]:
+        """SIGHUP; the RELOADING and following READY messages, and the monotonic bracket."""
+        before = monotonic_usec()
+        self.send(signal.SIGHUP)
+        reloading = self.notify.expect_first("RELOADING=1", timeout)
+        after = monotonic_usec()
+        ready = self.notify.expect_first("READY=1", timeout)
+        return reloading, ready, before, after
+
+    def stop(self, signo: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        self.send(signo)
+        return self.wait_exit(timeout)
+
+
+def socket_path(directory: Path, stack: contextlib.ExitStack) -> Path:
+    """``directory/notify.sock``, or a short temporary directory's if that path is too long
+    for AF_UNIX (about 107 bytes)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "notify.sock"
+    if len(os.fsencode(path)) < 100:
+        return path
+    short = Path(tempfile.mkdtemp(prefix="swd-"))
+    stack.callback(lambda: ((short / "n.sock").unlink(missing_ok=True), short.rmdir()))
+    return short / "n.sock"
+
+
+@pytest.fixture
+def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+    """Start ``sweeperd run -c <config>``; every daemon started is killed after the test."""
+    started: list[Daemon] = []
+    with contextlib.ExitStack() as stack:
+
+        def start(
+            config: Path, *, env: Mapping[str, str] | None = None, argv_prefix: tuple[str, ...] = ()
+        ) -> Daemon:
+            n = len(started)
+            notify = NotifySocket(socket_path(tmp_path / f"d{n}" if n else tmp_path, stack))
+            stack.callback(notify.close)
+            full_env = {
+                k: v
+                for k, v in os.environ.items()
+                if k
+                not in (
+                    "SWEEPERD_CONFIG",
+                    "NOTIFY_SOCKET",
+                    "WATCHDOG_USEC",
+                    "WATCHDOG_PID",
+                    "LISTEN_FDS",
+                    "LISTEN_PID",
+                )
+                and not k.startswith("OTEL_")
+            }
+            full_env["NOTIFY_SOCKET"] = str(notify.path)
+            full_env.update(env or {})
+            out = tmp_path / f"daemon{n}.stdout"
+            err = tmp_path / f"daemon{n}.stderr"
+            with out.open("wb") as fout, err.open("wb") as ferr:
+                proc = subprocess.Popen(
+                    [*argv_prefix, sys.executable, "-m", "sweeperd", "run", "-c", str(config)],
+                    stdout=fout,
+                    stderr=ferr,
+                    stdin=subprocess.DEVNULL,
+                    env=full_env,
+                    cwd=tmp_path,
+                )
+            notify.sender = proc
+            daemon = Daemon(proc=proc, notify=notify, stderr_path=err, stdout_path=out)
+            started.append(daemon)
+            return daemon
+
+        try:
+            yield start
+        finally:
+            for daemon in started:
+                if daemon.proc.poll() is None:
+                    daemon.proc.kill()
+                    daemon.proc.wait(timeout=10)
+
+
+def no_traceback(daemon: Daemon) -> None:
+    text = daemon.stderr()
+    assert "Traceback" not in text, text
+
+
+# -- start-up and the notify sequence -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("signo", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_idle_daemon_ready_then_stops_on_signal_with_exact_notify_sequence(
+    tmp_path: Path, db: str, start_daemon: Callable[..., Daemon], signo: int
+) -> None:
+    config = write_daemon_config(tmp_path, db, sweeps={"hourly": {"interval": "1h"}})
+    daemon = start_daemon(config)
+    daemon.ready()
+    sent = daemon.send(signo)
+    assert daemon.wait_exit(STOP_SLACK) == 0
+    assert time.monotonic() - sent < STOP_SLACK
+
+    messages = daemon.notify.drain()
+    assert len(messages) == 2, messages
+    ready, stopping = messages
+    assert ready[0] == "READY=1"
+    assert len(ready) == 2 and ready[1].startswith("STATUS="), ready
+    assert fields(ready)["STATUS"]
+    assert stopping[0] == "STOPPING=1"
+    assert len(stopping) == 2 and stopping[1].startswith("STATUS="), stopping
+
+    logs = daemon.logs()  # every line is JSON
+    assert [e["event"] for e in logs if e["event"] in ("sweeperd ready", "sweeperd stopped")] == [
+        "sweeperd ready",
+        "sweeperd stopped",
+    ]
+    no_traceback(daemon)
+    wait_for_no_backends(db)
+    assert runs(db) == []
+
+
+def test_interval_sweep_runs_repeatedly(
+    tmp_path: Path, db: str, start_daemon: Callable[..., Daemon]
+) -> None:
+    # With the defaults (run history on), as a production daemon runs.
+    config = write_daemon_config(tmp_path, db, sweeps={"often": {"interval": "1s"}}, history=True)
+    daemon = start_daemon(config)
+    daemon.ready()
+    wait_until(
+        lambda: len([r for r in runs(db) if r.finished is not None]) >= 3, 15, "three finished runs"
+    )
+    assert {(r.sweep, r.tenant) for r in runs(db)} == {("often", "acme")}
+    assert daemon.stop() == 0
+    assert len(daemon.events("sweep finished")) >= 3
+    no_traceback(daemon)
+
+
+def test_unreachable_database_at_startup_exits_3_with_a_clear_log_line(
+    tmp_path: Path, start_daemon: Callable[..., Daemon]
+) -> None:
+    config = write_daemon_config(
+        tmp_path,
+        UNREACHABLE_DSN,
+        sweeps={"h": {"interval": "1h"}},
+        database={"connect_timeout": "1s"},
+    )
+    daemon = start_daemon(config)
+    assert daemon.wait_exit(30) == 3
+    errors = daemon.events("cannot start: database unreachable")
+    assert len(errors) == 1, daemon.stderr()
+    assert errors[0]["database"] == "main"
+    assert errors[0]["level"] == "error"
+    assert errors[0]["error"]  # the reason libpq gave
+    no_traceback(daemon)
+    lifecycle = daemon.notify.lifecycle()
+    assert "READY=1" not in lifecycle
+
+
+def test_broken_config_at_startup_exits_2_with_one_line_per_problem(
+    tmp_path: Path, start_daemon: Callable[..., Daemon]
+) -> None:
+    config = write_daemon_config(
+        tmp_path,
+        "dbname=x",
+        sweeps={"bad": {"interval": "1s", "overlap": "sometimes", "bogus": 1}},
+        drain="soon",
+    )
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(config)
+    problems = excinfo.value.problems
+    assert len(problems) == 3, problems
+    daemon = start_daemon(config)
+    assert daemon.wait_exit(30) == 2
+    assert daemon.stderr().splitlines() == [f"sweeperd: {p}" for p in problems]
+    assert daemon.notify.drain() == []
+
+
+# -- reload -------------------------------------------------------------------------------------
+
+
+def test_reload_adds_tenant_and_sweep_without_restart(
+    tmp_path: Path, db: str, start_daemon: Callable[..., Daemon]
+) -> None:
+    config = write_daemon_config(tmp_path, db, sweeps={"first": {"interval": "1s"}})
+    daemon = start_daemon(config)
+    daemon.ready()
+    wait_until(lambda: runs(db, sweep="first", tenant="acme"), 15, "a run of first/acme")
+
+    write_daemon_config(
+        tmp_path,
+        db,
+        tenants=("acme", "globex"),
+        sweeps={"first": {"interval": "1s"}, "second": {"interval": "1s", "tenants": ["globex"]}},
+    )
+    reloading, ready, before, after = daemon.reload()
+    assert len(reloading) == 2 and reloading[0] == "RELOADING=1", reloading
+    key, _, value = reloading[1].partition("=")
+    assert key == "MONOTONIC_USEC" and value.isdigit(), reloading
+    assert before <= int(value) <= after  # CLOCK_MONOTONIC, taken while reloading
+    assert ready[0] == "READY=1" and ready[1].startswith("STATUS=")
+    assert "reload failed" not in ready[1]
+
+    wait_until(lambda: runs(db, sweep="first", tenant="globex"), 15, "first runs the new tenant")
+    wait_until(lambda: runs(db, sweep="second", tenant="globex"), 15, "the new sweep runs")
+    assert daemon.proc.poll() is None
+    assert daemon.stop() == 0
+    assert daemon.notify.lifecycle() == ["READY=1", "RELOADING=1", "READY=1", "STOPPING=1"]
+    assert runs(db, sweep="second", tenant="acme") == []  # the new sweep's tenant globs hold
+    reloaded = daemon.events("configuration reloaded")
+    assert len(reloaded) == 1 and reloaded[0]["sweeps"] == ["first", "second"]
+    no_traceback(daemon)
+
+
+def test_reload_reopens_the_pool_whose_database_settings_changed(
+    tmp_path: Path, db: str, start_daemon: Callable[..., Daemon]
+) -> None:
+    config = write_daemon_config(tmp_path, db, sweeps={"s": {"interval": "1s"}})
+    daemon = start_daemon(config)
+    daemon.ready()
+    wait_until(lambda: runs(db), 15, "a first run")
+    old_pids = {pid for pid, _app, _q in sweeperd_backends(db)}
+    assert old_pids
+
+    write_daemon_config(
+        tmp_path, db, sweeps={"s": {"interval": "1s"}}, database={"max_connections": 3}
+    )
+    _reloading, ready, _before, _after = daemon.reload()
+    assert "reload failed" not in ready[1]
+    assert daemon.events("configuration reloaded")[0]["reopened"] == ["main"]
+    # The old pool is closed once no sweep uses it; runs go on through the new one.
+    wait_until(
+        lambda: not old_pids & {pid for pid, _a, _q in sweeperd_backends(db)},
+        15,
+        "the old pool's connections to close",
+    )
+    seen = len(runs(db))
+    wait_until(lambda: len(runs(db)) > seen, 15, "a run through the new pool")
+    assert daemon.stop() == 0
+    no_traceback(daemon)
+
+
+BROKEN_PLUGIN = "import sweeperd\n\ndef sweeperd_operations(settings)\n    return []\n"
+
+
+@pytest.mark.parametrize("breakage", ["config", "plugin", "unreachable"])
+def test_reload_with_a_broken_config_keeps_the_old_one_running(
+    tmp_path: Path, db: str, start_daemon: Callable[..., Daemon], breakage: str
+) -> None:
+    config = write_daemon_config(tmp_path, db, sweeps={"s": {"interval": "1s"}})
+    daemon = start_daemon(config)
+    daemon.ready()
+    wait_until(lambda: runs(db), 15, "a first run")
+
+    expected: list[str] | None = None
+    if breakage == "config":
+        write_daemon_config(
+            tmp_path,
+            db,
+            sweeps={"s": {"interval": "1s", "overlap": "maybe", "bogus_key": True}},
+            raw_extra="\n[daemon2]\nx = 1\n",
+        )
+        with pytest.raises(ConfigError) as excinfo:
+            load_config(config)
+        expected = excinfo.value.problems
+        assert len(expected) == 3, expected
+    elif breakage == "plugin":
+        (tmp_path / "plugins.d" / "broken.py").write_text(BROKEN_PLUGIN, encoding="utf-8")
+    else:
+        write_daemon_config(
+            tmp_path,
+            UNREACHABLE_DSN,
+            sweeps={"s": {"interval": "1s"}},
+            database={"connect_timeout": "1s"},
+        )
+
+    reloading, ready, _before, _after = daemon.reload(timeout=30)
+    assert reloading[0] == "RELOADING=1"
+    status = fields(ready)["STATUS"]
+    assert ready[0] == "READY=1"
+    assert "reload failed" in status, status
+
+    # Still the old sweeps, still running.
+    seen = len(runs(db))
+    wait_until(lambda: len(runs(db)) > seen + 1, 15, "runs to go on after the failed reload")
+    assert daemon.proc.poll() is None
+    assert {r.sweep for r in runs(db)} == {"s"}
+
+    failed = daemon.events("reload failed; keeping the previous configuration")
+    problems = [e["problem"] for e in failed]
+    assert all(e["level"] == "error" for e in failed)
+    assert all(n == 1 for n in Counter(problems).values()), problems
+    if expected is not None:
+        assert sorted(problems) == sorted(expected)
+    elif breakage == "plugin":
+        assert len(problems) == 1 and "broken" in problems[0], problems
+    else:
+        assert len(problems) == 1 and "unreachable" in problems[0], problems
+    # Each problem once in the whole log, not repeated by other lines.
+    text = daemon.stderr()
+    for problem in problems:
+        assert text.count(json.dumps(problem)[1:-1]) == 1, problem
+
+    assert daemon.stop() == 0
+    assert daemon.notify.lifecycle() == ["READY=1", "RELOADING=1", "READY=1", "STOPPING=1"]
+    assert daemon.events("configuration reloaded") == []
+    no_traceback(daemon)
+
+
+def test_reload_with_subsecond_misfire_grace_time_does_not_kill_the_daemon(
+    tmp_path: Path, db: str, start_daemon: Callable[..., Daemon]
+) -> None:
+    # Regression: APScheduler wants whole seconds; round(0.5) == 0 used to make it raise
+    # TypeError in the reload and take the daemon down with a traceback.
+    config = write_daemon_config(tmp_path, db, sweeps={"s": {"interval": "1h"}})
+    daemon = start_daemon(config)
+    daemon.ready()
+    write_daemon_config(
+        tmp_path, db, sweeps={"s": {"interval": "1h", "misfire_grace_time": "500ms"}}
+    )
+    load_config(config)  # check-config accepts it
+    _reloading, ready, _before, _after = daemon.reload()
+    assert ready[0] == "READY=1"
+    assert daemon.proc.poll() is None
+    assert daemon.stop() == 0
+    no_traceback(daemon)
+
+
+# -- stopping -----------------------------------------------------------------------------------
+
+
+def test_sigterm_waits_for_a_running_operation_within_drain_timeout(
+    tmp_path: Path, db: str, start_daemon: Callable[..., Daemon]
+) -> None:
+    config = write_daemon_config(
+        tmp_path, db, sweeps={"s": {"interval": "1s"}}, seconds=1.5, drain="30s"
+    )
+    daemon = start_daemon(config)
+    daemon.ready()
+    wait_until(lambda: active_naps(db), 15, "the operation to run")
+    sent = daemon.send(signal.SIGTERM)
+    stopping = daemon.notify.expect_first("STOPPING=1", 10)
+    assert fields(stopping)["STATUS"]
+    assert daemon.wait_exit(30 + STOP_SLACK) == 0
+    assert time.monotonic() - sent < 30 + STOP_SLACK
+    done = runs(db)
+    assert len(done) == 1 and done[0].finished is not None  # finished, not cancelled
+    assert daemon.events("cancelling running operations") == []
+    wait_for_no_backends(db)
+    no_traceback(daemon)
+
+
+def test_sigterm_cancels_what_is_still_running_after_drain_timeout(
+    tmp_path: Path, db: str, start_daemon: Callable[..., Daemon]
+) -> None:
+    drain = 2.0
+    config = write_daemon_config(
+        tmp_path, db, sweeps={"s": {"interval": "1s"}}, seconds=30, drain="2s"
+    )
+    daemon = start_daemon(config)
+    daemon.ready()
+    wait_until(lambda: active_naps(db), 15, "the operation to run")
+    sent = daemon.send(signal.SIGTERM)
+    daemon.notify.expect_first("STOPPING=1", 10)
+    assert daemon.wait_exit(drain + STOP_SLACK) == 0
+    elapsed = time.monotonic() - sent
+    assert elapsed < drain + STOP_SLACK
+    print(f"SIGTERM to exit with a 2s drain and a running pg_sleep(30): {elapsed:.2f}s")
+
+    wait_for_no_backends(db)
+    (run,) = runs(db)
+    assert run.finished is None  # cancelled on the server, never reached its UPDATE
+    cancelling = daemon.events("cancelling running operations")
+    assert len(cancelling) == 1 and "drain timeout" in cancelling[0]["reason"]
+    assert daemon.notify.lifecycle() == ["READY=1", "STOPPING=1"]
+    no_traceback(daemon)
+
+
+def test_second_sigterm_cancels_at_once(
+    tmp_path: Path, db: str, start_daemon: Callable[..., Daemon]
+) -> None:
+    config = write_daemon_config(
+        tmp_path, db, sweeps={"s": {"interval": "1s"}}, seconds=30, drain="60s"
+    )
+    daemon = start_daemon(config)
+    daemon.ready()
+    wait_until(lambda: active_naps(db), 15, "the operation to run")
+    daemon.send(signal.SIGTERM)
+    daemon.notify.expect_first("STOPPING=1", 10)
+    daemon.wait_log("stopping", 10)
+    assert daemon.proc.poll() is None  # draining: the operation may take its 60 s
+    assert active_naps(db)
+    second = daemon.send(signal.SIGTERM)
+    assert daemon.wait_exit(STOP_SLACK) == 0
+    assert time.monotonic() - second < STOP_SLACK
+    wait_for_no_backends(db)
+    (run,) = runs(db)
+    assert run.finished is None
+    cancelling = daemon.events("cancelling running operations")
+    assert len(cancelling) == 1 and "second stop signal" in cancelling[0]["reason"]
+    no_traceback(daemon)
+
+
+# -- watchdog -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("watchdog_pid", ["unset", "ours", "another"])
+def test_watchdog_pings(
+    tmp_path: Path, db: str, start_daemon: Callable[..., Daemon], watchdog_pid: str
+) -> None:
+    config = write_daemon_config(tmp_path, db, sweeps={"h": {"interval": "1h"}})
+    env = {"WATCHDOG_USEC": "1000000"}
+    prefix: tuple[str, ...] = ()
+    if watchdog_pid == "another":
+        env["WATCHDOG_PID"] = str(os.getpid())  # the test process, not the daemon
+    elif watchdog_pid == "ours":
+        # exec keeps the shell's pid, so $$ is the daemon's pid
+        prefix = ("/bin/sh", "-c", 'WATCHDOG_PID=$$; export WATCHDOG_PID; exec "$@"', "sh")
+    daemon = start_daemon(config, env=env, argv_prefix=prefix)
+    daemon.ready()
+    if watchdog_pid == "another":
+        time.sleep(2.0)  # four half-intervals: long enough for pings that must not come
+        assert [m for m in daemon.notify.drain() if "WATCHDOG=1" in m] == []
+    else:
+        wait_until(
+            lambda: len([m for m in daemon.notify.drain() if m == ("WATCHDOG=1",)]) >= 2,
+            10,
+            "two WATCHDOG=1 pings",
+        )
+    assert daemon.stop() == 0
+    no_traceback(daemon)
+
+
+# -- overlap, timeout ---------------------------------------------------------------------------
+
+
+def assert_no_overlap(done: list[Run]) -> None:
+    for earlier, later in itertools.pairwise(done):
+        assert earlier.finished is not None, earlier
+        assert later.started >= earlier.finished, (earlier, later)
+
+
+def test_overlap_skip_never_runs_twice_at_once(
+    tmp_path: Path, db: str, start_daemon: Callable[..., Daemon]
+) -> None:
+    config = write_daemon_config(
+        tmp_path, db, sweeps={"s": {"interval": "1s", "overlap": "skip"}}, seconds=1.5
+    )
+    daemon = start_daemon(config)
+    daemon.ready()
+    wait_until(lambda: active_naps(db), 15, "the first run")
+    # A reload mid-run keeps the sweep's controller, and with it the overlap policy.
+    _reloading, ready, _b, _a = daemon.reload()
+    assert "reload failed" not in ready[1]
+    wait_until(
+        lambda: len([r for r in runs(db) if r.finished is not None]) >= 2, 20, "two finished runs"
+    )
+    assert len(active_naps(db)) <= 1
+    assert daemon.stop() == 0
+    done = [r for r in runs(db) if r.finished is not None]
+    assert_no_overlap(done)
+    assert daemon.events("sweep still running; firing skipped")
+    no_traceback(daemon)
+
+
+def test_overlap_queue_runs_once_more_right_after_and_never_piles_up(
+    tmp_path: Path, db: str, start_daemon: Callable[..., Daemon]
+) -> None:
+    # Firings every second while a run takes 3 s: the first one queues, the next ones fold into
+    # it. Once two firings have arrived, a reload moves the next firing an hour away: exactly one
+    # more run follows, back to back, however many firings arrived meanwhile.
+    sweeps = {"s": {"interval": "1s", "overlap": "queue"}}
+    config = write_daemon_config(tmp_path, db, sweeps=sweeps, seconds=3)
+    daemon = start_daemon(config)
+    daemon.ready()
+    daemon.wait_log("sweep already queued; firing folded into it", 20)
+    write_daemon_config(
+        tmp_path, db, sweeps={"s": {"interval": "1h", "overlap": "queue"}}, seconds=3
+    )
+    _reloading, ready, _b, _a = daemon.reload()
+    assert "reload failed" not in ready[1]
+
+    wait_until(
+        lambda: len(runs(db)) >= 2 and all(r.finished for r in runs(db)),
+        20,
+        "the queued run to start and finish",
+    )
+    time.sleep(1.0)  # a third run, if one had been piled up, would start right away
+    done = runs(db)
+    assert len(done) == 2, done
+    assert_no_overlap(done)
+    assert len(daemon.events("sweep still running; queued to run again when it ends")) == 1
+    assert daemon.stop() == 0
+    no_traceback(daemon)
+
+
+def test_overlap_replace_cancels_the_running_one_on_the_server(
+    tmp_path: Path, db: str, start_daemon: Callable[..., Daemon]
+) -> None:
+    config = write_daemon_config(
+        tmp_path, db, sweeps={"s": {"interval": "1s", "overlap": "replace"}}, seconds=30, drain="1s"
+    )
+    daemon = start_daemon(config)
+    daemon.ready()
+    samples: list[int] = []
+
+    def three_runs() -> bool:
+        samples.append(len(active_naps(db)))
+        return len(runs(db)) >= 3
+
+    wait_until(three_runs, 20, "three runs, each replacing the previous one")
+    latest = runs(db)[-1]
+    # Every replaced run's query is gone from the server: nothing older than the latest run
+    # is still sleeping there.
+    wait_until(
+        lambda: not [s for _p, s, _a in active_naps(db) if s < latest.started],
+        5,
+        "replaced queries to disappear from pg_stat_activity",
+    )
+    assert max(samples) <= 1, samples  # never two sleeping at once
+    assert daemon.stop() == 0
+    done = runs(db)
+    assert all(r.finished is None for r in done), done  # each one cancelled before its end
+    assert len(daemon.events("sweep still running; replacing it")) >= 2
+    wait_for_no_backends(db)
+    no_traceback(daemon)
+
+
+def test_sweep_timeout_cancels_the_query_and_the_schedule_goes_on(
+    tmp_path: Path, db: str, start_daemon: Callable[..., Daemon]
+) -> None:
+    config = write_daemon_config(
+        tmp_path, db, sweeps={"s": {"interval": "1s", "timeout": "1s"}}, seconds=30, drain="1s"
+    )
+    daemon = start_daemon(config)
+    daemon.ready()
+    first = wait_until(lambda: runs(db), 15, "a first run")[0]
+    wait_until(lambda: len(runs(db)) >= 2, 15, "a later run")
+    # The first run's query was cancelled on the server: no sweeperd pg_sleep started before
+    # the second run is still there.
+    second = runs(db)[1]
+    wait_until(
+        lambda: not [s for _p, s, _a in active_naps(db) if s < second.started],
+        5,
+        "the timed-out query to disappear from pg_stat_activity",
+    )
+    assert runs(db)[0].finished is None
+    assert first.id == runs(db)[0].id
+    stopped = daemon.wait_log("sweep stopped early; unfinished operations cancelled", 10)
+    assert stopped[0]["reason"] == "sweep timed out"
+    assert daemon.proc.poll() is None
+    assert daemon.stop() == 0
+    no_traceback(daemon)
+
+
+# -- maintenance window -------------------------------------------------------------------------
+
+
+def test_maintenance_window_outside_it_the_sweep_does_not_start(
+    tmp_path: Path, db: str, start_daemon: Callable[..., Daemon]
+) -> None:
+    now = dt.datetime.now(dt.UTC)
+
+    def hhmm(hours: int) -> str:
+        return (now + dt.timedelta(hours=hours)).strftime("%H:%M")
+
+    config = write_daemon_config(
+        tmp_path,
+        db,
+        tenants=("acme", "globex"),
+        sweeps={
+            "inside": {"interval": "1s", "tenants": ["acme"], "window": f"{hhmm(-1)}-{hhmm(2)}"},
+            "outside": {"interval": "1s", "tenants": ["globex"], "window": f"{hhmm(2)}-{hhmm(3)}"},
+        },
+    )
+    daemon = start_daemon(config)
+    daemon.ready()
+    wait_until(lambda: len(runs(db, sweep="inside")) >= 2, 15, "two runs inside the window")
+    not_started = daemon.wait_log("outside the maintenance window; not started", 10, count=2)
+    assert {e["sweep"] for e in not_started} == {"outside"}
+    assert daemon.stop() == 0
+    assert runs(db, sweep="outside") == []
+    no_traceback(daemon)
