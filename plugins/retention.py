@@ -208,6 +208,7 @@ def _operation(rule: Rule) -> sweeperd.Operation:
         tables=(table,),
         scope=rule.scope,  # type: ignore[arg-type]
         phase=sweeperd.Phase.PRUNE,
+        db_operation="DELETE",
         dry_run=True,
         description=f"delete rows of {table} whose {rule.column} is older than "
         f"{format_duration(rule.older_than)}",

@@ -70,6 +70,7 @@ def sweeperd_operations(settings: Mapping[str, Any]) -> list[sweeperd.Operation]
                 run=lambda ctx: _run_auto(ctx, s),
                 tables=(sweeperd.ALL_TABLES,),
                 phase=sweeperd.Phase.MAINTAIN,
+                db_operation="VACUUM",
                 dry_run=True,
                 description="VACUUM every tenant table past the dead-tuple thresholds",
             )
@@ -83,6 +84,7 @@ def sweeperd_operations(settings: Mapping[str, Any]) -> list[sweeperd.Operation]
             run=_run_database_stats,
             scope="database",
             phase=sweeperd.Phase.MAINTAIN,
+            db_operation="VACUUM",
             after=("vacuum.*",),
             dry_run=True,
             description="VACUUM (ONLY_DATABASE_STATS) after the table vacuums (PG 16+)",
@@ -137,6 +139,7 @@ def _table_operation(table: str, s: Settings) -> sweeperd.Operation:
         run=run,
         tables=(table,),
         phase=sweeperd.Phase.MAINTAIN,
+        db_operation="VACUUM",
         dry_run=True,
         description=f"VACUUM{' (ANALYZE)' if s.analyze else ''} {table}",
     )

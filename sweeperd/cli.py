@@ -206,7 +206,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         json.dump(to_json(runs, last_ok, unreachable), sys.stdout)
         sys.stdout.write("\n")
     else:
-        print(render(runs, last_ok, unreachable, config.history.enabled))
+        print(render(runs, last_ok, unreachable, config.history.enabled, args.failed))
     return EXIT_UNREACHABLE if unreachable else EXIT_OK
 
 

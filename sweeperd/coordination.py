@@ -25,7 +25,6 @@ log = structlog.get_logger("sweeperd.coordination")
 DATABASE_SCOPE = ""  # the "tenant" under which database-scope work is claimed
 
 _DDL = """
-CREATE SCHEMA IF NOT EXISTS sweeperd;
 CREATE TABLE IF NOT EXISTS sweeperd.claims (
     sweep      text NOT NULL,
     firing     timestamptz NOT NULL,

@@ -271,13 +271,19 @@ class Database:
         await conn.execute(self._reset_statement)
 
     async def ensure_schema(self, conn: AsyncConn, ddl: str) -> None:
-        """Run idempotent DDL (CREATE ... IF NOT EXISTS) safely against concurrent instances.
+        """Create schema ``sweeperd`` if missing, then run idempotent DDL in it.
 
-        Two sessions running CREATE SCHEMA IF NOT EXISTS at once can still collide (a unique
-        violation in the catalog); a transaction-scoped advisory lock serializes them.
+        CREATE SCHEMA IF NOT EXISTS needs CREATE on the database even when the schema exists, so
+        it is only issued when the schema is missing: a DBA can create the schema for a role that
+        may not create schemas. Two sessions creating at once can still collide in the catalog; a
+        transaction-scoped advisory lock serializes sweeperd's instances.
         """
         async with conn.transaction():
             await conn.execute("SELECT pg_catalog.pg_advisory_xact_lock(%s)", (_DDL_LOCK_KEY,))
+            cur = await conn.execute("SELECT pg_catalog.to_regnamespace('sweeperd') IS NULL")
+            row = await cur.fetchone()
+            if row is not None and row[0]:
+                await conn.execute("CREATE SCHEMA sweeperd")
             await conn.execute(ddl)
 
     def pool_stats(self) -> dict[str, int]:

@@ -31,7 +31,6 @@ SCHEMA = "sweeperd"
 PRUNE_EVERY_S = 3600.0
 
 _DDL = """
-CREATE SCHEMA IF NOT EXISTS sweeperd;
 CREATE TABLE IF NOT EXISTS sweeperd.runs (
     run_id      uuid PRIMARY KEY,
     sweep       text NOT NULL,
@@ -199,7 +198,7 @@ class StatusRow:
 
 
 async def latest_runs(
-    database: Database, *, sweep: str | None, tenant_like: str | None, failed_only: bool
+    database: Database, *, sweep: str | None, tenant_regex: str | None, failed_only: bool
 ) -> tuple[list[StatusRow], list[dict[str, Any]]]:
     """The latest run per sweep with its failures, and each operation's last success."""
     async with database.connection("status") as conn:
@@ -225,10 +224,10 @@ async def latest_runs(
                 """
                 SELECT tenant, operation, status, error FROM sweeperd.results
                  WHERE run_id = %(run)s AND status IN ('failed', 'cancelled')
-                   AND (%(tenant)s::text IS NULL OR tenant LIKE %(tenant)s)
+                   AND (%(tenant)s::text IS NULL OR tenant ~ %(tenant)s)
                  ORDER BY operation, tenant
                 """,
-                {"run": run_id, "tenant": tenant_like},
+                {"run": run_id, "tenant": tenant_regex},
             )
             failures = [
                 dict(zip(("tenant", "operation", "status", "error"), r, strict=True))
@@ -251,10 +250,10 @@ async def latest_runs(
             SELECT r.operation, max(r.finished_at), count(DISTINCT r.tenant)
               FROM sweeperd.results r JOIN sweeperd.runs u USING (run_id)
              WHERE r.status = 'ok' AND (%(sweep)s::text IS NULL OR u.sweep = %(sweep)s)
-               AND (%(tenant)s::text IS NULL OR r.tenant LIKE %(tenant)s)
+               AND (%(tenant)s::text IS NULL OR r.tenant ~ %(tenant)s)
              GROUP BY r.operation ORDER BY r.operation
             """,
-            {"sweep": sweep, "tenant": tenant_like},
+            {"sweep": sweep, "tenant": tenant_regex},
         )
         last_ok = [
             {"database": database.name, "operation": op, "last_success": when, "tenants": n}

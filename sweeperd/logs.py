@@ -19,13 +19,22 @@ from collections.abc import MutableMapping
 from typing import Any, TextIO
 
 import structlog
+import structlog.tracebacks
 from opentelemetry import trace
 
 from .config import LogConfig
 
 # sd-daemon(3) priority prefixes.
-_PRIORITY = {"critical": 2, "error": 3, "exception": 3, "warning": 4, "warn": 4, "info": 6,
-             "debug": 7, "notset": 7}
+_PRIORITY = {
+    "critical": 2,
+    "error": 3,
+    "exception": 3,
+    "warning": 4,
+    "warn": 4,
+    "info": 6,
+    "debug": 7,
+    "notset": 7,
+}
 
 
 def add_trace_context(
@@ -85,7 +94,12 @@ def setup_logging(config: LogConfig, stream: TextIO | None = None) -> None:
         shared.append(structlog.processors.TimeStamper(fmt="iso", utc=True))
     renderer: structlog.typing.Processor
     if use_json:
-        shared.append(structlog.processors.dict_tracebacks)
+        # Frames without their local variables: a local may hold a DSN with its password.
+        shared.append(
+            structlog.processors.ExceptionRenderer(
+                structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+            )
+        )
         if journal:
             shared.append(_journal_prefix)
             renderer = _JournalRenderer()

@@ -181,8 +181,9 @@ class Runner:
             log.info("sweep started", items=len(plan.items), dry_run=dry_run)
             await run.execute(stop)
             if run.stop_reason is not None:
-                log.warning("sweep stopped early; unfinished operations cancelled",
-                            reason=run.stop_reason)
+                log.warning(
+                    "sweep stopped early; unfinished operations cancelled", reason=run.stop_reason
+                )
             report = SweepReport(
                 sweep=plan.sweep,
                 started_at=started,
@@ -276,7 +277,8 @@ class _SweepRun:
     async def run_item(self, item: WorkItem) -> None:
         # Task-local: every log line of this item carries its tenant and operation.
         structlog.contextvars.bind_contextvars(
-            tenant=item.tenant.name if item.tenant else None, operation=item.operation.name)
+            tenant=item.tenant.name if item.tenant else None, operation=item.operation.name
+        )
         try:
             for dep in item.deps:
                 await self.done[dep].wait()
@@ -366,7 +368,14 @@ class _SweepRun:
                         sweep=self.plan.sweep,
                         server_version=database.server_version,
                     )
-                    with trace.use_span(span, end_on_exit=False):
+                    # Outcomes are recorded by tracing.SweepTrace (skips are not errors) and
+                    # with redacted messages: no raw exception text (it may hold a DSN) on spans.
+                    with trace.use_span(
+                        span,
+                        end_on_exit=False,
+                        record_exception=False,
+                        set_status_on_exception=False,
+                    ):
                         rows = await op.run(ctx)
             if rows is not None and not isinstance(rows, int):
                 raise TypeError(f"run() returned {type(rows).__name__}, expected int or None")

@@ -11,18 +11,44 @@ from .history import StatusRow, latest_runs
 from .sweep import open_databases
 
 
-def glob_to_like(glob: str) -> str:
-    """``acme*`` → ``acme%`` (LIKE's own wildcards in the glob are matched literally)."""
-    out = []
-    for ch in glob:
-        if ch in "%_\\":
-            out.append("\\" + ch)
-        elif ch == "*":
-            out.append("%")
+def glob_to_regex(glob: str) -> str:
+    """A shell glob as an anchored PostgreSQL regular expression, meaning what ``fnmatch`` does.
+
+    ``sweep --tenant`` matches with fnmatch; ``status --tenant`` filters in SQL, so the same
+    glob (``*``, ``?``, ``[ab]``, ``[!ab]``) is translated rather than approximated with LIKE.
+    """
+    out = ["^"]
+    i, n = 0, len(glob)
+    while i < n:
+        ch = glob[i]
+        i += 1
+        if ch == "*":
+            out.append(".*")
         elif ch == "?":
-            out.append("_")
-        else:
+            out.append(".")
+        elif ch == "[":
+            j = i
+            if j < n and glob[j] == "!":
+                j += 1
+            if j < n and glob[j] == "]":
+                j += 1
+            while j < n and glob[j] != "]":
+                j += 1
+            if j >= n:
+                out.append("\\[")  # no closing bracket: a literal "["
+                continue
+            body = glob[i:j].replace("\\", "\\\\")
+            if body.startswith("!"):
+                body = "^" + body[1:]
+            elif body.startswith("^"):
+                body = "\\" + body
+            out.append(f"[{body}]")
+            i = j + 1
+        elif ch.isalnum() or ch == "_":
             out.append(ch)
+        else:
+            out.append("\\" + ch)
+    out.append("$")
     return "".join(out)
 
 
@@ -31,10 +57,10 @@ async def collect(
 ) -> tuple[list[StatusRow], list[dict[str, Any]], dict[str, str]]:
     databases, unreachable = await open_databases(config, list(config.databases))
     try:
-        like = glob_to_like(tenant) if tenant else None
+        pattern = glob_to_regex(tenant) if tenant else None
         found = await asyncio.gather(
             *(
-                latest_runs(db, sweep=sweep, tenant_like=like, failed_only=failed_only)
+                latest_runs(db, sweep=sweep, tenant_regex=pattern, failed_only=failed_only)
                 for db in databases.values()
             )
         )
@@ -71,7 +97,11 @@ def to_json(
 
 
 def render(
-    runs: list[StatusRow], last_ok: list[dict[str, Any]], unreachable: dict[str, str], enabled: bool
+    runs: list[StatusRow],
+    last_ok: list[dict[str, Any]],
+    unreachable: dict[str, str],
+    enabled: bool,
+    failed_only: bool = False,
 ) -> str:
     lines: list[str] = []
     if not enabled:
@@ -79,7 +109,8 @@ def render(
     for name, reason in sorted(unreachable.items()):
         lines.append(f"database {name} unreachable: {reason}")
     if not runs:
-        lines.append("no runs recorded yet")
+        lines.append("no runs with failures" if failed_only and last_ok else
+                     "no runs recorded yet")
     for r in sorted(runs, key=lambda r: (r.sweep, r.database)):
         c = r.counts
         took = (r.finished_at - r.started_at).total_seconds()

@@ -134,19 +134,24 @@ def setup_telemetry(
     if env.get("OTEL_SDK_DISABLED", "").strip().lower() != "true":
         from opentelemetry.sdk.resources import Resource
 
-        resource = Resource.create(
-            {
-                "service.name": env.get("OTEL_SERVICE_NAME") or "sweeperd",
-                "service.version": __version__,
-            }
+        # Read from ``env`` (not only os.environ, which the SDK's detectors use) with the
+        # spec's precedence: OTEL_SERVICE_NAME, then service.name in OTEL_RESOURCE_ATTRIBUTES.
+        attributes: dict[str, Any] = {"service.version": __version__}
+        attributes.update(
+            _key_values(env.get("OTEL_RESOURCE_ATTRIBUTES", ""), "OTEL_RESOURCE_ATTRIBUTES")
         )
+        attributes["service.name"] = (
+            env.get("OTEL_SERVICE_NAME") or attributes.get("service.name") or "sweeperd"
+        )
+        resource = Resource.create(attributes)
         span_exporters = _exporters(env, "TRACES")
         if span_exporters:
             from opentelemetry.sdk.trace import TracerProvider
             from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-            # sampler=None: the SDK reads OTEL_TRACES_SAMPLER and OTEL_TRACES_SAMPLER_ARG.
-            tracer_provider = TracerProvider(resource=resource, shutdown_on_exit=False)
+            tracer_provider = TracerProvider(
+                resource=resource, sampler=_sampler(env), shutdown_on_exit=False
+            )
             for exporter in span_exporters:
                 tracer_provider.add_span_processor(BatchSpanProcessor(exporter))
             trace.set_tracer_provider(tracer_provider)
@@ -166,6 +171,65 @@ def setup_telemetry(
             stops.append(meter_provider.shutdown)
     _current = Telemetry(tracer, meter, tenant_metrics=tenant_metrics, _shutdown=stops)
     return _current
+
+
+def _key_values(text: str, variable: str) -> dict[str, str]:
+    """``k1=v1,k2=v2`` with percent-encoded values (the OTEL_* list format)."""
+    from urllib.parse import unquote
+
+    out = {}
+    for item in (i.strip() for i in text.split(",")):
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise TelemetryError(f"{variable}: expected key=value pairs, got {item!r}")
+        out[key.strip()] = unquote(value.strip())
+    return out
+
+
+def _sampler(env: Mapping[str, str]) -> Any:
+    """OTEL_TRACES_SAMPLER / _ARG, read from ``env``."""
+    from opentelemetry.sdk.trace import sampling
+
+    name = env.get("OTEL_TRACES_SAMPLER", "parentbased_always_on").strip().lower()
+    arg = env.get("OTEL_TRACES_SAMPLER_ARG", "").strip()
+    try:
+        ratio = float(arg) if arg else 1.0
+    except ValueError:
+        raise TelemetryError(f"OTEL_TRACES_SAMPLER_ARG: expected a number, got {arg!r}") from None
+    samplers: dict[str, Callable[[], Any]] = {
+        "always_on": lambda: sampling.ALWAYS_ON,
+        "always_off": lambda: sampling.ALWAYS_OFF,
+        "traceidratio": lambda: sampling.TraceIdRatioBased(ratio),
+        "parentbased_always_on": lambda: sampling.ParentBased(sampling.ALWAYS_ON),
+        "parentbased_always_off": lambda: sampling.ParentBased(sampling.ALWAYS_OFF),
+        "parentbased_traceidratio": lambda: sampling.ParentBased(sampling.TraceIdRatioBased(ratio)),
+    }
+    if name not in samplers:
+        raise TelemetryError(
+            f"OTEL_TRACES_SAMPLER: unsupported sampler {name!r} "
+            f"(expected one of {', '.join(samplers)})"
+        )
+    return samplers[name]()
+
+
+def _otlp_http_settings(env: Mapping[str, str], signal: str) -> dict[str, Any]:
+    """Endpoint and headers for the HTTP exporter, from ``env`` (the rest it reads itself)."""
+    path = "/v1/traces" if signal == "TRACES" else "/v1/metrics"
+    settings: dict[str, Any] = {}
+    specific = env.get(f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT")
+    general = env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    if specific:
+        settings["endpoint"] = specific
+    elif general:
+        settings["endpoint"] = general.rstrip("/") + path
+    headers = env.get(f"OTEL_EXPORTER_OTLP_{signal}_HEADERS") or env.get(
+        "OTEL_EXPORTER_OTLP_HEADERS"
+    )
+    if headers:
+        settings["headers"] = _key_values(headers, "OTEL_EXPORTER_OTLP_HEADERS")
+    return settings
 
 
 def _exporters(env: Mapping[str, str], signal: str) -> list[Any]:
@@ -234,10 +298,11 @@ def _otlp(env: Mapping[str, str], signal: str) -> Any:
             f"OTEL_EXPORTER_OTLP_PROTOCOL: unsupported protocol {protocol!r} "
             "(expected http/protobuf or grpc)"
         )
+    settings = _otlp_http_settings(env, signal)
     if signal == "TRACES":
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-        return OTLPSpanExporter()
+        return OTLPSpanExporter(**settings)
     from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 
-    return OTLPMetricExporter()
+    return OTLPMetricExporter(**settings)

@@ -65,7 +65,10 @@ class SweepTrace:
         schema = item.schema
         attributes: dict[str, Any] = {
             "db.system.name": "postgresql",  # at creation: samplers may look at it
-            "db.namespace": f"{item.database}|{schema}" if schema else item.database,
+            # The real database name (the config key is only sweeperd's alias for it).
+            "db.namespace": f"{database.dbname or item.database}|{schema}"
+            if schema
+            else (database.dbname or item.database),
             "sweeperd.operation": op.name,
             "sweeperd.plugin": op.plugin,
             "sweeperd.scope": op.scope,
