@@ -256,10 +256,16 @@ async def _run(ctx: sweeperd.Context, rule: Rule) -> int:
         return min(would, rule.max_rows) if rule.max_rows else would
 
     progress = _Progress(ctx, rule)
-    for member in members:
-        await _prune(ctx, rule, member, filters, params, progress)
-        if progress.exhausted:
-            break
+    try:
+        for member in members:
+            await _prune(ctx, rule, member, filters, params, progress)
+            if progress.exhausted:
+                break
+    finally:
+        if ctx.server_version >= 150000 and progress.deleted:
+            # PostgreSQL flushes table statistics up to a second after a transaction; without
+            # this the VACUUM that follows may not see the dead tuples it is about to remove.
+            await ctx.conn.execute("SELECT pg_catalog.pg_stat_force_next_flush()")
     return progress.deleted
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 from asyncio import FIRST_COMPLETED
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -179,7 +180,11 @@ class Runner:
             structlog.contextvars.bound_contextvars(sweep=plan.sweep),
         ):
             log.info("sweep started", items=len(plan.items), dry_run=dry_run)
-            await run.execute(stop)
+            warmed = await self._warm(plan)
+            try:
+                await run.execute(stop)
+            finally:
+                await asyncio.gather(*(_after_sweep(db) for db in warmed), return_exceptions=True)
             if run.stop_reason is not None:
                 log.warning(
                     "sweep stopped early; unfinished operations cancelled", reason=run.stop_reason
@@ -195,6 +200,17 @@ class Runner:
         run.trace.close(report.counts(), report.duration_s)
         _notify(self.pm.hook.sweeperd_sweep_finished, sweep=plan.sweep, results=report.results)
         return report
+
+    async def _warm(self, plan: Plan) -> list[Database]:
+        """Open the connections the plan will use at once, before it starts."""
+        per_db = Counter(item.database for item in plan.items)
+        warmed = []
+        for name, items in per_db.items():
+            database = self.databases.get(name)
+            if database is not None:
+                await database.warm(min(items, self.bounds.limits.max_concurrency))
+                warmed.append(database)
+        return warmed
 
 
 class _SweepRun:
@@ -411,6 +427,11 @@ class _SweepRun:
             error_type=type(failure).__name__ if failure is not None else None,
             sqlstate=sqlstate_of(failure) if failure is not None else None,
         )
+
+
+async def _after_sweep(database: Database) -> None:
+    await database.scrub_idle()
+    await database.cool()
 
 
 async def _cancel_and_wait(tasks: Sequence[asyncio.Task[None]]) -> None:

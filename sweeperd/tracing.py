@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import INVALID_SPAN, Span, SpanKind, Status, StatusCode
 
 from .model import ALL_TABLES, Result
 from .telemetry import Telemetry
@@ -36,6 +36,7 @@ class SweepTrace:
             attributes={"sweeperd.sweep": plan.sweep, "sweeperd.items": len(plan.items)},
         )
         self.context = trace.set_span_in_context(self.span)
+        self.recording = self.span.is_recording()
         self._remaining = Counter(_tenant_key(item) for item in plan.items if item.tenant)
         self._tenant_spans: dict[tuple[str, str], tuple[Span, otel_context.Context]] = {}
         self._tenant_failed: Counter[tuple[str, str]] = Counter()
@@ -61,6 +62,8 @@ class SweepTrace:
         return entry[1]
 
     def start(self, item: WorkItem, database: Database) -> Span:
+        if not self.recording:
+            return INVALID_SPAN  # tracing off: no attributes to build, nothing to end
         op = item.operation
         schema = item.schema
         attributes: dict[str, Any] = {
@@ -91,6 +94,9 @@ class SweepTrace:
 
     def finish(self, item: WorkItem, span: Span | None, result: Result) -> None:
         """End the item's span (if it started one) and record its metrics."""
+        if not self.recording:
+            self._record(item, result)
+            return
         if span is None:
             # Never started (vetoed, dry run of an unsafe op, cancelled early): a short span
             # still makes the skip or cancel visible in the trace.

@@ -202,16 +202,27 @@ def test_a_connection_before_open_or_after_close_is_a_clear_error(pg_dsn: str) -
 # -- application_name ------------------------------------------------------------------------------
 
 
-def test_application_name_labels_the_checkout_and_is_reset_when_it_returns(pg_dsn: str) -> None:
+def test_application_name_labels_the_checkout_and_idle_connections_are_scrubbed(
+    pg_dsn: str,
+) -> None:
     async def body(db: Database) -> None:
         async with db.connection("retention.notifications acme") as conn:
             assert await show(conn, "application_name") == "sweeperd: retention.notifications acme"
+            await conn.execute("SELECT pg_advisory_lock(42)")
             pid = conn.info.backend_pid
             # Seen from another session too (that is what pg_stat_activity users look at).
             assert pool_backends(pg_dsn)[pid] == "sweeperd: retention.notifications acme"
-        # Back in the pool (the pool resets returned connections in a background task): the
-        # plain name again while the connection sits idle.
-        assert await eventually(lambda: pool_backends(pg_dsn)[pid] == "sweeperd")
+        # The reset happens when a connection is handed out, and for idle connections when a
+        # sweep ends (scrub_idle): then the plain name again, and no lock left behind.
+        await db.scrub_idle()
+        assert pool_backends(pg_dsn)[pid] == "sweeperd"
+        with psycopg.connect(pg_dsn) as other:
+            held = other.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                                 "AND pid = %s", (pid,)).fetchone()
+        assert held == (0,)
+        async with db.connection("vacuum.jobs globex") as conn:
+            assert conn.info.backend_pid == pid  # the same connection, labelled anew
+            assert await show(conn, "application_name") == "sweeperd: vacuum.jobs globex"
 
     run(pg_dsn, body, max_connections=1)
 

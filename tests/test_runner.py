@@ -25,10 +25,12 @@ from support import run_sql
 import sweeperd
 from sweeperd import Context, Operation, Phase
 from sweeperd.config import Config, parse_config
-from sweeperd.model import Result
+from sweeperd.db import Database
+from sweeperd.model import Result, Tenant
+from sweeperd.planner import make_plan
 from sweeperd.plugins import Plugins, new_plugin_manager
-from sweeperd.runner import SweepReport
-from sweeperd.sweep import sweep_once
+from sweeperd.runner import Runner, SweepReport
+from sweeperd.sweep import limits_for, sweep_once
 
 SWEEP = "x"
 UNREACHABLE_DSN = "host=/nonexistent dbname=x connect_timeout=1"
@@ -642,53 +644,53 @@ def test_unreachable_database_fails_its_items_and_the_rest_still_runs(pg_dsn: st
 # -- connection hygiene ----------------------------------------------------------------------------
 
 
-def test_application_name_labels_each_operation_and_is_reset_afterwards(pg_dsn: str) -> None:
+def test_application_name_labels_each_operation_and_is_reset_after_the_sweep(
+    pg_dsn: str,
+) -> None:
     create_tenants(pg_dsn, ["tenant_acme"])
     seen: dict[str, Any] = {}
-    events: dict[str, asyncio.Event] = {}
 
     async def first(ctx: Context) -> int | None:
         cur = await ctx.conn.execute(
             "SELECT current_setting('application_name'), pg_catalog.pg_backend_pid()")
         seen["first"] = await cur.fetchone()
-        # Hold this connection until the watcher holds its own: two distinct connections.
-        await asyncio.wait_for(events["watcher_started"].wait(), 10)
-        events["first_done"].set()
+        await asyncio.sleep(0.2)  # overlap with the other one: two distinct connections
         return None
 
-    async def watcher(ctx: Context) -> int | None:
-        # Runs concurrently (another table); waits on the server until the first operation's
-        # connection, back in the pool, carries the plain "sweeperd" name again.
+    async def second(ctx: Context) -> int | None:
         cur = await ctx.conn.execute(
             "SELECT current_setting('application_name'), pg_catalog.pg_backend_pid()")
-        seen["watcher"] = await cur.fetchone()
-        events["watcher_started"].set()
-        await asyncio.wait_for(events["first_done"].wait(), 10)
-        pid = seen["first"][1]
-        for _ in range(200):
-            cur = await ctx.conn.execute(
-                "SELECT application_name, state FROM pg_catalog.pg_stat_activity WHERE pid = %s",
-                (pid,))
-            seen["first_after"] = await cur.fetchone()
-            if seen["first_after"] and seen["first_after"][0] == "sweeperd":
-                break
-            await asyncio.sleep(0.05)
+        seen["second"] = await cur.fetchone()
+        await asyncio.sleep(0.2)
         return None
 
-    async def main() -> SweepReport:
-        events["watcher_started"] = asyncio.Event()
-        events["first_done"] = asyncio.Event()
+    async def main() -> tuple[SweepReport, list[tuple[Any, ...]]]:
         config = make_config(pg_dsn, [("acme", "tenant_acme")], max_connections=2)
-        operations = [Operation(name="label.first", run=first, tables=("a",)),
-                      Operation(name="label.watcher", run=watcher, tables=("b",))]
-        return await sweep_once(config, make_plugins(operations), sweep=SWEEP)
+        operations = {o.name: o for o in (Operation(name="label.first", run=first, tables=("a",)),
+                                          Operation(name="label.second", run=second,
+                                                    tables=("b",)))}
+        database = Database(config.databases["main"])
+        await database.open()
+        try:
+            tenants = [Tenant("acme", "main", "tenant_acme")]
+            plan = make_plan(config, operations, tenants, sweep=SWEEP)
+            runner = Runner({"main": database}, new_plugin_manager(), {}, limits_for(config))
+            report = await runner.run(plan)
+            # The sweep is over, the pool still open: its idle connections carry no label.
+            with psycopg.connect(pg_dsn) as other:
+                rows = other.execute(
+                    "SELECT application_name, state FROM pg_catalog.pg_stat_activity "
+                    "WHERE pid = ANY(%s)", ([seen["first"][1], seen["second"][1]],)).fetchall()
+            return report, rows
+        finally:
+            await database.close()
 
-    report = asyncio.run(main())
+    report, rows = asyncio.run(main())
     assert report.counts()["ok"] == 2, report.to_json()
     assert seen["first"][0] == "sweeperd: label.first acme"
-    assert seen["watcher"][0] == "sweeperd: label.watcher acme"
-    assert seen["first"][1] != seen["watcher"][1]
-    assert seen["first_after"] == ("sweeperd", "idle")
+    assert seen["second"][0] == "sweeperd: label.second acme"
+    assert seen["first"][1] != seen["second"][1]
+    assert sorted(rows) == [("sweeperd", "idle"), ("sweeperd", "idle")]
 
 
 def _defaults(dsn: str) -> dict[str, str]:
