@@ -40,7 +40,7 @@ from sweeperd.telemetry import Telemetry
 
 def enable_telemetry() -> None:
     """SDK tracing and metrics as in production, minus the network: spans go nowhere."""
-    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
@@ -51,7 +51,8 @@ def enable_telemetry() -> None:
 
     tracer_provider = TracerProvider()
     tracer_provider.add_span_processor(BatchSpanProcessor(Drop()))
-    meter_provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
+    meter_provider = MeterProvider(metric_readers=[InMemoryMetricReader()],
+                                   exemplar_filter=AlwaysOffExemplarFilter())  # as sweeperd
     import sweeperd.telemetry as t
 
     t._current = Telemetry(tracer_provider.get_tracer("bench"), meter_provider.get_meter("bench"))

@@ -164,13 +164,42 @@ def setup_telemetry(
 
             readers = [PeriodicExportingMetricReader(e) for e in metric_exporters]
             meter_provider = MeterProvider(
-                resource=resource, metric_readers=readers, shutdown_on_exit=False
+                resource=resource,
+                metric_readers=readers,
+                shutdown_on_exit=False,
+                exemplar_filter=_exemplar_filter(env),
             )
             metrics.set_meter_provider(meter_provider)
             meter = meter_provider.get_meter(SCOPE, __version__)
             stops.append(meter_provider.shutdown)
     _current = Telemetry(tracer, meter, tenant_metrics=tenant_metrics, _shutdown=stops)
     return _current
+
+
+def _exemplar_filter(env: Mapping[str, str]) -> Any:
+    """OTEL_METRICS_EXEMPLAR_FILTER, but off unless asked for.
+
+    The SDK's default (trace_based) samples an exemplar on every measurement made inside a
+    sampled span: that is most of what a histogram record costs, paid per operation.
+    """
+    from opentelemetry.sdk.metrics import (
+        AlwaysOffExemplarFilter,
+        AlwaysOnExemplarFilter,
+        TraceBasedExemplarFilter,
+    )
+
+    name = env.get("OTEL_METRICS_EXEMPLAR_FILTER", "always_off").strip().lower()
+    filters: dict[str, Callable[[], Any]] = {
+        "always_off": AlwaysOffExemplarFilter,
+        "always_on": AlwaysOnExemplarFilter,
+        "trace_based": TraceBasedExemplarFilter,
+    }
+    if name not in filters:
+        raise TelemetryError(
+            f"OTEL_METRICS_EXEMPLAR_FILTER: unsupported filter {name!r} "
+            "(expected always_off, always_on or trace_based)"
+        )
+    return filters[name]()
 
 
 def _key_values(text: str, variable: str) -> dict[str, str]:

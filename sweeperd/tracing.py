@@ -10,6 +10,7 @@ Metrics are recorded here too, so the runner calls one object per item.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -20,6 +21,8 @@ from opentelemetry.trace import INVALID_SPAN, Span, SpanKind, Status, StatusCode
 
 from .model import ALL_TABLES, Result
 from .telemetry import Telemetry
+
+METRICS_FLUSH_S = 5.0
 
 if TYPE_CHECKING:
     from .db import Database
@@ -40,6 +43,10 @@ class SweepTrace:
         self._remaining = Counter(_tenant_key(item) for item in plan.items if item.tenant)
         self._tenant_spans: dict[tuple[str, str], tuple[Span, otel_context.Context]] = {}
         self._tenant_failed: Counter[tuple[str, str]] = Counter()
+        self._counts: Counter[tuple[str, str, str | None]] = Counter()
+        self._rows: Counter[str] = Counter()
+        self._dead: Counter[str] = Counter()
+        self._flushed_at = time.monotonic()
 
     def parent(self, item: WorkItem) -> otel_context.Context:
         """The context an item's span starts in: its tenant's span (started on first use)."""
@@ -129,6 +136,7 @@ class SweepTrace:
         span.end()
 
     def close(self, counts: Mapping[str, int], duration_s: float) -> None:
+        self._flush()
         for key in list(self._tenant_spans):
             self._end_tenant(key)
         for status, n in counts.items():
@@ -142,21 +150,41 @@ class SweepTrace:
         )
 
     def _record(self, item: WorkItem, result: Result) -> None:
-        attrs: dict[str, Any] = {
-            "sweeperd.operation": result.operation,
-            "sweeperd.status": result.status,
-        }
-        if self.t.tenant_metrics and result.tenant is not None:
-            attrs["sweeperd.tenant"] = result.tenant
-        self.t.operations.add(1, attrs)
+        # Counters are summed here and added in bulk (every few seconds and at the end): one
+        # SDK call per (operation, status) instead of one per item. Durations stay per item.
+        key = (result.operation, result.status, result.tenant if self.t.tenant_metrics else None)
+        self._counts[key] += 1
         if result.duration_s is not None:
-            self.t.operation_duration.record(result.duration_s, attrs)
+            self.t.operation_duration.record(result.duration_s, _attrs(key))
         if result.status == "ok":
             if result.rows:
-                self.t.rows.add(result.rows, {"sweeperd.operation": result.operation})
+                self._rows[result.operation] += result.rows
             removed = _dead_tuples_removed(result)
             if removed:
-                self.t.dead_tuples.add(removed, {"sweeperd.operation": result.operation})
+                self._dead[result.operation] += removed
+        now = time.monotonic()
+        if now - self._flushed_at >= METRICS_FLUSH_S:
+            self._flush()
+
+    def _flush(self) -> None:
+        self._flushed_at = time.monotonic()
+        for key, n in self._counts.items():
+            self.t.operations.add(n, _attrs(key))
+        for operation, rows in self._rows.items():
+            self.t.rows.add(rows, {"sweeperd.operation": operation})
+        for operation, removed in self._dead.items():
+            self.t.dead_tuples.add(removed, {"sweeperd.operation": operation})
+        self._counts.clear()
+        self._rows.clear()
+        self._dead.clear()
+
+
+def _attrs(key: tuple[str, str, str | None]) -> dict[str, Any]:
+    operation, status, tenant = key
+    attrs: dict[str, Any] = {"sweeperd.operation": operation, "sweeperd.status": status}
+    if tenant is not None:
+        attrs["sweeperd.tenant"] = tenant
+    return attrs
 
 
 def _tenant_key(item: WorkItem) -> tuple[str, str]:
