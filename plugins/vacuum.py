@@ -36,9 +36,12 @@ _KEYS = {
     "min_dead_ratio",
 }
 LOCK_NOT_AVAILABLE = "55P03"
+# The statistics functions on the table's oid, not the pg_stat_user_tables view: the view
+# computes some twenty columns for every table of the database on each call.
 _STATS_QUERY = """
-    SELECT n_dead_tup, n_live_tup FROM pg_catalog.pg_stat_user_tables
-     WHERE schemaname = %s AND relname = %s
+    SELECT pg_catalog.pg_stat_get_dead_tuples(c.oid), pg_catalog.pg_stat_get_live_tuples(c.oid)
+      FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+     WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'm', 'p')
 """
 
 
