@@ -80,7 +80,7 @@ class Claims:
 
     async def _claim_in(self, database: Database, sweep: str, firing: dt.datetime,
                         names: list[str]) -> set[str]:
-        async with database.connection("claim") as conn:
+        async with database.housekeeping("claim") as conn:
             if id(database) not in self._ready:
                 await database.ensure_schema(conn, _DDL)
                 self._ready.add(id(database))

@@ -14,6 +14,7 @@ never survives a return to the pool (the pool rolls it back).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 import time
@@ -143,6 +144,7 @@ class Database:
         self.server_version = 0
         self.server_address: str | None = None  # host name, address or unix socket directory
         self.server_port: int | None = None
+        self.slot: asyncio.Semaphore | None = None  # the runner's per-database slot
         self.dbname: str | None = None
         self.user: str | None = None
         self._pool: AsyncConnectionPool[AsyncConn] | None = None
@@ -251,9 +253,19 @@ class Database:
                 raise
         raise AssertionError("unreachable")  # pragma: no cover
 
+    @asynccontextmanager
+    async def housekeeping(self, label: str) -> AsyncIterator[AsyncConn]:
+        """A connection for sweeperd's own queries, inside the database's concurrency cap.
+
+        Without the cap, discovery or a history write could find the pool exhausted by running
+        operations and fail a whole sweep on a pool timeout.
+        """
+        async with self.slot or contextlib.nullcontext(), self.connection(label) as conn:
+            yield conn
+
     async def find_schemas(self, like: str) -> list[str]:
         """Schemas whose name matches the LIKE pattern, in name order."""
-        async with self.connection("discover") as conn:
+        async with self.housekeeping("discover") as conn:
             cur = await conn.execute(
                 "SELECT nspname FROM pg_catalog.pg_namespace WHERE nspname LIKE %s ORDER BY 1",
                 (like,),

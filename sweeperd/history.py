@@ -107,7 +107,7 @@ class History:
     async def _write(
         self, database: Database, report: SweepReport, run_id: uuid.UUID, results: Sequence[Result]
     ) -> None:
-        async with database.connection("history") as conn:
+        async with database.housekeeping("history") as conn:
             if id(database) not in self._ready:
                 await database.ensure_schema(conn, _DDL)
                 self._ready.add(id(database))
@@ -201,7 +201,7 @@ async def latest_runs(
     database: Database, *, sweep: str | None, tenant_regex: str | None, failed_only: bool
 ) -> tuple[list[StatusRow], list[dict[str, Any]]]:
     """The latest run per sweep with its failures, and each operation's last success."""
-    async with database.connection("status") as conn:
+    async with database.housekeeping("status") as conn:
         cur = await conn.execute("SELECT to_regclass('sweeperd.runs') IS NOT NULL")
         row = await cur.fetchone()
         if not row or not row[0]:

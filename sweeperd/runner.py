@@ -2,9 +2,11 @@
 
 Every item is one asyncio task that
 1. waits for the items it depends on (same table, earlier phase), holding nothing meanwhile;
-2. takes its bounds narrowest first: the tenant's slot, then the database's, then the global one
-   (a task never holds a global slot while it waits for a busy database, so other databases keep
-   going), and only then a pooled connection, which is therefore always free;
+2. takes its tables (shared with every other sweep of the process), then its bounds narrowest
+   first: the tenant's slot, the database's, the global one (a task never holds a global slot
+   while it waits for a busy database, so other databases keep going), and only then a pooled
+   connection, which is therefore free (sweeperd's own bookkeeping queries take the database's
+   slot too, see Database.housekeeping);
 3. runs the operation under its timeout; any exception becomes a ``failed`` result with a
    one-line reason (SQLSTATE included), like ``Promise.allSettled`` in the origin story.
 Cancelling a task while its query runs makes psycopg cancel the query on the server.
@@ -28,6 +30,7 @@ from opentelemetry.trace import INVALID_SPAN, Span
 
 from .db import Database, describe_error, sqlstate_of
 from .durations import format_duration
+from .gates import TableGate, TenantGate
 from .model import STATUSES, Context, Result, Skip, Status
 from .planner import Plan, WorkItem
 from .telemetry import telemetry
@@ -51,6 +54,9 @@ class Bounds:
 
     def __init__(self, limits: Limits, previous: Bounds | None = None) -> None:
         self.limits = limits
+        # Not tied to any limit: always carried over, so exclusion holds across a reload.
+        self.tables: TableGate = previous.tables if previous is not None else TableGate()
+        self.tenants: TenantGate = previous.tenants if previous is not None else TenantGate()
         self.global_slots: asyncio.Semaphore
         if previous is not None and previous.limits.max_concurrency == limits.max_concurrency:
             self.global_slots = previous.global_slots
@@ -149,6 +155,9 @@ class Runner:
         self.pm = pm
         self.settings = settings
         self.bounds = bounds if isinstance(bounds, Bounds) else Bounds(bounds)
+        for name, database in databases.items():
+            # Bookkeeping (discovery, claims, history) counts against the same per-database cap.
+            database.slot = self.bounds.per_database.get(name)
 
     async def run(
         self,
@@ -234,7 +243,6 @@ class _SweepRun:
         self.spans: dict[int, Span] = {}
         self.done = [asyncio.Event() for _ in plan.items]
         self.results: dict[int, Result] = {}
-        self.tenant_slots: dict[tuple[str, str], asyncio.Semaphore] = {}
         # Calling a hook nobody implements still costs; ask once per sweep, not once per item.
         hook = runner.pm.hook
         self.has_veto = bool(hook.sweeperd_skip_operation.get_hookimpls())
@@ -280,15 +288,6 @@ class _SweepRun:
                 result = _result(item, "cancelled", error=reason)
             out.append(result)
         return out
-
-    def tenant_slot(self, item: WorkItem) -> asyncio.Semaphore | None:
-        if item.tenant is None:
-            return None
-        key = (item.database, item.tenant.name)
-        slot = self.tenant_slots.get(key)
-        if slot is None:
-            slot = self.tenant_slots[key] = asyncio.Semaphore(self.plan.per_tenant_concurrency)
-        return slot
 
     async def run_item(self, item: WorkItem) -> None:
         # Task-local: every log line of this item carries its tenant and operation.
@@ -341,14 +340,20 @@ class _SweepRun:
             # third-party DELETE must never run because someone asked for a dry run.
             return _result(item, "dry-run", error=None)
         database = runner.databases[item.database]
-        db_slot = runner.bounds.per_database[item.database]
-        global_slot = runner.bounds.global_slots
-        tenant_slot = self.tenant_slot(item)
-        if tenant_slot is None:
-            async with db_slot, global_slot:
+        bounds = runner.bounds
+        # Tables first (all of an item's at once), then the tenant's, the database's and the
+        # global slot, narrowest first: waiting for a busy table holds no slot anybody needs.
+        async with bounds.tables.hold((item.database, item.schema), item.operation.tables):
+            if item.tenant is None:
+                async with bounds.per_database[item.database], bounds.global_slots:
+                    return await self.gated(item, database)
+            tenant = (item.database, item.tenant.name)
+            async with (
+                bounds.tenants.hold(tenant, self.plan.per_tenant_concurrency),
+                bounds.per_database[item.database],
+                bounds.global_slots,
+            ):
                 return await self.gated(item, database)
-        async with tenant_slot, db_slot, global_slot:
-            return await self.gated(item, database)
 
     async def gated(self, item: WorkItem, database: Database) -> Result:
         # Asked after the wait for slots, which can be long: the answer may have changed.
@@ -357,7 +362,6 @@ class _SweepRun:
             status, reason = verdict
             return _result(item, status, error=reason)
         return await self.execute_item(item, database)
-        raise AssertionError("unreachable")  # pragma: no cover - for type checkers
 
     async def execute_item(self, item: WorkItem, database: Database) -> Result:
         op = item.operation
