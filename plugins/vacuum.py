@@ -45,6 +45,10 @@ _STATS_QUERY = """
 """
 
 
+class VacuumRefused(Exception):
+    """VACUUM skipped the table for a reason other than a lock (typically privileges)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     tables: tuple[str, ...] | None  # None: "auto"
@@ -184,17 +188,25 @@ async def _vacuum(ctx: sweeperd.Context, s: Settings, schema: str, table: str) -
         sql.Identifier(schema, table),
     )
     skipped: list[str] = []
+    refused: list[str] = []
 
     def on_notice(diag: Any) -> None:
-        # SKIP_LOCKED does not raise: it emits a WARNING with SQLSTATE 55P03 and moves on.
+        # VACUUM does not raise for a table it will not touch: it emits a WARNING and moves on.
+        # SKIP_LOCKED's "lock not available" (55P03) is a skip by policy; anything else it
+        # skips (e.g. "permission denied to vacuum ..., skipping it") is a failure, or the table
+        # would silently never be vacuumed while every report says ok.
         if diag.sqlstate == LOCK_NOT_AVAILABLE:
             skipped.append(diag.message_primary or "lock not available")
+        elif diag.severity_nonlocalized == "WARNING" and "skipping" in (diag.message_primary or ""):
+            refused.append(diag.message_primary or "VACUUM skipped the table")
 
     ctx.conn.add_notice_handler(on_notice)
     try:
         await ctx.conn.execute(statement)
     finally:
         ctx.conn.remove_notice_handler(on_notice)
+    if refused:
+        raise VacuumRefused(refused[0])
     if skipped:
         raise sweeperd.Skip(skipped[0])
     after = await _dead_tuples(ctx, schema, table)

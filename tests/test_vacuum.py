@@ -371,6 +371,30 @@ def test_missing_table_fails_with_undefined_table(tmp_path: Path, pg_dsn: str) -
     assert result_of(report, "vacuum.events", "a").status == "ok"
 
 
+def test_vacuum_refused_for_lack_of_privileges_is_a_failure(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """PostgreSQL only warns ("permission denied to vacuum ..., skipping it"): not an ok."""
+    role = "vacuum_lowly"
+    make_table(pg_dsn, "tenant_a", "events", rows=10, delete=5)
+    with connect(pg_dsn) as conn:
+        conn.execute(f'DROP ROLE IF EXISTS "{role}"')
+        conn.execute(f'CREATE ROLE "{role}" LOGIN')
+        conn.execute(f'GRANT USAGE ON SCHEMA tenant_a TO "{role}"')
+        conn.execute(f'GRANT SELECT, DELETE ON tenant_a.events TO "{role}"')
+    try:
+        dsn = psycopg.conninfo.make_conninfo(pg_dsn, user=role)
+        config, plugins = load(tmp_path, config_doc(dsn, [("a", "tenant_a")],
+                                                    vacuum={"tables": ["events"]}))
+        result = result_of(sweep(config, plugins, only=["vacuum.events"]), "vacuum.events", "a")
+        assert result.status == "failed"
+        assert result.error is not None and "permission denied" in result.error
+    finally:
+        with connect(pg_dsn) as conn:
+            conn.execute(f'DROP OWNED BY "{role}"')
+            conn.execute(f'DROP ROLE "{role}"')
+
+
 def test_dry_run_vacuums_nothing_and_reports_dead_tuples(tmp_path: Path, pg_dsn: str) -> None:
     make_table(pg_dsn, "tenant_a", "events", rows=500, delete=300)
     wait_for_dead_tuples(pg_dsn, "tenant_a", "events", 300)
