@@ -14,6 +14,8 @@ Each ``[[plugins.retention.rules]]`` entry becomes the operation ``retention.<na
     lock_timeout = "2s"           # optional per-rule overrides of the database's timeouts
     statement_timeout = "1min"
     missing = "fail"              # or "skip": a tenant without the table is skipped, not failed
+    timezone = "UTC"              # required when the column is timestamp WITHOUT time zone or
+                                  # date: the zone its values are written in
     scope = "database"            # once per database instead; then `schema` is required
 
 How a batch works: ``SELECT ctid … WHERE column < cutoff … LIMIT n FOR UPDATE SKIP LOCKED`` feeds a
@@ -34,11 +36,14 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import sweeperd
 from sweeperd import sql
 from sweeperd.durations import EXPECTATION, format_duration, parse_duration
 
+# Cutoff column types that carry no time zone: their values mean nothing without one.
+_NAIVE_TYPES = ("timestamp without time zone", "date")
 DEFAULT_BATCH_SIZE = 5000
 MAX_BATCH_SIZE = 1_000_000
 PROGRESS_EVERY_S = 5.0
@@ -56,6 +61,7 @@ _RULE_KEYS = {
     "missing",
     "scope",
     "schema",
+    "timezone",
 }
 _NAME = re.compile(r"[A-Za-z0-9_-]+")
 _SCALARS = (str, int, float, bool, dt.datetime, dt.date, dt.time)
@@ -74,6 +80,7 @@ class Rule:
     lock_timeout: float | None = None
     statement_timeout: float | None = None
     missing: str = "fail"
+    timezone: str | None = None
     scope: str = "tenant"
     schema: str | None = None
     # Tables already warned about (no index leading with the cutoff column): once per run of
@@ -146,6 +153,9 @@ def _problems(settings: Mapping[str, Any]) -> Iterable[tuple[str, str]]:
             for column, value in match.items():
                 if not isinstance(value, _SCALARS):
                     yield f"{where}.match.{column}", "expected a string, number, boolean or date"
+        if "timezone" in rule and not _is_zone(rule["timezone"]):
+            yield (f"{where}.timezone",
+                   f'expected an IANA time zone such as "UTC", got {rule["timezone"]!r}')
         if rule.get("missing", "fail") not in ("fail", "skip"):
             yield f"{where}.missing", f'expected "fail" or "skip", got {rule.get("missing")!r}'
         scope = rule.get("scope", "tenant")
@@ -163,6 +173,16 @@ def _problems(settings: Mapping[str, Any]) -> Iterable[tuple[str, str]]:
                 f"{where}.schema",
                 'only allowed with scope = "database" (tenant rules use the tenant schema)',
             )
+
+
+def _is_zone(value: Any) -> bool:
+    if not isinstance(value, str) or not value:
+        return False
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        return False
+    return True
 
 
 def _is_duration(value: Any) -> bool:
@@ -191,6 +211,7 @@ def _rule(raw: Mapping[str, Any]) -> Rule:
         lock_timeout=seconds("lock_timeout"),
         statement_timeout=seconds("statement_timeout"),
         missing=raw.get("missing", "fail"),
+        timezone=raw.get("timezone"),
         scope=raw.get("scope", "tenant"),
         schema=raw.get("schema"),
     )
@@ -223,13 +244,25 @@ def _target(ctx: sweeperd.Context, rule: Rule) -> tuple[str, str]:
 
 async def _run(ctx: sweeperd.Context, rule: Rule) -> int:
     schema, table = _target(ctx, rule)
-    members = await _members(ctx, rule, schema, table)
-    if members is None:
+    found = await _members(ctx, rule, schema, table)
+    if found is None:
         raise sweeperd.Skip(f'table "{schema}"."{table}" does not exist (missing = "skip")')
+    members, column_type = found
     await _apply_timeouts(ctx, rule)
-    cur = await ctx.conn.execute(
-        "SELECT now() - %s::interval", (dt.timedelta(seconds=rule.older_than),)
-    )
+    age = dt.timedelta(seconds=rule.older_than)
+    if column_type in _NAIVE_TYPES:
+        if rule.timezone is None:
+            raise ValueError(
+                f'column {rule.column} of "{schema}"."{table}" is {column_type} (no time zone): '
+                f'set timezone = "<zone its values are in>" (e.g. "UTC") on rule {rule.name!r}; '
+                "comparing it with the server's clock in the session's zone could delete rows "
+                "that have not expired yet"
+            )
+        # The cutoff in the column's own terms: wall-clock time in the zone its values use.
+        cur = await ctx.conn.execute(
+            "SELECT (now() AT TIME ZONE %s) - %s::interval", (rule.timezone, age))
+    else:
+        cur = await ctx.conn.execute("SELECT now() - %s::interval", (age,))
     row = await cur.fetchone()
     assert row is not None
     cutoff = row[0]
@@ -368,7 +401,10 @@ _MEMBERS = """
            EXISTS (SELECT 1 FROM pg_catalog.pg_index i
                      JOIN pg_catalog.pg_attribute a
                        ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
-                    WHERE i.indrelid = c.oid AND a.attname = %(column)s)
+                    WHERE i.indrelid = c.oid AND a.attname = %(column)s),
+           (SELECT pg_catalog.format_type(a.atttypid, NULL) FROM pg_catalog.pg_attribute a
+             WHERE a.attrelid = (SELECT oid FROM root) AND a.attname = %(column)s
+               AND NOT a.attisdropped)
       FROM (SELECT 1) AS one
       LEFT JOIN (tree JOIN pg_catalog.pg_class c ON c.oid = tree.oid AND c.relkind = 'r'
                  JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace) ON true
@@ -377,8 +413,9 @@ _MEMBERS = """
 
 async def _members(
     ctx: sweeperd.Context, rule: Rule, schema: str, table: str
-) -> list[tuple[str, str]] | None:
-    """The plain tables holding the rows: the table itself, or its partitions/children.
+) -> tuple[list[tuple[str, str]], str | None] | None:
+    """The plain tables holding the rows (the table itself, or its partitions/children) and the
+    cutoff column's type.
 
     None if the table is missing and the rule says skip; warns once about a missing index.
     """
@@ -391,7 +428,8 @@ async def _members(
         if rule.missing == "skip":
             return None
         # "fail": let PostgreSQL report UndefinedTable (42P01) in its own words.
-        return [(schema, table)]
+        return [(schema, table)], None
+    column_type = rows[0][4]
     members = [(r[1], r[2]) for r in rows if r[1] is not None]
     unindexed = [m for m, r in zip(members, rows, strict=False) if not r[3]]
     if unindexed and rule.table not in rule.warned:
@@ -411,4 +449,4 @@ async def _members(
             column=rule.column,
             fix=statement,
         )
-    return members
+    return members, column_type

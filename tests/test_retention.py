@@ -729,12 +729,46 @@ def test_other_cutoff_column_types(tmp_path: Path, pg_dsn: str, column_type: str
             "INSERT INTO {} SELECT g, CASE WHEN g <= 6 THEN now() - interval '100 days'"
             " WHEN g <= 9 THEN now() - interval '5 days' END FROM generate_series(1, 10) g"
         ).format(ident))
+    # Without a zone the rule refuses: naive values compared with the server's clock in the
+    # session's zone could delete rows that have not expired yet.
     config, plugins = load(tmp_path, config_doc(pg_dsn, [("a", "tenant_a")],
                                                 [rule(older_than="30d", batch_size=4)]))
+    refused = only_result(sweep(config, plugins))
+    assert refused.status == "failed"
+    assert refused.error is not None and "timezone" in refused.error
+    with connect(pg_dsn) as conn:
+        assert len(ids(conn, ident)) == 10
+        zone = conn.execute("SHOW TimeZone").fetchone()[0]  # type: ignore[index]
+    # Told the zone the values were written in (here: the session's), it prunes.
+    config, plugins = load(tmp_path, config_doc(
+        pg_dsn, [("a", "tenant_a")], [rule(older_than="30d", batch_size=4, timezone=zone)]))
     result = only_result(sweep(config, plugins))
     assert (result.status, result.rows) == ("ok", 6)
     with connect(pg_dsn) as conn:
         assert ids(conn, ident) == {7, 8, 9, 10}
+
+
+def test_naive_timestamps_are_read_in_the_rules_zone_not_the_servers(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """Sessions stored as naive UTC on a server whose TimeZone is Asia/Tokyo (UTC+9)."""
+    with connect(pg_dsn) as conn:
+        dbname = conn.info.dbname
+        conn.execute(sql.SQL("ALTER DATABASE {} SET timezone = 'Asia/Tokyo'").format(
+            sql.Identifier(dbname)))
+        conn.execute("CREATE SCHEMA tenant_a")
+        ident = sql.Identifier("tenant_a", TABLE)
+        conn.execute(sql.SQL("CREATE TABLE {} (id int, created_at timestamp)").format(ident))
+        # Expired an hour ago, and expiring in 1 h, 5 h and 8 h (naive UTC values).
+        conn.execute(sql.SQL(
+            "INSERT INTO {} SELECT g, (now() AT TIME ZONE 'UTC') + h * interval '1 hour' "
+            "FROM unnest(ARRAY[1, 2, 3, 4], ARRAY[-1, 1, 5, 8]) AS t(g, h)").format(ident))
+    config, plugins = load(tmp_path, config_doc(
+        pg_dsn, [("a", "tenant_a")], [rule(older_than="0s", timezone="UTC")]))
+    result = only_result(sweep(config, plugins))
+    assert (result.status, result.rows) == ("ok", 1)
+    with connect(pg_dsn) as conn:
+        assert ids(conn, ident) == {2, 3, 4}
 
 
 def test_rule_lock_timeout_overrides_the_database_one(tmp_path: Path, pg_dsn: str) -> None:
