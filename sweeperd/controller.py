@@ -117,9 +117,7 @@ class SweepController:
             await asyncio.gather(task, return_exceptions=True)
 
     def _start(self, firing: dt.datetime) -> None:
-        self.current = asyncio.create_task(
-            self._loop(firing), name=f"sweeperd sweep {self.name}"
-        )
+        self.current = asyncio.create_task(self._loop(firing), name=f"sweeperd sweep {self.name}")
 
     async def _loop(self, firing: dt.datetime) -> None:
         next_firing: dt.datetime | None = firing
@@ -151,12 +149,19 @@ class SweepController:
             guard = (sweep.timeout + HUNG_GRACE_S) if sweep.timeout is not None else None
             async with asyncio.timeout(guard):
                 runner = snapshot.runner
-                tenants = await resolve_tenants(config, runner.databases)
+                tenants, failed = await resolve_tenants(config, runner.databases)
                 tenants, db_scope = await self._claim(runner, tenants, firing)
-                plan = make_plan(config, snapshot.plugins.operations, tenants, sweep=self.name,
-                                 database_scope_in=db_scope)
+                plan = make_plan(
+                    config,
+                    snapshot.plugins.operations,
+                    tenants,
+                    sweep=self.name,
+                    database_scope_in=db_scope,
+                )
                 self.host.sweep_started(self.name, len(plan.items))
-                report = await runner.run(plan, gate=self._gate(window), stop=stop)
+                report = await runner.run(
+                    plan, gate=self._gate(window), stop=stop, unreachable=failed
+                )
         except TimeoutError:
             log.error(
                 "sweep hung and was cancelled",

@@ -80,7 +80,7 @@ def make_plan(
     allowed_dbs = set(database_scope_in) if database_scope_in is not None else None
     sweeps = _sweeps(config, sweep)
     ops = list(operations.values())
-    pairs: dict[tuple[str, str], tuple[Operation, Tenant]] = {}
+    pairs: dict[tuple[str, str, str], tuple[Operation, Tenant]] = {}
     db_ops: dict[tuple[str, str], tuple[Operation, str]] = {}
     for sw in sweeps:
         selected_dbs: set[str] = set()  # per sweep: another sweep's tenants must not count
@@ -98,7 +98,7 @@ def make_plan(
             selected_dbs.add(tenant.database)
             for op in chosen_ops:
                 if op.scope == "tenant":
-                    pairs.setdefault((tenant.name, op.name), (op, tenant))
+                    pairs.setdefault((tenant.database, tenant.name, op.name), (op, tenant))
         databases = selected_dbs if tenant_globs else set(config.databases) | selected_dbs
         if allowed_dbs is not None:
             databases &= allowed_dbs
@@ -108,14 +108,15 @@ def make_plan(
                     db_ops.setdefault((db, op.name), (op, db))
 
     op_order = {name: i for i, name in enumerate(operations)}
-    tenant_order = {t.name: i for i, t in enumerate(tenants)}
+    tenant_order = {(t.database, t.name): i for i, t in enumerate(tenants)}
     items: list[WorkItem] = []
     # Database-scope work first (there is little of it and it is often the largest table), then
     # by phase so that pruning, which unblocks vacuums, is queued ahead of them.
     for op, db in sorted(db_ops.values(), key=lambda p: (p[0].phase, p[1], op_order[p[0].name])):
         items.append(WorkItem(index=len(items), operation=op, tenant=None, database=db))
     for op, tenant in sorted(
-        pairs.values(), key=lambda p: (p[0].phase, tenant_order[p[1].name], op_order[p[0].name])
+        pairs.values(),
+        key=lambda p: (p[0].phase, tenant_order[(p[1].database, p[1].name)], op_order[p[0].name]),
     ):
         items.append(
             WorkItem(index=len(items), operation=op, tenant=tenant, database=tenant.database)

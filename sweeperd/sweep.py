@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 import structlog
 
 from .config import Config
-from .db import Database, DatabaseUnreachable
+from .db import Database, DatabaseUnreachable, describe_error
 from .history import History
 from .model import Tenant
 from .planner import SelectionError, make_plan, matches
@@ -48,26 +48,50 @@ async def open_databases(
     return databases, unreachable
 
 
-async def resolve_tenants(config: Config, databases: Mapping[str, Database]) -> list[Tenant]:
+async def resolve_tenants(
+    config: Config, databases: Mapping[str, Database]
+) -> tuple[list[Tenant], dict[str, str]]:
     """Static ``[[tenants]]`` plus those discovered by ``[[tenant_sources]]`` (one query each).
 
-    A static entry wins over a discovered one with the same name or the same schema.
+    Returns the tenants and the databases whose discovery failed (name → reason): one database
+    in trouble must not cost every other database its sweep. A static entry wins over a
+    discovered one with the same name in the same database, or the same schema. Tenants are
+    identified by (database, name): ``tenant_a`` may exist in several databases.
     """
     tenants = [Tenant(name=t.name, database=t.database, schema=t.schema) for t in config.tenants]
-    names = {t.name for t in tenants}
+    known = {(t.database, t.name) for t in tenants}
     schemas = {(t.database, t.schema) for t in tenants}
+    failed: dict[str, str] = {}
     for source in config.tenant_sources:
         database = databases.get(source.database)
-        if database is None:
+        if database is None or source.database in failed:
             continue  # unreachable: reported already
-        for schema in await database.find_schemas(source.schemas):
-            name = schema[len(source.prefix) :] if schema.startswith(source.prefix) else schema
-            if not name or name in names or (source.database, schema) in schemas:
+        try:
+            found = await database.find_schemas(source.schemas)
+        except Exception as exc:
+            failed[source.database] = f"tenant discovery failed: {describe_error(exc)}"
+            log.error(
+                "tenant discovery failed", database=source.database, error=describe_error(exc)
+            )
+            continue
+        for schema in found:
+            # LIKE's "_" matches any character: "tenant_%" also matches "tenants_archive",
+            # which must not become a tenant (its rows are not a tenant's to prune).
+            if not schema.startswith(source.prefix):
+                log.debug(
+                    "schema matches the LIKE pattern but not its prefix; ignored",
+                    database=source.database,
+                    schema=schema,
+                    prefix=source.prefix,
+                )
+                continue
+            name = schema[len(source.prefix) :] or schema
+            if (source.database, name) in known or (source.database, schema) in schemas:
                 continue
             tenants.append(Tenant(name=name, database=source.database, schema=schema))
-            names.add(name)
+            known.add((source.database, name))
             schemas.add((source.database, schema))
-    return tenants
+    return tenants, failed
 
 
 def relevant_databases(config: Config, tenant_globs: Sequence[str]) -> list[str]:
@@ -94,7 +118,8 @@ async def sweep_once(
         raise SelectionError(f"no sweep named {sweep!r} in {config.path} (known: {known})")
     databases, unreachable = await open_databases(config, relevant_databases(config, tenant_globs))
     try:
-        tenants = await resolve_tenants(config, databases)
+        tenants, failed = await resolve_tenants(config, databases)
+        unreachable = {**unreachable, **failed}
         plan = make_plan(
             config,
             plugins.operations,
@@ -103,9 +128,7 @@ async def sweep_once(
             tenant_globs=tenant_globs,
             only_globs=only_globs,
         )
-        runner = Runner(
-            databases, plugins.pm, config.plugins, limits_for(config)
-        )
+        runner = Runner(databases, plugins.pm, config.plugins, limits_for(config))
         report = await runner.run(plan, dry_run=dry_run, unreachable=unreachable)
         if not dry_run:
             await History(config.history).record(report, databases)
