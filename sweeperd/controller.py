@@ -150,7 +150,8 @@ class SweepController:
             async with asyncio.timeout(guard):
                 runner = snapshot.runner
                 tenants, failed = await resolve_tenants(config, runner.databases)
-                tenants, db_scope = await self._claim(runner, tenants, firing)
+                tenants, db_scope, unclaimed = await self._claim(runner, tenants, firing)
+                failed = {**failed, **unclaimed}
                 plan = make_plan(
                     config,
                     snapshot.plugins.operations,
@@ -185,14 +186,17 @@ class SweepController:
 
     async def _claim(
         self, runner: Runner, tenants: list[Tenant], firing: dt.datetime
-    ) -> tuple[list[Tenant], set[str]]:
-        """Keep the tenants (and databases, for database-scope work) this instance claimed."""
+    ) -> tuple[list[Tenant], set[str], dict[str, str]]:
+        """Keep the tenants (and databases, for database-scope work) this instance claimed;
+        and the databases where claiming failed (their work is reported failed, not done)."""
         wanted: dict[str, list[str]] = {name: [DATABASE_SCOPE] for name in runner.databases}
         for tenant in tenants:
             wanted.setdefault(tenant.database, []).append(tenant.name)
-        owned = await self.host.claims.claim(runner.databases, self.name, firing, wanted)
-        mine = [t for t in tenants if t.name in owned.get(t.database, set())]
-        return mine, {db for db, names in owned.items() if DATABASE_SCOPE in names}
+        owned, failed = await self.host.claims.claim(runner.databases, self.name, firing, wanted)
+        mine = [t for t in tenants if t.name in owned.get(t.database, set())
+                or t.database in failed]
+        db_scope = {db for db, names in owned.items() if DATABASE_SCOPE in names} | set(failed)
+        return mine, db_scope, failed
 
     def _gate(self, window: Window | None) -> Callable[[], tuple[Status, str] | None]:
         def gate() -> tuple[Status, str] | None:

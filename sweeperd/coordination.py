@@ -14,6 +14,7 @@ would not be).
 from __future__ import annotations
 
 import datetime as dt
+import time
 from collections.abc import Iterable, Mapping
 
 import structlog
@@ -33,8 +34,10 @@ CREATE TABLE IF NOT EXISTS sweeperd.claims (
     claimed_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (sweep, firing, tenant)
 );
-DELETE FROM sweeperd.claims WHERE claimed_at < now() - interval '7 days'
+CREATE INDEX IF NOT EXISTS claims_claimed_at ON sweeperd.claims (claimed_at)
 """
+_PRUNE = "DELETE FROM sweeperd.claims WHERE claimed_at < now() - interval '7 days'"
+PRUNE_EVERY_S = 3600.0
 _CLAIM = """
 INSERT INTO sweeperd.claims (sweep, firing, tenant, instance)
 SELECT %(sweep)s, %(firing)s, t, %(instance)s FROM unnest(%(tenants)s::text[]) AS t
@@ -48,6 +51,7 @@ class Claims:
         self.instance = instance
         self._ready: set[int] = set()
         self._unavailable: set[str] = set()
+        self._pruned_at: dict[str, float] = {}
 
     async def claim(
         self,
@@ -55,28 +59,38 @@ class Claims:
         sweep: str,
         firing: dt.datetime,
         wanted: Mapping[str, Iterable[str]],
-    ) -> dict[str, set[str]]:
-        """For each database, the subset of ``wanted`` tenant names this instance now owns."""
-        out: dict[str, set[str]] = {}
+    ) -> tuple[dict[str, set[str]], dict[str, str]]:
+        """For each database, the subset of ``wanted`` this instance now owns; and the databases
+        where claiming failed (name → reason), whose work is then not done by this instance.
+
+        Only a missing privilege (coordination impossible, not just failing right now) makes an
+        instance run everything; a transient error must not let two instances do the same work.
+        """
+        owned: dict[str, set[str]] = {}
+        failed: dict[str, str] = {}
         for name, tenants in wanted.items():
             names = sorted(set(tenants))
             database = databases.get(name)
             if database is None or not names:
-                out[name] = set(names)
+                owned[name] = set(names)
                 continue
             try:
-                out[name] = await self._claim_in(database, sweep, firing, names)
+                owned[name] = await self._claim_in(database, sweep, firing, names)
             except Exception as exc:
+                if not is_insufficient_privilege(exc):
+                    failed[name] = f"could not claim tenants for this firing: {describe_error(exc)}"
+                    continue
                 if name not in self._unavailable:
                     self._unavailable.add(name)
-                    extra = {}
-                    if is_insufficient_privilege(exc):
-                        extra["fix"] = (f"GRANT CREATE ON DATABASE {database.dbname} TO "
-                                        f"{database.user} (or create schema sweeperd for it)")
-                    log.error("cannot coordinate with other instances; running every tenant",
-                              database=name, error=describe_error(exc), **extra)
-                out[name] = set(names)
-        return out
+                    log.error(
+                        "cannot coordinate with other instances; running every tenant",
+                        database=name,
+                        error=describe_error(exc),
+                        fix=f"GRANT CREATE ON DATABASE {database.dbname} TO {database.user} "
+                        "(or create schema sweeperd for it)",
+                    )
+                owned[name] = set(names)
+        return owned, failed
 
     async def _claim_in(self, database: Database, sweep: str, firing: dt.datetime,
                         names: list[str]) -> set[str]:
@@ -84,6 +98,10 @@ class Claims:
             if id(database) not in self._ready:
                 await database.ensure_schema(conn, _DDL)
                 self._ready.add(id(database))
+            now = time.monotonic()
+            if now - self._pruned_at.get(database.name, -PRUNE_EVERY_S) >= PRUNE_EVERY_S:
+                await conn.execute(_PRUNE)  # claims are only needed while a firing can recur
+                self._pruned_at[database.name] = now
             cur = await conn.execute(_CLAIM, {"sweep": sweep, "firing": firing,
                                               "tenants": names, "instance": self.instance})
             claimed = {row[0] for row in await cur.fetchall()}

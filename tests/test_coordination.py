@@ -57,12 +57,13 @@ def test_two_instances_split_a_firing_without_overlap(pg_dsn: str) -> None:
         try:
             a, b = Claims("host-a:1"), Claims("host-b:2")
             tenants = [DATABASE_SCOPE, *(f"t{i}" for i in range(50))]
-            got_a, got_b = await asyncio.gather(
+            (got_a, fail_a), (got_b, fail_b) = await asyncio.gather(
                 a.claim({"main": db_a}, "nightly", FIRING, {"main": tenants}),
                 b.claim({"main": db_b}, "nightly", FIRING, {"main": tenants}))
+            assert fail_a == fail_b == {}
             # The next firing is new work again.
-            later = await b.claim({"main": db_b}, "nightly", FIRING + dt.timedelta(days=1),
-                                  {"main": tenants})
+            later, _ = await b.claim({"main": db_b}, "nightly", FIRING + dt.timedelta(days=1),
+                                     {"main": tenants})
             return got_a, got_b, later
         finally:
             await db_a.close()
@@ -90,7 +91,10 @@ def test_without_privileges_an_instance_runs_everything(pg_dsn: str) -> None:
         db = Database(DatabaseConfig(name="main", dsn=dsn))
         await db.open()
         try:
-            return await Claims("x:1").claim({"main": db}, "s", FIRING, {"main": ["a", "b"]})
+            owned, failed = await Claims("x:1").claim(
+                {"main": db}, "s", FIRING, {"main": ["a", "b"]})
+            assert failed == {}
+            return owned
         finally:
             await db.close()
 
