@@ -136,6 +136,9 @@ def _problems(settings: Mapping[str, Any]) -> Iterable[tuple[str, str]]:
         for key in ("older_than", "pause", "lock_timeout", "statement_timeout"):
             if key in rule and not _is_duration(rule[key]):
                 yield f"{where}.{key}", f"expected {EXPECTATION}, got {rule[key]!r}"
+            elif (key in ("lock_timeout", "statement_timeout") and key in rule
+                  and parse_duration(rule[key]) * 1000 > 2_147_483_647):
+                yield f"{where}.{key}", "expected at most 24d20h31m23s (PostgreSQL's limit)"
         for key, upper in (("batch_size", MAX_BATCH_SIZE), ("max_rows", None)):
             value = rule.get(key)
             if key in rule and (
@@ -323,6 +326,8 @@ class _Progress:
         self.deleted += rows
         self.batches += 1
         self.ctx.details["batches"] = self.batches
+        # Committed so far: reported even if the operation is cancelled or times out later.
+        self.ctx.details["rows"] = self.deleted
         now = time.monotonic()
         if now - self.last_log >= PROGRESS_EVERY_S:
             self.ctx.log.info("retention progress", rows=self.deleted, batches=self.batches)

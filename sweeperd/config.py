@@ -21,6 +21,7 @@ from .durations import EXPECTATION as DURATION_EXPECTATION
 from .durations import parse_duration
 
 DEFAULT_CONFIG_PATH = Path("/etc/sweeperd/sweeperd.toml")
+MAX_PG_TIMEOUT_MS = 2_147_483_647  # INT_MAX: PostgreSQL rejects larger timeout settings
 NAMEDATALEN = 63  # PostgreSQL truncates longer identifiers; a truncated schema is another schema
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
 _WINDOW = re.compile(r"(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})")
@@ -267,6 +268,18 @@ class _Validator:
             return default
         return seconds
 
+    def server_timeout(self, t: Mapping[str, Any], key: str, where: str, default: float) -> float:
+        """A duration PostgreSQL accepts as a timeout setting (at most 2147483647 ms; 0 = off)."""
+        value = self.duration(t, key, where, default) or 0.0
+        if value * 1000 > MAX_PG_TIMEOUT_MS:
+            self.error(
+                f"{where}.{key}",
+                "expected at most 24d20h31m23s (PostgreSQL's limit for "
+                f'timeouts, {MAX_PG_TIMEOUT_MS} ms); use "0s" to disable it',
+            )
+            return default
+        return value
+
     def globs(self, t: Mapping[str, Any], key: str, where: str) -> tuple[str, ...]:
         value = t.get(key, _MISSING)
         if value is _MISSING:
@@ -416,8 +429,8 @@ class _Validator:
                 name=name,
                 dsn=dsn or "",
                 max_connections=self.positive_int(t, "max_connections", where, 8),
-                lock_timeout=self.duration(t, "lock_timeout", where, 5.0) or 0.0,
-                statement_timeout=self.duration(t, "statement_timeout", where, 1800.0) or 0.0,
+                lock_timeout=self.server_timeout(t, "lock_timeout", where, 5.0),
+                statement_timeout=self.server_timeout(t, "statement_timeout", where, 1800.0),
                 connect_timeout=self.duration(t, "connect_timeout", where, 10.0, allow_zero=False)
                 or 10.0,
             )

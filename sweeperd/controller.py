@@ -18,6 +18,7 @@ import structlog
 
 from .config import Config
 from .coordination import DATABASE_SCOPE, Claims
+from .db import describe_error
 from .durations import format_duration
 from .model import Status, Tenant
 from .planner import make_plan
@@ -176,7 +177,7 @@ class SweepController:
         except Exception as exc:
             # Tenant discovery failing (database down), a plan error: this run fails, the
             # schedule and the other sweeps go on.
-            log.error("sweep failed before running", sweep=self.name, error=str(exc))
+            log.error("sweep failed before running", sweep=self.name, error=describe_error(exc))
         finally:
             self._stop = None
         self.last_report = report

@@ -21,7 +21,7 @@ import structlog
 from .config import Config, ConfigError, load_config
 from .controller import Snapshot, SweepController
 from .coordination import Claims
-from .db import Database
+from .db import Database, describe_error
 from .history import History
 from .logs import setup_logging
 from .plugins import PluginError, Plugins, load_plugins
@@ -140,7 +140,7 @@ class Daemon:
             except Exception as exc:
                 # Whatever went wrong, a reload must never take the running daemon down.
                 log.exception("reload failed unexpectedly; keeping the previous configuration")
-                self._reload_failed([f"{type(exc).__name__}: {exc}"])
+                self._reload_failed([describe_error(exc)])
 
     def _install(self, config: Config, plugins: Plugins, databases: dict[str, Database]) -> None:
         self._bounds = Bounds(limits_for(config), previous=self._bounds)

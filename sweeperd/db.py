@@ -71,7 +71,10 @@ def check_dsn(dsn: str) -> str | None:
     try:
         conninfo_to_dict(dsn)
     except psycopg.ProgrammingError as exc:
-        return redact(str(exc).splitlines()[0])
+        # libpq quotes the fragment it choked on, which may be part of a password: keep its
+        # words, drop every quoted fragment.
+        message = re.sub(r'"[^"]*"', '"…"', str(exc).splitlines()[0])
+        return redact(message)
     return None
 
 

@@ -35,6 +35,7 @@ class WorkItem:
     tenant: Tenant | None
     database: str
     deps: list[int] = field(default_factory=list)
+    timeout: float | None = None  # seconds before the runner cancels it
 
     @property
     def schema(self) -> str | None:
@@ -52,7 +53,6 @@ class Plan:
     sweep: str
     items: tuple[WorkItem, ...]
     per_tenant_concurrency: int
-    operation_timeout: float | None
     timeout: float | None
 
 
@@ -80,8 +80,9 @@ def make_plan(
     allowed_dbs = set(database_scope_in) if database_scope_in is not None else None
     sweeps = _sweeps(config, sweep)
     ops = list(operations.values())
-    pairs: dict[tuple[str, str, str], tuple[Operation, Tenant]] = {}
-    db_ops: dict[tuple[str, str], tuple[Operation, str]] = {}
+    # Each pair remembers the (first) sweep that selected it: its operation_timeout applies.
+    pairs: dict[tuple[str, str, str], tuple[Operation, Tenant, SweepConfig]] = {}
+    db_ops: dict[tuple[str, str], tuple[Operation, str, SweepConfig]] = {}
     for sw in sweeps:
         selected_dbs: set[str] = set()  # per sweep: another sweep's tenants must not count
         chosen_ops = [
@@ -98,28 +99,40 @@ def make_plan(
             selected_dbs.add(tenant.database)
             for op in chosen_ops:
                 if op.scope == "tenant":
-                    pairs.setdefault((tenant.database, tenant.name, op.name), (op, tenant))
+                    pairs.setdefault((tenant.database, tenant.name, op.name), (op, tenant, sw))
         databases = selected_dbs if tenant_globs else set(config.databases) | selected_dbs
         if allowed_dbs is not None:
             databases &= allowed_dbs
         for db in sorted(databases):
             for op in chosen_ops:
                 if op.scope == "database":
-                    db_ops.setdefault((db, op.name), (op, db))
+                    db_ops.setdefault((db, op.name), (op, db, sw))
 
     op_order = {name: i for i, name in enumerate(operations)}
     tenant_order = {(t.database, t.name): i for i, t in enumerate(tenants)}
     items: list[WorkItem] = []
     # Database-scope work first (there is little of it and it is often the largest table), then
     # by phase so that pruning, which unblocks vacuums, is queued ahead of them.
-    for op, db in sorted(db_ops.values(), key=lambda p: (p[0].phase, p[1], op_order[p[0].name])):
-        items.append(WorkItem(index=len(items), operation=op, tenant=None, database=db))
-    for op, tenant in sorted(
+    for op, db, sw in sorted(
+        db_ops.values(), key=lambda p: (p[0].phase, p[1], op_order[p[0].name])
+    ):
+        items.append(
+            WorkItem(
+                index=len(items), operation=op, tenant=None, database=db, timeout=_timeout(op, sw)
+            )
+        )
+    for op, tenant, sw in sorted(
         pairs.values(),
         key=lambda p: (p[0].phase, tenant_order[(p[1].database, p[1].name)], op_order[p[0].name]),
     ):
         items.append(
-            WorkItem(index=len(items), operation=op, tenant=tenant, database=tenant.database)
+            WorkItem(
+                index=len(items),
+                operation=op,
+                tenant=tenant,
+                database=tenant.database,
+                timeout=_timeout(op, sw),
+            )
         )
     _link_same_table_items(items)
     _link_after(items)
@@ -129,9 +142,13 @@ def make_plan(
         sweep=sweep or ALL_SWEEPS,
         items=tuple(items),
         per_tenant_concurrency=min((s.per_tenant_concurrency for s in sweeps), default=4),
-        operation_timeout=_min_optional(s.operation_timeout for s in sweeps),
         timeout=_min_optional(s.timeout for s in sweeps) if sweep else None,
     )
+
+
+def _timeout(op: Operation, sweep: SweepConfig) -> float | None:
+    """The operation's own timeout, else the selecting sweep's ``operation_timeout``."""
+    return op.timeout if op.timeout is not None else sweep.operation_timeout
 
 
 def _sweeps(config: Config, sweep: str | None) -> list[SweepConfig]:

@@ -239,6 +239,8 @@ class _SweepRun:
         self.dry_run = dry_run
         self.unreachable = unreachable
         self.stop_reason: str | None = None
+        # For items cancelled while running: what they had done so far (rows, details).
+        self.partial: dict[int, Callable[[str], Result]] = {}
         self.trace = SweepTrace(telemetry(), plan)
         self.spans: dict[int, Span] = {}
         self.done = [asyncio.Event() for _ in plan.items]
@@ -299,7 +301,11 @@ class _SweepRun:
                 await self.done[dep].wait()
             result = await self.bounded(item)
         except asyncio.CancelledError:
-            self.finish(item, _result(item, "cancelled", error=self.stop_reason or "cancelled"))
+            reason = self.stop_reason or "cancelled"
+            partial = self.partial.pop(item.index, None)
+            self.finish(
+                item, partial(reason) if partial else _result(item, "cancelled", error=reason)
+            )
             raise
         except Exception as exc:
             # Outside the operation itself (a veto hook raised, ...): still this item's failure
@@ -365,7 +371,7 @@ class _SweepRun:
 
     async def execute_item(self, item: WorkItem, database: Database) -> Result:
         op = item.operation
-        timeout = op.timeout if op.timeout is not None else self.plan.operation_timeout
+        timeout = item.timeout
         started_at = datetime.now(UTC)
         t0 = time.perf_counter()
         ctx: Context | None = None
@@ -387,6 +393,9 @@ class _SweepRun:
                         log=log,  # tenant and operation come from the task's contextvars
                         sweep=self.plan.sweep,
                         server_version=database.server_version,
+                    )
+                    self.partial[item.index] = lambda reason: _progress_result(
+                        item, ctx, "cancelled", reason, started_at, t0
                     )
                     # Outcomes are recorded by tracing.SweepTrace (skips are not errors) and
                     # with redacted messages: no raw exception text (it may hold a DSN) on spans.
@@ -415,6 +424,9 @@ class _SweepRun:
             raise
         except Exception as exc:
             status, error, failure = "failed", describe_error(exc), exc
+        self.partial.pop(item.index, None)
+        if status == "failed" and rows is None and ctx is not None:
+            rows = _rows_so_far(ctx)  # committed before it failed (retention's batches)
         duration = time.perf_counter() - t0
         return Result(
             tenant=item.tenant.name if item.tenant else None,
@@ -427,7 +439,7 @@ class _SweepRun:
             finished_at=datetime.now(UTC),
             duration_s=duration,
             error=error,
-            details=dict(ctx.details) if ctx else {},
+            details=_details(ctx) if ctx else {},
             error_type=type(failure).__name__ if failure is not None else None,
             sqlstate=sqlstate_of(failure) if failure is not None else None,
         )
@@ -443,6 +455,35 @@ async def _cancel_and_wait(tasks: Sequence[asyncio.Task[None]]) -> None:
         if not task.done() and not task.cancelling():
             task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _details(ctx: Context) -> dict[str, Any]:
+    # "rows" is the running count an operation keeps for partial results; the report has it.
+    return {k: v for k, v in ctx.details.items() if k != "rows"}
+
+
+def _rows_so_far(ctx: Context) -> int | None:
+    rows = ctx.details.get("rows")
+    return rows if isinstance(rows, int) and not isinstance(rows, bool) else None
+
+
+def _progress_result(
+    item: WorkItem, ctx: Context, status: Status, error: str, started_at: datetime, t0: float
+) -> Result:
+    """The result of an item stopped while running: what it had committed, and since when."""
+    return Result(
+        tenant=item.tenant.name if item.tenant else None,
+        database=item.database,
+        schema=item.schema,
+        operation=item.operation.name,
+        status=status,
+        rows=_rows_so_far(ctx),
+        started_at=started_at,
+        finished_at=datetime.now(UTC),
+        duration_s=time.perf_counter() - t0,
+        error=error,
+        details=_details(ctx),
+    )
 
 
 def _result(item: WorkItem, status: Status, *, error: str | None) -> Result:

@@ -7,6 +7,7 @@ import datetime as dt
 from typing import Any
 
 from .config import Config
+from .db import describe_error, is_insufficient_privilege
 from .history import StatusRow, latest_runs
 from .sweep import open_databases
 
@@ -58,12 +59,28 @@ async def collect(
     databases, unreachable = await open_databases(config, list(config.databases))
     try:
         pattern = glob_to_regex(tenant) if tenant else None
-        found = await asyncio.gather(
+        outcomes = await asyncio.gather(
             *(
                 latest_runs(db, sweep=sweep, tenant_regex=pattern, failed_only=failed_only)
                 for db in databases.values()
-            )
+            ),
+            return_exceptions=True,
         )
+        found = []
+        for name, outcome in zip(databases, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                if not isinstance(outcome, Exception):
+                    raise outcome
+                # e.g. no USAGE on schema sweeperd: say so, per database, not as a traceback.
+                hint = (
+                    " (GRANT USAGE ON SCHEMA sweeperd and SELECT ON ALL TABLES IN SCHEMA "
+                    "sweeperd to this role)"
+                    if is_insufficient_privilege(outcome)
+                    else ""
+                )
+                unreachable[name] = f"cannot read the run history: {describe_error(outcome)}{hint}"
+            else:
+                found.append(outcome)
     finally:
         await asyncio.gather(*(db.close() for db in databases.values()), return_exceptions=True)
     runs = [r for rows, _ in found for r in rows]
@@ -109,8 +126,7 @@ def render(
     for name, reason in sorted(unreachable.items()):
         lines.append(f"database {name} unreachable: {reason}")
     if not runs:
-        lines.append("no runs with failures" if failed_only and last_ok else
-                     "no runs recorded yet")
+        lines.append("no runs with failures" if failed_only and last_ok else "no runs recorded yet")
     for r in sorted(runs, key=lambda r: (r.sweep, r.database)):
         c = r.counts
         took = (r.finished_at - r.started_at).total_seconds()

@@ -116,10 +116,19 @@ async def sweep_once(
     if sweep is not None and sweep not in config.sweeps:
         known = ", ".join(sorted(config.sweeps)) or "none configured"
         raise SelectionError(f"no sweep named {sweep!r} in {config.path} (known: {known})")
+    for glob in only_globs:
+        # A typo in --only must not look like a clean run of nothing (exit 0).
+        if not any(matches(name, [glob]) for name in plugins.operations):
+            known = ", ".join(sorted(plugins.operations)) or "none"
+            raise SelectionError(f"no operation matches --only {glob!r} (known: {known})")
     databases, unreachable = await open_databases(config, relevant_databases(config, tenant_globs))
     try:
         tenants, failed = await resolve_tenants(config, databases)
         unreachable = {**unreachable, **failed}
+        for glob in tenant_globs:
+            if not unreachable and not any(matches(t.name, [glob]) for t in tenants):
+                known = ", ".join(sorted({t.name for t in tenants})[:20]) or "none"
+                raise SelectionError(f"no tenant matches --tenant {glob!r} (known: {known})")
         plan = make_plan(
             config,
             plugins.operations,

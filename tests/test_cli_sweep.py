@@ -424,12 +424,26 @@ def test_an_unreachable_database_does_not_stop_the_others(tmp_path: Path, pg_dsn
 def test_tenant_and_only_globs_are_repeatable_and_select(setup: tuple[Path, str]) -> None:
     config, dsn = setup
     result = sweep(config, "nightly", "--tenant", "acme", "--tenant", "ini*",
-                   "--only", "jobs.purge*", "--only", "jobs.nothing-matches", "--json")
+                   "--only", "jobs.purge*", "--only", "jobs.purge_done", "--json")
     assert result.returncode == EXIT_OK, result.stderr
     assert set(by_key(the_json(result))) == {("acme", "jobs.purge_done"),
                                              ("initech", "jobs.purge_done")}
     assert done_jobs(dsn) == {"acme": 0, "globex": JOBS["globex"][0], "initech": 0}
     assert audit_rows(dsn) == dict.fromkeys(TENANTS, 0)
+
+
+@pytest.mark.parametrize(("flag", "glob"), [("--only", "jobs.purge-typo"),
+                                             ("--tenant", "acmee")])
+def test_a_glob_that_matches_nothing_is_a_usage_error(
+    setup: tuple[Path, str], flag: str, glob: str
+) -> None:
+    """A typo must not look like a clean run of nothing."""
+    config, dsn = setup
+    result = sweep(config, "nightly", flag, glob, "--json")
+    assert result.returncode == EXIT_USAGE
+    assert result.stdout == ""
+    assert glob in result.stderr and "Traceback" not in result.stderr
+    assert done_jobs(dsn) == {t: JOBS[t][0] for t in TENANTS}  # nothing ran
 
 
 def test_tenant_glob_excluding_the_failing_tenant_exits_0(setup: tuple[Path, str]) -> None:

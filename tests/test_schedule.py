@@ -334,7 +334,9 @@ def test_sync_adds_reschedules_and_removes_by_stable_id() -> None:
         after = jobs(scheduler)
         assert set(after) == {"sweep:a", "sweep:b", "sweep:c"}
         assert after["sweep:a"].trigger.interval == dt.timedelta(hours=2)
-        assert scheduler.next_run("a") != a_next  # rescheduled
+        # Rescheduled: a new job (interval sweeps sit on an epoch-anchored grid, so the next
+        # run of a 1 h and of a 2 h interval can be the same instant).
+        assert after["sweep:a"] is not before["sweep:a"]
         assert after["sweep:b"] is before["sweep:b"]  # unchanged: left alone
         assert scheduler.next_run("b") == b_next
         assert set(scheduler.next_runs()) == {"a", "b", "c"}
