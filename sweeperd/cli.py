@@ -83,6 +83,20 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print JSON on stdout")
     status.set_defaults(func=cmd_status)
 
+    discover = with_config(
+        sub.add_parser("discover", help="print [[tenants]] TOML for the schemas found")
+    )
+    discover.add_argument(
+        "--database", required=True, metavar="NAME", help="the [databases.<name>] to look in"
+    )
+    discover.add_argument(
+        "--schemas",
+        default="tenant_%",
+        metavar="LIKE",
+        help="LIKE pattern for tenant schemas (default: tenant_%%)",
+    )
+    discover.set_defaults(func=cmd_discover)
+
     check = with_config(
         sub.add_parser("check-config", help="validate the configuration (never connects)")
     )
@@ -179,6 +193,23 @@ def _observability(config: Config) -> None:
         setup_telemetry(tenant_metrics=config.telemetry.tenant_metrics)
     except TelemetryError as exc:
         raise UsageError([str(exc)]) from None
+
+
+def cmd_discover(args: argparse.Namespace) -> int:
+    from .discover import discover
+    from .logs import setup_logging
+
+    config = load_config(resolve_config_path(args.config))
+    setup_logging(config.log)
+    if args.database not in config.databases:
+        known = ", ".join(sorted(config.databases)) or "none configured"
+        raise UsageError([f"no database named {args.database!r} in {config.path} (known: {known})"])
+    text, problem = asyncio.run(discover(config, args.database, args.schemas))
+    if text is None:
+        print(f"sweeperd: database {args.database!r} unreachable: {problem}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    sys.stdout.write(text)
+    return EXIT_OK
 
 
 def cmd_run(args: argparse.Namespace) -> int:
