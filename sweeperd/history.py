@@ -42,6 +42,10 @@ CREATE TABLE IF NOT EXISTS sweeperd.runs (
     skipped     integer NOT NULL,
     cancelled   integer NOT NULL
 );
+-- "schedule" (the daemon) or "manual" (sweeperd sweep, with its selection): a partial manual
+-- run must not pass for the night's run in `sweeperd status`.
+ALTER TABLE sweeperd.runs ADD COLUMN IF NOT EXISTS trigger text NOT NULL DEFAULT 'schedule';
+ALTER TABLE sweeperd.runs ADD COLUMN IF NOT EXISTS selection text;
 CREATE INDEX IF NOT EXISTS runs_sweep_started ON sweeperd.runs (sweep, started_at DESC);
 CREATE INDEX IF NOT EXISTS runs_finished ON sweeperd.runs (finished_at);
 CREATE TABLE IF NOT EXISTS sweeperd.results (
@@ -88,7 +92,15 @@ class History:
         self._pruned_at: dict[str, float] = {}
         self._broken: set[str] = set()  # databases already reported (once) as unwritable
 
-    async def record(self, report: SweepReport, databases: Mapping[str, Database]) -> None:
+    async def record(
+        self,
+        report: SweepReport,
+        databases: Mapping[str, Database],
+        *,
+        trigger: str = "schedule",
+        selection: str | None = None,
+    ) -> None:
+        """Write ``report``; ``trigger`` is "schedule" or "manual" (with its ``selection``)."""
         if not self.config.enabled:
             return
         by_db: dict[str, list[Result]] = defaultdict(list)
@@ -100,12 +112,17 @@ class History:
             if database is None:
                 continue  # unreachable: nothing to write to
             try:
-                await self._write(database, report, run_id, results)
+                await self._write(database, report, run_id, results, (trigger, selection))
             except Exception as exc:
                 self._report_failure(database, exc)
 
     async def _write(
-        self, database: Database, report: SweepReport, run_id: uuid.UUID, results: Sequence[Result]
+        self,
+        database: Database,
+        report: SweepReport,
+        run_id: uuid.UUID,
+        results: Sequence[Result],
+        how: tuple[str, str | None],
     ) -> None:
         async with database.housekeeping("history") as conn:
             if id(database) not in self._ready:
@@ -115,7 +132,8 @@ class History:
             async with conn.transaction():
                 await conn.execute(
                     "INSERT INTO sweeperd.runs (run_id, sweep, instance, started_at, finished_at,"
-                    " ok, failed, skipped, cancelled) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                    " ok, failed, skipped, cancelled, trigger, selection)"
+                    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
                     (
                         run_id,
                         report.sweep,
@@ -126,6 +144,7 @@ class History:
                         counts["failed"],
                         counts["skipped"],
                         counts["cancelled"],
+                        *how,
                     ),
                 )
                 copy_sql = sql.SQL("COPY sweeperd.results ({}) FROM STDIN").format(
@@ -195,6 +214,8 @@ class StatusRow:
     finished_at: Any
     counts: dict[str, int]
     failures: list[dict[str, Any]]
+    trigger: str = "schedule"
+    selection: str | None = None
 
 
 async def latest_runs(
@@ -208,16 +229,28 @@ async def latest_runs(
             return [], []
         cur = await conn.execute(
             """
-            SELECT DISTINCT ON (sweep) run_id, sweep, instance, started_at, finished_at,
-                   ok, failed, skipped, cancelled
+            SELECT DISTINCT ON (sweep, trigger) run_id, sweep, instance, started_at,
+                   finished_at, ok, failed, skipped, cancelled, trigger, selection
               FROM sweeperd.runs WHERE %(sweep)s::text IS NULL OR sweep = %(sweep)s
-             ORDER BY sweep, started_at DESC
+             ORDER BY sweep, trigger DESC, started_at DESC
             """,
             {"sweep": sweep},
         )
         runs = await cur.fetchall()
         out: list[StatusRow] = []
-        for run_id, name, instance, started, finished, ok, failed, skipped, cancelled in runs:
+        for (
+            run_id,
+            name,
+            instance,
+            started,
+            finished,
+            ok,
+            failed,
+            skipped,
+            cancelled,
+            trigger,
+            selection,
+        ) in runs:
             if failed_only and not (failed or cancelled):
                 continue
             cur = await conn.execute(
@@ -243,6 +276,8 @@ async def latest_runs(
                     finished,
                     {"ok": ok, "failed": failed, "skipped": skipped, "cancelled": cancelled},
                     failures,
+                    trigger,
+                    selection,
                 )
             )
         cur = await conn.execute(

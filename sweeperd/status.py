@@ -103,6 +103,8 @@ def to_json(
                 "instance": r.instance,
                 "started_at": iso(r.started_at),
                 "finished_at": iso(r.finished_at),
+                "trigger": r.trigger,
+                "selection": r.selection,
                 "counts": r.counts,
                 "failures": r.failures,
             }
@@ -127,11 +129,14 @@ def render(
         lines.append(f"database {name} unreachable: {reason}")
     if not runs:
         lines.append("no runs with failures" if failed_only and last_ok else "no runs recorded yet")
-    for r in sorted(runs, key=lambda r: (r.sweep, r.database)):
+    for r in sorted(runs, key=lambda r: (r.sweep, r.database, r.trigger != "schedule")):
         c = r.counts
         took = (r.finished_at - r.started_at).total_seconds()
+        how = ""
+        if r.trigger != "schedule":
+            how = f" (manual{': ' + r.selection if r.selection else ''})"
         lines.append(
-            f"{r.sweep} [{r.database}] {_when(r.finished_at)} ({took:.1f}s, {r.instance}): "
+            f"{r.sweep}{how} [{r.database}] {_when(r.finished_at)} ({took:.1f}s, {r.instance}): "
             f"{c['ok']} ok, {c['failed']} failed, {c['skipped']} skipped, "
             f"{c['cancelled']} cancelled"
         )

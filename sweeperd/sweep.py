@@ -140,7 +140,12 @@ async def sweep_once(
         runner = Runner(databases, plugins.pm, config.plugins, limits_for(config))
         report = await runner.run(plan, dry_run=dry_run, unreachable=unreachable)
         if not dry_run:
-            await History(config.history).record(report, databases)
+            selection = " ".join(
+                [*(f"--tenant {g}" for g in tenant_globs), *(f"--only {g}" for g in only_globs)]
+            )
+            await History(config.history).record(
+                report, databases, trigger="manual", selection=selection or None
+            )
         return report
     finally:
         await asyncio.gather(*(db.close() for db in databases.values()), return_exceptions=True)

@@ -666,3 +666,38 @@ def test_history_tables_are_plain_sql(tmp_path: Path, pg_dsn: str) -> None:
                  " JOIN sweeperd.results r USING (run_id) WHERE r.status = 'failed'")
     assert rows == [("nightly", FAILING, "hist.flaky", DIVISION_BY_ZERO)]
     assert re.fullmatch(r"[^\n]+", rows[0][3])
+
+
+def test_a_manual_partial_run_does_not_hide_the_scheduled_one(pg_dsn: str) -> None:
+    """`sweep nightly --tenant acme` by hand must not pass for the night's run in status."""
+    import datetime as dt
+
+    from sweeperd.config import DatabaseConfig, HistoryConfig
+    from sweeperd.db import Database
+    from sweeperd.history import History, latest_runs
+    from sweeperd.model import Result
+    from sweeperd.runner import SweepReport
+
+    def report(at: dt.datetime, tenants: list[str], status: str) -> SweepReport:
+        results = [Result(tenant=t, database="main", schema=f"tenant_{t}", operation="x.y",
+                          status=status, rows=None, started_at=at, finished_at=at,  # type: ignore[arg-type]
+                          duration_s=0.0, error=None if status == "ok" else "boom")
+                   for t in tenants]
+        return SweepReport(sweep="nightly", started_at=at, finished_at=at, results=results)
+
+    async def main() -> list[tuple[str, str | None, int]]:
+        database = Database(DatabaseConfig(name="main", dsn=pg_dsn))
+        await database.open()
+        try:
+            history = History(HistoryConfig())
+            night = dt.datetime(2026, 11, 28, 3, tzinfo=dt.UTC)
+            await history.record(report(night, ["acme", "globex"], "failed"), {"main": database})
+            await history.record(report(night + dt.timedelta(hours=6), ["acme"], "ok"),
+                                 {"main": database}, trigger="manual", selection="--tenant acme")
+            runs, _ = await latest_runs(database, sweep=None, tenant_regex=None,
+                                        failed_only=False)
+            return sorted((r.trigger, r.selection, r.counts["failed"]) for r in runs)
+        finally:
+            await database.close()
+
+    assert asyncio.run(main()) == [("manual", "--tenant acme", 0), ("schedule", None, 2)]
