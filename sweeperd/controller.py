@@ -20,10 +20,12 @@ from .config import Config
 from .coordination import DATABASE_SCOPE, Claims
 from .db import describe_error
 from .durations import format_duration
+from .limits import Stop
 from .model import Status, Tenant
 from .planner import make_plan
 from .plugins import Plugins
-from .runner import Runner, Stop, SweepReport
+from .report import SweepReport
+from .runner import Runner
 from .schedule import Window, nominal_firing
 from .sweep import resolve_tenants
 

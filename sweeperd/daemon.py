@@ -23,9 +23,11 @@ from .controller import Snapshot, SweepController
 from .coordination import Claims
 from .db import Database, describe_error
 from .history import History
+from .limits import Bounds
 from .logs import setup_logging
 from .plugins import PluginError, Plugins, load_plugins
-from .runner import Bounds, Runner, SweepReport
+from .report import SweepReport
+from .runner import Runner
 from .schedule import SweepScheduler
 from .sdnotify import Notifier
 from .sweep import limits_for, open_databases

@@ -26,7 +26,7 @@ from .config import Config, parse_config
 from .durations import format_duration
 from .logs import setup_logging
 from .plugins import load_plugins
-from .runner import SweepReport, summarize
+from .report import SweepReport, summarize
 from .sweep import sweep_once
 
 DEMO_DATABASE = "demo"

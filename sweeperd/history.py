@@ -23,7 +23,7 @@ import structlog
 from .config import HistoryConfig
 from .db import Database, describe_error, is_insufficient_privilege, sql
 from .model import Result
-from .runner import SweepReport
+from .report import SweepReport
 
 log = structlog.get_logger("sweeperd.history")
 

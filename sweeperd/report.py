@@ -1,9 +1,60 @@
-"""Human-readable rendering of a sweep report (the JSON form is SweepReport.to_json)."""
+"""The report of a sweep: its results, the contract JSON, and a rendering for people."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
 from .durations import format_duration
-from .runner import SweepReport, summarize
+from .model import STATUSES, Result
+
+
+@dataclass(slots=True)
+class SweepReport:
+    sweep: str
+    started_at: datetime
+    finished_at: datetime
+    results: list[Result] = field(default_factory=list)
+    unreachable: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def duration_s(self) -> float:
+        return (self.finished_at - self.started_at).total_seconds()
+
+    def counts(self) -> dict[str, int]:
+        counts = {"ok": 0, "failed": 0, "skipped": 0, "cancelled": 0}
+        for r in self.results:
+            counts[r.status] = counts.get(r.status, 0) + 1
+        return counts
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "sweep": self.sweep,
+            "started_at": self.started_at.isoformat(),
+            "finished_at": self.finished_at.isoformat(),
+            "duration_s": round(self.duration_s, 6),
+            "counts": self.counts(),
+            "results": [r.to_json() for r in self.results],
+        }
+
+    def exit_code(self) -> int:
+        """0 all succeeded or were skipped by policy; 1 a failure; 3 a database was unreachable."""
+        if self.unreachable:
+            return 3
+        return 1 if any(r.status in ("failed", "cancelled") for r in self.results) else 0
+
+
+def summarize(results: Sequence[Result]) -> dict[str, dict[str, int]]:
+    """Per operation: how many items ended in each status, and rows in total."""
+    out: dict[str, dict[str, int]] = {}
+    for r in results:
+        row = out.setdefault(r.operation, {s: 0 for s in STATUSES} | {"rows": 0})
+        row[r.status] += 1
+        row["rows"] += r.rows or 0
+    return out
+
 
 # Beyond this many items a per-item table is a wall of text; show aggregates and failures.
 MAX_ITEM_LINES = 60

@@ -19,7 +19,6 @@ import time
 from asyncio import FIRST_COMPLETED
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -30,115 +29,17 @@ from opentelemetry.trace import INVALID_SPAN, Span
 
 from .db import Database, describe_error, sqlstate_of
 from .durations import format_duration
-from .gates import TableGate, TenantGate
-from .model import STATUSES, Context, Result, Skip, Status
+from .limits import Bounds, Gate, Limits, Stop
+from .model import Context, Result, Skip, Status
 from .planner import Plan, WorkItem
+from .report import SweepReport, summarize
 from .telemetry import telemetry
 from .tracing import SweepTrace
 
+# Bounds, Limits, Stop, SweepReport and summarize used to live here; kept importable from here.
+__all__ = ["Bounds", "Gate", "Limits", "Runner", "Stop", "SweepReport", "summarize"]
+
 log = structlog.get_logger("sweeperd.runner")
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    max_concurrency: int
-    per_database: Mapping[str, int]
-
-
-class Bounds:
-    """The global and per-database slots, shared by every sweep running in one process.
-
-    A reload builds new bounds from the new limits but keeps each semaphore whose limit did not
-    change, so sweeps that straddle a reload still count against the same slots.
-    """
-
-    def __init__(self, limits: Limits, previous: Bounds | None = None) -> None:
-        self.limits = limits
-        # Not tied to any limit: always carried over, so exclusion holds across a reload.
-        self.tables: TableGate = previous.tables if previous is not None else TableGate()
-        self.tenants: TenantGate = previous.tenants if previous is not None else TenantGate()
-        self.global_slots: asyncio.Semaphore
-        if previous is not None and previous.limits.max_concurrency == limits.max_concurrency:
-            self.global_slots = previous.global_slots
-        else:
-            self.global_slots = asyncio.Semaphore(limits.max_concurrency)
-        self.per_database: dict[str, asyncio.Semaphore] = {}
-        for name, n in limits.per_database.items():
-            old = previous.per_database.get(name) if previous is not None else None
-            same = previous is not None and previous.limits.per_database.get(name) == n
-            self.per_database[name] = old if same and old is not None else asyncio.Semaphore(n)
-
-
-class Stop:
-    """Ends a sweep early: at a deadline (timeout, window end) or on request (replace, drain).
-
-    The earliest deadline wins; ``reason`` says why, for the cancelled items' ``error``.
-    """
-
-    def __init__(self) -> None:
-        self.event = asyncio.Event()
-        self.reason: str | None = None
-        self._deadline: float | None = None
-        self._deadline_reason = ""
-
-    def at(self, seconds_from_now: float, reason: str) -> None:
-        deadline = time.monotonic() + seconds_from_now
-        if self._deadline is None or deadline < self._deadline:
-            self._deadline, self._deadline_reason = deadline, reason
-
-    def now(self, reason: str) -> None:
-        if not self.event.is_set():
-            self.reason = reason
-            self.event.set()
-
-    def remaining(self) -> float | None:
-        """Seconds until the deadline (None: none); also settles the reason if it is due."""
-        if self._deadline is None:
-            return None
-        left = self._deadline - time.monotonic()
-        if self.reason is None:
-            self.reason = self._deadline_reason  # used only if the deadline is what ends it
-        return max(0.0, left)
-
-
-# Asked right before an item starts: None to run it, or the status and reason to report instead
-# (the daemon is stopping, the maintenance window has closed).
-Gate = Callable[[], tuple[Status, str] | None]
-
-
-@dataclass(slots=True)
-class SweepReport:
-    sweep: str
-    started_at: datetime
-    finished_at: datetime
-    results: list[Result] = field(default_factory=list)
-    unreachable: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def duration_s(self) -> float:
-        return (self.finished_at - self.started_at).total_seconds()
-
-    def counts(self) -> dict[str, int]:
-        counts = {"ok": 0, "failed": 0, "skipped": 0, "cancelled": 0}
-        for r in self.results:
-            counts[r.status] = counts.get(r.status, 0) + 1
-        return counts
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "sweep": self.sweep,
-            "started_at": self.started_at.isoformat(),
-            "finished_at": self.finished_at.isoformat(),
-            "duration_s": round(self.duration_s, 6),
-            "counts": self.counts(),
-            "results": [r.to_json() for r in self.results],
-        }
-
-    def exit_code(self) -> int:
-        """0 all succeeded or were skipped by policy; 1 a failure; 3 a database was unreachable."""
-        if self.unreachable:
-            return 3
-        return 1 if any(r.status in ("failed", "cancelled") for r in self.results) else 0
 
 
 class Runner:
@@ -507,13 +408,3 @@ def _notify(hook: Any, **kwargs: Any) -> None:
         hook(**kwargs)
     except Exception as exc:
         log.error("plugin observer hook failed", hook=hook.name, error=describe_error(exc))
-
-
-def summarize(results: Sequence[Result]) -> dict[str, dict[str, int]]:
-    """Per operation: how many items ended in each status, and rows in total."""
-    out: dict[str, dict[str, int]] = {}
-    for r in results:
-        row = out.setdefault(r.operation, {s: 0 for s in STATUSES} | {"rows": 0})
-        row[r.status] += 1
-        row["rows"] += r.rows or 0
-    return out

@@ -14,10 +14,12 @@ import structlog
 from .config import Config
 from .db import Database, DatabaseUnreachable, describe_error
 from .history import History
+from .limits import Limits
 from .model import Tenant
 from .planner import SelectionError, make_plan, matches
 from .plugins import Plugins
-from .runner import Limits, Runner, SweepReport
+from .report import SweepReport
+from .runner import Runner
 
 log = structlog.get_logger("sweeperd.sweep")
 

@@ -1,0 +1,78 @@
+"""Bounds on concurrency shared by every sweep of a process, and how a sweep is stopped early."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from .gates import TableGate, TenantGate
+from .model import Status
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_concurrency: int
+    per_database: Mapping[str, int]
+
+
+class Bounds:
+    """The global and per-database slots, shared by every sweep running in one process.
+
+    A reload builds new bounds from the new limits but keeps each semaphore whose limit did not
+    change, so sweeps that straddle a reload still count against the same slots.
+    """
+
+    def __init__(self, limits: Limits, previous: Bounds | None = None) -> None:
+        self.limits = limits
+        # Not tied to any limit: always carried over, so exclusion holds across a reload.
+        self.tables: TableGate = previous.tables if previous is not None else TableGate()
+        self.tenants: TenantGate = previous.tenants if previous is not None else TenantGate()
+        self.global_slots: asyncio.Semaphore
+        if previous is not None and previous.limits.max_concurrency == limits.max_concurrency:
+            self.global_slots = previous.global_slots
+        else:
+            self.global_slots = asyncio.Semaphore(limits.max_concurrency)
+        self.per_database: dict[str, asyncio.Semaphore] = {}
+        for name, n in limits.per_database.items():
+            old = previous.per_database.get(name) if previous is not None else None
+            same = previous is not None and previous.limits.per_database.get(name) == n
+            self.per_database[name] = old if same and old is not None else asyncio.Semaphore(n)
+
+
+class Stop:
+    """Ends a sweep early: at a deadline (timeout, window end) or on request (replace, drain).
+
+    The earliest deadline wins; ``reason`` says why, for the cancelled items' ``error``.
+    """
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.reason: str | None = None
+        self._deadline: float | None = None
+        self._deadline_reason = ""
+
+    def at(self, seconds_from_now: float, reason: str) -> None:
+        deadline = time.monotonic() + seconds_from_now
+        if self._deadline is None or deadline < self._deadline:
+            self._deadline, self._deadline_reason = deadline, reason
+
+    def now(self, reason: str) -> None:
+        if not self.event.is_set():
+            self.reason = reason
+            self.event.set()
+
+    def remaining(self) -> float | None:
+        """Seconds until the deadline (None: none); also settles the reason if it is due."""
+        if self._deadline is None:
+            return None
+        left = self._deadline - time.monotonic()
+        if self.reason is None:
+            self.reason = self._deadline_reason  # used only if the deadline is what ends it
+        return max(0.0, left)
+
+
+# Asked right before an item starts: None to run it, or the status and reason to report instead
+# (the daemon is stopping, the maintenance window has closed).
+Gate = Callable[[], tuple[Status, str] | None]
