@@ -295,8 +295,13 @@ class _SweepRun:
                         sweep=self.plan.sweep,
                         server_version=database.server_version,
                     )
-                    self.partial[item.index] = lambda reason: _progress_result(
-                        item, ctx, "cancelled", reason, started_at, t0
+                    self.partial[item.index] = lambda reason: _result(
+                        item,
+                        "cancelled",
+                        error=reason,
+                        rows=_rows_so_far(ctx),
+                        ctx=ctx,
+                        since=(started_at, t0),
                     )
                     # Outcomes are recorded by tracing.SweepTrace (skips are not errors) and
                     # with redacted messages: no raw exception text (it may hold a DSN) on spans.
@@ -328,21 +333,8 @@ class _SweepRun:
         self.partial.pop(item.index, None)
         if status == "failed" and rows is None and ctx is not None:
             rows = _rows_so_far(ctx)  # committed before it failed (retention's batches)
-        duration = time.perf_counter() - t0
-        return Result(
-            tenant=item.tenant.name if item.tenant else None,
-            database=item.database,
-            schema=item.schema,
-            operation=op.name,
-            status=status,
-            rows=rows,
-            started_at=started_at,
-            finished_at=datetime.now(UTC),
-            duration_s=duration,
-            error=error,
-            details=_details(ctx) if ctx else {},
-            error_type=type(failure).__name__ if failure is not None else None,
-            sqlstate=sqlstate_of(failure) if failure is not None else None,
+        return _result(
+            item, status, error=error, rows=rows, ctx=ctx, since=(started_at, t0), failure=failure
         )
 
 
@@ -368,37 +360,32 @@ def _rows_so_far(ctx: Context) -> int | None:
     return rows if isinstance(rows, int) and not isinstance(rows, bool) else None
 
 
-def _progress_result(
-    item: WorkItem, ctx: Context, status: Status, error: str, started_at: datetime, t0: float
+def _result(
+    item: WorkItem,
+    status: Status,
+    *,
+    error: str | None,
+    rows: int | None = None,
+    ctx: Context | None = None,
+    since: tuple[datetime, float] | None = None,
+    failure: BaseException | None = None,
 ) -> Result:
-    """The result of an item stopped while running: what it had committed, and since when."""
+    """An item's result; ``since`` is (started_at, perf_counter at start) if it ran at all."""
+    started_at, t0 = since if since is not None else (None, None)
     return Result(
         tenant=item.tenant.name if item.tenant else None,
         database=item.database,
         schema=item.schema,
         operation=item.operation.name,
         status=status,
-        rows=_rows_so_far(ctx),
+        rows=rows,
         started_at=started_at,
-        finished_at=datetime.now(UTC),
-        duration_s=time.perf_counter() - t0,
+        finished_at=datetime.now(UTC) if since is not None else None,
+        duration_s=time.perf_counter() - t0 if t0 is not None else None,
         error=error,
-        details=_details(ctx),
-    )
-
-
-def _result(item: WorkItem, status: Status, *, error: str | None) -> Result:
-    return Result(
-        tenant=item.tenant.name if item.tenant else None,
-        database=item.database,
-        schema=item.schema,
-        operation=item.operation.name,
-        status=status,
-        rows=None,
-        started_at=None,
-        finished_at=None,
-        duration_s=None,
-        error=error,
+        details=_details(ctx) if ctx is not None else {},
+        error_type=type(failure).__name__ if failure is not None else None,
+        sqlstate=sqlstate_of(failure) if failure is not None else None,
     )
 
 
