@@ -30,14 +30,14 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TextIO
 
 import psycopg
 import pytest
-import tomli_w
+from histsetup import DIVISION_BY_ZERO, EXIT_FAILED, EXIT_OK, FAILING, TENANTS, write_setup
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from support import PgServer, run_cli, run_sql
 
@@ -47,47 +47,6 @@ from sweeperd.history import History
 from sweeperd.model import Result
 from sweeperd.runner import SweepReport
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
-
-PLUGIN = '''\
-import sweeperd
-
-
-async def ok(ctx):
-    cur = await ctx.conn.execute("SELECT length(%s)", (ctx.tenant.name,))
-    return (await cur.fetchone())[0]
-
-
-async def flaky(ctx):
-    if ctx.tenant.name in ctx.settings.get("fail", []):
-        await ctx.conn.execute("SELECT 1/0")
-    await ctx.conn.execute("SELECT 1")
-    return None
-
-
-async def per_db(ctx):
-    cur = await ctx.conn.execute("SELECT 7")
-    return (await cur.fetchone())[0]
-
-
-@sweeperd.hookimpl
-def sweeperd_operations(config):
-    return [
-        sweeperd.Operation(name="hist.ok", run=ok, dry_run=True),
-        sweeperd.Operation(name="hist.flaky", run=flaky),
-        sweeperd.Operation(name="hist.db", run=per_db, scope="database", dry_run=True),
-    ]
-'''
-
-TENANTS = ("acme", "globex", "initech")
-FAILING = "globex"
-DIVISION_BY_ZERO = "DivisionByZero (SQLSTATE 22012): division by zero"
-
-SWEEPS: dict[str, dict[str, Any]] = {
-    "nightly": {"cron": "0 3 * * *", "operations": ["hist.ok", "hist.flaky"]},
-    "hourly": {"interval": "1h", "operations": ["hist.ok", "hist.db"], "tenants": ["acme"]},
-}
-
 RUN_COLUMNS = ("run_id", "sweep", "instance", "started_at", "finished_at",
                "ok", "failed", "skipped", "cancelled")
 RESULT_COLUMNS = ("run_id", "tenant", "schema_name", "operation", "status", "rows",
@@ -95,36 +54,6 @@ RESULT_COLUMNS = ("run_id", "tenant", "schema_name", "operation", "status", "row
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-
-
-def write_setup(
-    directory: Path,
-    databases: Mapping[str, str],
-    *,
-    tenants: Mapping[str, str] | None = None,
-    history: Mapping[str, Any] | None = None,
-    sweeps: Mapping[str, Mapping[str, Any]] = SWEEPS,
-    fail: Sequence[str] = (FAILING,),
-) -> Path:
-    """The plugin in ``plugins.d`` and ``sweeperd.toml``; ``tenants`` maps name → database."""
-    (directory / "plugins.d").mkdir(exist_ok=True)
-    (directory / "plugins.d" / "hist.py").write_text(PLUGIN, encoding="utf-8")
-    if tenants is None:
-        tenants = dict.fromkeys(TENANTS, "main")
-    doc: dict[str, Any] = {
-        "daemon": {"max_concurrency": 8, "plugin_dirs": ["plugins.d"]},
-        "log": {"format": "json", "level": "info"},
-        "history": dict(history or {}),
-        "databases": {name: {"dsn": dsn, "max_connections": 4, "connect_timeout": "5s"}
-                      for name, dsn in databases.items()},
-        "tenants": [{"name": name, "database": db, "schema": f"tenant_{name}"}
-                    for name, db in tenants.items()],
-        "sweeps": {name: dict(body) for name, body in sweeps.items()},
-        "plugins": {"hist": {"fail": list(fail)}},
-    }
-    path = directory / "sweeperd.toml"
-    path.write_text(tomli_w.dumps(doc), encoding="utf-8")
-    return path
 
 
 def sweep(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -229,17 +158,6 @@ def assert_results_match_report(rows: Sequence[Mapping[str, Any]],
         assert row["duration_s"] == pytest.approx(r["duration_s"], abs=1e-5), key
 
 
-@contextmanager
-def extra_database(pg_server: PgServer) -> Iterator[str]:
-    """A second fresh database (like the pg_dsn fixture), dropped afterwards."""
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    run_sql(pg_server.admin_dsn, f'CREATE DATABASE "{name}"')
-    try:
-        yield pg_server.dsn(name)
-    finally:
-        run_sql(pg_server.admin_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 @pytest.fixture
 def limited_role(pg_server: PgServer, pg_dsn: str) -> Iterator[str]:
     """A LOGIN role without CREATE on pg_dsn's database (PUBLIC has only CONNECT and TEMP)."""
@@ -342,28 +260,27 @@ def test_a_sweep_of_every_sweep_is_recorded_as_star(tmp_path: Path, pg_dsn: str)
 
 
 def test_each_database_holds_only_its_own_items(
-    tmp_path: Path, pg_dsn: str, pg_server: PgServer,
+    tmp_path: Path, pg_dsn: str, other_dsn: str,
 ) -> None:
-    with extra_database(pg_server) as other_dsn:
-        config = write_setup(
-            tmp_path, {"main": pg_dsn, "other": other_dsn},
-            tenants={"acme": "main", "globex": "main", "initech": "other"})
-        report = sweep_json(config, "nightly", expect=EXIT_FAILED)
-        items = {name: [r for r in report["results"] if r["database"] == name]
-                 for name in ("main", "other")}
-        assert len(items["main"]) == 4 and len(items["other"]) == 2
+    config = write_setup(
+        tmp_path, {"main": pg_dsn, "other": other_dsn},
+        tenants={"acme": "main", "globex": "main", "initech": "other"})
+    report = sweep_json(config, "nightly", expect=EXIT_FAILED)
+    items = {name: [r for r in report["results"] if r["database"] == name]
+             for name in ("main", "other")}
+    assert len(items["main"]) == 4 and len(items["other"]) == 2
 
-        [main_run] = runs(pg_dsn)
-        [other_run] = runs(other_dsn)
-        # One sweep run: the same run id in both databases, each with its own counts.
-        assert main_run["run_id"] == other_run["run_id"]
-        assert_run_matches_report(main_run, report,
-                                  {"ok": 3, "failed": 1, "skipped": 0, "cancelled": 0})
-        assert_run_matches_report(other_run, report,
-                                  {"ok": 2, "failed": 0, "skipped": 0, "cancelled": 0})
-        assert_results_match_report(results(pg_dsn), items["main"])
-        assert_results_match_report(results(other_dsn), items["other"])
-        assert {r["tenant"] for r in results(other_dsn)} == {"initech"}
+    [main_run] = runs(pg_dsn)
+    [other_run] = runs(other_dsn)
+    # One sweep run: the same run id in both databases, each with its own counts.
+    assert main_run["run_id"] == other_run["run_id"]
+    assert_run_matches_report(main_run, report,
+                              {"ok": 3, "failed": 1, "skipped": 0, "cancelled": 0})
+    assert_run_matches_report(other_run, report,
+                              {"ok": 2, "failed": 0, "skipped": 0, "cancelled": 0})
+    assert_results_match_report(results(pg_dsn), items["main"])
+    assert_results_match_report(results(other_dsn), items["other"])
+    assert {r["tenant"] for r in results(other_dsn)} == {"initech"}
 
 
 def test_a_large_sweep_records_every_item(tmp_path: Path, pg_dsn: str) -> None:

@@ -10,15 +10,12 @@ the previous logging configuration is restored after each test.
 
 from __future__ import annotations
 
-import gzip
 import io
 import json
 import logging
 import os
 import re
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +23,10 @@ import psycopg
 import pytest
 import structlog
 from opentelemetry import trace
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-    ExportTraceServiceRequest,
-    ExportTraceServiceResponse,
-)
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from otlp import OtlpReceiver
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from support import run_cli, run_sql, toml_str, write_config
 
@@ -87,66 +81,6 @@ def span_exporter() -> Iterator[tuple[trace.Tracer, InMemorySpanExporter]]:
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     yield provider.get_tracer("test"), exporter
     provider.shutdown()
-
-
-class OtlpReceiver:
-    """A minimal OTLP/HTTP collector on 127.0.0.1: keeps every POST (path, body)."""
-
-    def __init__(self) -> None:
-        self.requests: list[tuple[str, bytes]] = []
-        received = self.requests
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                if self.headers.get("Content-Encoding") == "gzip":
-                    body = gzip.decompress(body)
-                received.append((self.path, body))
-                reply = ExportTraceServiceResponse().SerializeToString()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/x-protobuf")
-                self.send_header("Content-Length", str(len(reply)))
-                self.end_headers()
-                self.wfile.write(reply)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def __enter__(self) -> OtlpReceiver:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-    def spans(self) -> dict[str, dict[str, Any]]:
-        """span_id (hex) → name, trace_id and parent (hex), attributes."""
-        out = {}
-        for path, body in self.requests:
-            if path != "/v1/traces":
-                continue
-            for rs in ExportTraceServiceRequest.FromString(body).resource_spans:
-                for ss in rs.scope_spans:
-                    for span in ss.spans:
-                        attributes = {}
-                        for kv in span.attributes:
-                            kind = kv.value.WhichOneof("value")
-                            attributes[kv.key] = getattr(kv.value, kind) if kind else None
-                        out[span.span_id.hex()] = {
-                            "name": span.name,
-                            "trace_id": span.trace_id.hex(),
-                            "parent": span.parent_span_id.hex(),
-                            "attributes": attributes,
-                        }
-        return out
 
 
 def with_secret(dsn: str) -> tuple[str, str | None]:
@@ -268,7 +202,7 @@ def test_sweep_json_log_lines(tmp_path: Path, pg_dsn: str, tracing: bool) -> Non
         assert receiver.requests == []
         return
 
-    spans = receiver.spans()
+    spans = receiver.spans_by_id()
     (root_id,) = [sid for sid, s in spans.items() if not s["parent"]]
     tenant_spans = {s["attributes"]["sweeperd.tenant"]: sid for sid, s in spans.items()
                     if s["name"].startswith("tenant ")}
@@ -294,7 +228,7 @@ def test_sweep_json_log_lines(tmp_path: Path, pg_dsn: str, tracing: bool) -> Non
     assert not [line for line in outside if "trace_id" in line]
     if secret:
         assert not [s for s in spans.values() if secret in json.dumps(s)]
-        assert not [b for _p, b in receiver.requests if secret.encode() in b]
+        assert not [b for _p, _h, b in receiver.requests if secret.encode() in b]
 
 
 # -- stdlib records, exceptions --------------------------------------------------------------------
@@ -455,7 +389,7 @@ def test_a_password_in_the_dsn_never_appears_in_output_logs_or_spans(
     for text in (proc.stdout, proc.stderr, check.stdout, check.stderr):
         assert SECRET not in text
     assert receiver.requests, "the sweep's trace was exported"
-    assert not [b for _p, b in receiver.requests if SECRET.encode() in b]
+    assert not [b for _p, _h, b in receiver.requests if SECRET.encode() in b]
 
 
 # -- console rendering and levels ------------------------------------------------------------------

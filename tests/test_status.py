@@ -19,93 +19,32 @@ import json
 import socket
 import subprocess
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
+import histsetup
 import psycopg
 import pytest
-import tomli_w
-from support import PgServer, run_cli, run_sql
+from histsetup import DIVISION_BY_ZERO, EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, FAILING
+from support import PgServer, run_cli
 
 from sweeperd.status import glob_to_regex
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
-
-PLUGIN = '''\
-import sweeperd
-
-
-async def ok(ctx):
-    cur = await ctx.conn.execute("SELECT length(%s)", (ctx.tenant.name,))
-    return (await cur.fetchone())[0]
-
-
-async def flaky(ctx):
-    if ctx.tenant.name in ctx.settings.get("fail", []):
-        await ctx.conn.execute("SELECT 1/0")
-    return None
-
-
-async def per_db(ctx):
-    cur = await ctx.conn.execute("SELECT 7")
-    return (await cur.fetchone())[0]
-
-
-@sweeperd.hookimpl
-def sweeperd_operations(config):
-    return [
-        sweeperd.Operation(name="hist.ok", run=ok, dry_run=True),
-        sweeperd.Operation(name="hist.flaky", run=flaky),
-        sweeperd.Operation(name="hist.db", run=per_db, scope="database", dry_run=True),
-    ]
-'''
-
-TENANTS = ("acme", "globex", "initech")
-FAILING = "globex"
-DIVISION_BY_ZERO = "DivisionByZero (SQLSTATE 22012): division by zero"
 UNREACHABLE_DSN = "host=/nonexistent dbname=app"
 
-SWEEPS: dict[str, dict[str, Any]] = {
-    "nightly": {"cron": "0 3 * * *", "operations": ["hist.ok", "hist.flaky"]},
-    "hourly": {"interval": "1h", "operations": ["hist.ok", "hist.db"], "tenants": ["acme"]},
-}
 COUNT_KEYS = ("ok", "failed", "skipped", "cancelled")
 
 
 # -- helpers ---------------------------------------------------------------------------------------
 
 
-def write_setup(
-    directory: Path,
-    databases: Mapping[str, str],
-    *,
-    tenants: Mapping[str, str] | None = None,
-    fail: Sequence[str] = (FAILING,),
-    history: Mapping[str, Any] | None = None,
-    name: str = "sweeperd.toml",
-) -> Path:
-    """The plugin in ``plugins.d`` and a config; ``tenants`` maps tenant name → database."""
-    (directory / "plugins.d").mkdir(exist_ok=True)
-    (directory / "plugins.d" / "hist.py").write_text(PLUGIN, encoding="utf-8")
-    if tenants is None:
-        tenants = dict.fromkeys(TENANTS, "main")
-    doc: dict[str, Any] = {
-        "daemon": {"max_concurrency": 8, "plugin_dirs": ["plugins.d"]},
-        "log": {"format": "json", "level": "info"},
-        "history": dict(history or {}),
-        "databases": {db: {"dsn": dsn, "max_connections": 4, "connect_timeout": "2s"}
-                      for db, dsn in databases.items()},
-        "tenants": [{"name": t, "database": db, "schema": f"tenant_{i}"}
-                    for i, (t, db) in enumerate(tenants.items())],
-        "sweeps": SWEEPS,
-        "plugins": {"hist": {"fail": list(fail)}},
-    }
-    path = directory / name
-    path.write_text(tomli_w.dumps(doc), encoding="utf-8")
-    return path
+def write_setup(directory: Path, databases: Mapping[str, str], **kw: Any) -> Path:
+    """histsetup's config, with numbered tenant schemas (some tenant names here are wildcards)."""
+    return histsetup.write_setup(directory, databases, connect_timeout="2s",
+                                 numbered_schemas=True, **kw)
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -484,16 +423,6 @@ def test_glob_to_regex_agrees_with_fnmatch_in_postgresql(pg_server: PgServer) ->
 
 
 # -- several databases, unreachable ones -----------------------------------------------------------
-
-
-@pytest.fixture
-def other_dsn(pg_server: PgServer) -> Iterator[str]:
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    run_sql(pg_server.admin_dsn, f'CREATE DATABASE "{name}"')
-    try:
-        yield pg_server.dsn(name)
-    finally:
-        run_sql(pg_server.admin_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def test_each_database_reports_its_own_part_of_a_run(

@@ -3,30 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
-import pytest
 from support import PgServer, run_sql
 
 from sweeperd import Context, Operation
 from sweeperd.config import Config, parse_config
 from sweeperd.plugins import Plugins, new_plugin_manager
 from sweeperd.sweep import open_databases, resolve_tenants, sweep_once
-
-
-@pytest.fixture
-def second_dsn(pg_server: PgServer) -> Iterator[str]:
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    run_sql(pg_server.admin_dsn, f'CREATE DATABASE "{name}"')
-    try:
-        yield pg_server.dsn(name)
-    finally:
-        run_sql(pg_server.admin_dsn, f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true',
-                f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def config_for(dsns: dict[str, str], **extra: Any) -> Config:
@@ -67,24 +53,24 @@ def test_like_wildcard_in_the_prefix_does_not_make_tenants(pg_dsn: str) -> None:
 
 
 def test_the_same_tenant_name_in_two_databases_is_two_tenants(
-    pg_dsn: str, second_dsn: str
+    pg_dsn: str, other_dsn: str
 ) -> None:
-    for dsn in (pg_dsn, second_dsn):
+    for dsn in (pg_dsn, other_dsn):
         run_sql(dsn, "CREATE SCHEMA tenant_a")
-    config = config_for({"eu": pg_dsn, "us": second_dsn})
+    config = config_for({"eu": pg_dsn, "us": other_dsn})
     report = asyncio.run(sweep_once(config, marker()))
     assert sorted((r.database, r.tenant, r.status) for r in report.results) == [
         ("eu", "a", "ok"), ("us", "a", "ok")]
 
 
 def test_one_database_failing_discovery_does_not_cost_the_others(
-    pg_dsn: str, second_dsn: str, pg_server: PgServer
+    pg_dsn: str, other_dsn: str, pg_server: PgServer
 ) -> None:
     run_sql(pg_dsn, "CREATE SCHEMA tenant_ok")
-    run_sql(second_dsn, "CREATE SCHEMA tenant_lost")
-    config = config_for({"eu": pg_dsn, "us": second_dsn},
+    run_sql(other_dsn, "CREATE SCHEMA tenant_lost")
+    config = config_for({"eu": pg_dsn, "us": other_dsn},
                         tenants=[{"name": "static", "database": "us", "schema": "tenant_lost"}])
-    broken = psycopg.conninfo.conninfo_to_dict(second_dsn)["dbname"]
+    broken = psycopg.conninfo.conninfo_to_dict(other_dsn)["dbname"]
 
     async def main() -> tuple[list[str], dict[str, str]]:
         databases, _ = await open_databases(config, ["eu", "us"])

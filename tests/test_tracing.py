@@ -14,24 +14,16 @@ small receiver started here, and the protobuf requests are decoded and checked.
 from __future__ import annotations
 
 import asyncio
-import gzip
 import re
-import threading
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 import structlog
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-    ExportTraceServiceRequest,
-    ExportTraceServiceResponse,
-)
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as PbSpan
 from opentelemetry.proto.trace.v1.trace_pb2 import Status as PbStatus
 from opentelemetry.sdk.metrics import MeterProvider
@@ -42,6 +34,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON, Sampler, SamplingResult
 from opentelemetry.trace import SpanKind, StatusCode
+from otlp import OtlpReceiver, pb_attrs
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from structlog.testing import capture_logs
 from support import run_cli, run_sql, toml_str, write_config
@@ -744,68 +737,6 @@ def test_log_lines_of_an_operation_carry_its_span_across_tasks(
 
 
 # -- end to end: sweeperd sweep exporting over OTLP/HTTP -------------------------------------------
-
-
-class OtlpReceiver:
-    """A minimal OTLP/HTTP collector on 127.0.0.1: keeps every POST (path, headers, body)."""
-
-    def __init__(self) -> None:
-        self.requests: list[tuple[str, dict[str, str], bytes]] = []
-        received = self.requests
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                if self.headers.get("Content-Encoding") == "gzip":
-                    body = gzip.decompress(body)
-                received.append((self.path, {k.lower(): v for k, v in self.headers.items()},
-                                 body))
-                reply = ExportTraceServiceResponse().SerializeToString()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/x-protobuf")
-                self.send_header("Content-Length", str(len(reply)))
-                self.end_headers()
-                self.wfile.write(reply)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def __enter__(self) -> OtlpReceiver:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-    def spans(self) -> list[tuple[dict[str, Any], PbSpan]]:
-        """Every exported span with its resource's attributes."""
-        out = []
-        for path, _headers, body in self.requests:
-            if path != "/v1/traces":
-                continue
-            request = ExportTraceServiceRequest.FromString(body)
-            for rs in request.resource_spans:
-                resource = pb_attrs(rs.resource.attributes)
-                for ss in rs.scope_spans:
-                    out.extend((resource, span) for span in ss.spans)
-        return out
-
-
-def pb_value(value: AnyValue) -> Any:
-    kind = value.WhichOneof("value")
-    return getattr(value, kind) if kind else None
-
-
-def pb_attrs(kvs: Any) -> dict[str, Any]:
-    return {kv.key: pb_value(kv.value) for kv in kvs}
 
 
 @pytest.mark.parametrize("service_name", [None, "billing-sweeper"])
