@@ -64,13 +64,14 @@ class Stop:
             self.event.set()
 
     def remaining(self) -> float | None:
-        """Seconds until the deadline (None: none); also settles the reason if it is due."""
+        """Seconds until the deadline (None: there is none)."""
         if self._deadline is None:
             return None
-        left = self._deadline - time.monotonic()
-        if self.reason is None:
-            self.reason = self._deadline_reason  # used only if the deadline is what ends it
-        return max(0.0, left)
+        return max(0.0, self._deadline - time.monotonic())
+
+    def why(self) -> str:
+        """Why the sweep ended early: the request's reason, else the deadline's."""
+        return self.reason or self._deadline_reason or "sweep timed out"
 
 
 # Asked right before an item starts: None to run it, or the status and reason to report instead

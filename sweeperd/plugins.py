@@ -144,7 +144,14 @@ def load_plugins(config: Config, *, entry_points: bool = True) -> Plugins:
     if entry_points:
         for module, info in _entry_points(problems):
             register(module, info)
-    for directory in config.daemon.plugin_dirs:
+    for i, directory in enumerate(config.daemon.plugin_dirs):
+        if not directory.is_dir():
+            # A configured but missing directory is most likely a deployment mistake.
+            problems.append(
+                f"{config.path}: daemon.plugin_dirs[{i}]: expected a directory, "
+                f"{directory} does not exist or is not a directory"
+            )
+            continue
         for module, info in _drop_ins(directory, problems):
             register(module, info)
 
@@ -195,10 +202,6 @@ def _entry_points(problems: list[str]) -> list[tuple[ModuleType | None, PluginIn
 
 
 def _drop_ins(directory: Path, problems: list[str]) -> list[tuple[ModuleType | None, PluginInfo]]:
-    if not directory.is_dir():
-        # A configured but missing directory is most likely a deployment mistake.
-        problems.append(f"plugin directory {directory} does not exist or is not a directory")
-        return []
     out: list[tuple[ModuleType | None, PluginInfo]] = []
     for path in sorted(directory.glob("*.py")):
         name = path.stem

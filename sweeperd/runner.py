@@ -172,7 +172,7 @@ class _SweepRun:
             )
             if not everything.done():
                 # Before cancelling: the tasks read it for their reason.
-                self.stop_reason = stop.reason or "sweep timed out"
+                self.stop_reason = stop.why()
                 await _cancel_and_wait(tasks)
         except asyncio.CancelledError:
             self.stop_reason = "cancelled"

@@ -1,8 +1,9 @@
 """APScheduler 3 (AsyncIOScheduler) wiring: one job per ``[sweeps.<name>]``, kept in sync on reload.
 
 APScheduler only decides *when* a sweep fires. Each job is a coroutine that hands the firing to the
-sweep's controller and returns at once, so APScheduler never sees a long-running job: overlap
-(skip/queue/replace), timeouts and windows live in the sweep layer, which can do all three.
+sweep's controller, which starts the sweep as its own task: APScheduler never waits for a sweep.
+Overlap (skip/queue/replace), timeouts and windows live in the sweep layer, which can do all
+three. (With ``replace`` the job does wait for the old run to be cancelled, a matter of moments.)
 """
 
 from __future__ import annotations
