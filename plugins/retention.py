@@ -19,10 +19,11 @@ Each ``[[plugins.retention.rules]]`` entry becomes the operation ``retention.<na
     scope = "database"            # once per database instead; then `schema` is required
 
 How a batch works: ``SELECT ctid … WHERE column < cutoff … LIMIT n FOR UPDATE SKIP LOCKED`` feeds a
-``DELETE … WHERE ctid = ANY(…) AND column < cutoff`` in one autocommitted statement, so every
-batch is
-its own transaction: a crash or cancel keeps the batches already committed, rows locked by the
-application are skipped rather than waited for, and the cutoff is re-checked at delete time. The
+``DELETE … WHERE ctid = ANY(…) AND column < cutoff`` in one statement, in a transaction of its
+own whose ``lock_timeout``/``statement_timeout`` (the rule's, else the database's) are ``SET
+LOCAL``: they hold behind any connection pooler and never outlive the batch. A crash or cancel
+keeps the batches already committed, rows locked by the application are skipped rather than
+waited for, and the cutoff is re-checked at delete time. The
 cutoff is computed once per run from the server's clock, so rows ageing past it during the run are
 not chased. There is no free-form ``where``: raw SQL in a config file would be an injection hole.
 """
@@ -30,6 +31,7 @@ not chased. There is no free-form ``where``: raw SQL in a config file would be a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import re
 import time
@@ -136,8 +138,11 @@ def _problems(settings: Mapping[str, Any]) -> Iterable[tuple[str, str]]:
         for key in ("older_than", "pause", "lock_timeout", "statement_timeout"):
             if key in rule and not _is_duration(rule[key]):
                 yield f"{where}.{key}", f"expected {EXPECTATION}, got {rule[key]!r}"
-            elif (key in ("lock_timeout", "statement_timeout") and key in rule
-                  and parse_duration(rule[key]) * 1000 > 2_147_483_647):
+            elif (
+                key in ("lock_timeout", "statement_timeout")
+                and key in rule
+                and parse_duration(rule[key]) * 1000 > 2_147_483_647
+            ):
                 yield f"{where}.{key}", "expected at most 24d20h31m23s (PostgreSQL's limit)"
         for key, upper in (("batch_size", MAX_BATCH_SIZE), ("max_rows", None)):
             value = rule.get(key)
@@ -157,8 +162,10 @@ def _problems(settings: Mapping[str, Any]) -> Iterable[tuple[str, str]]:
                 if not isinstance(value, _SCALARS):
                     yield f"{where}.match.{column}", "expected a string, number, boolean or date"
         if "timezone" in rule and not _is_zone(rule["timezone"]):
-            yield (f"{where}.timezone",
-                   f'expected an IANA time zone such as "UTC", got {rule["timezone"]!r}')
+            yield (
+                f"{where}.timezone",
+                f'expected an IANA time zone such as "UTC", got {rule["timezone"]!r}',
+            )
         if rule.get("missing", "fail") not in ("fail", "skip"):
             yield f"{where}.missing", f'expected "fail" or "skip", got {rule.get("missing")!r}'
         scope = rule.get("scope", "tenant")
@@ -251,7 +258,6 @@ async def _run(ctx: sweeperd.Context, rule: Rule) -> int:
     if found is None:
         raise sweeperd.Skip(f'table "{schema}"."{table}" does not exist (missing = "skip")')
     members, column_type = found
-    await _apply_timeouts(ctx, rule)
     age = dt.timedelta(seconds=rule.older_than)
     if column_type in _NAIVE_TYPES:
         if rule.timezone is None:
@@ -263,7 +269,8 @@ async def _run(ctx: sweeperd.Context, rule: Rule) -> int:
             )
         # The cutoff in the column's own terms: wall-clock time in the zone its values use.
         cur = await ctx.conn.execute(
-            "SELECT (now() AT TIME ZONE %s) - %s::interval", (rule.timezone, age))
+            "SELECT (now() AT TIME ZONE %s) - %s::interval", (rule.timezone, age)
+        )
     else:
         cur = await ctx.conn.execute("SELECT now() - %s::interval", (age,))
     row = await cur.fetchone()
@@ -286,8 +293,9 @@ async def _run(ctx: sweeperd.Context, rule: Rule) -> int:
         count = sql.SQL("SELECT count(*) FROM {} WHERE {}").format(
             param_safe(conn, sql.Identifier(schema, table)), filters
         )
-        cur = await ctx.conn.execute(count, params)
-        row = await cur.fetchone()
+        async with _transaction(ctx, rule):
+            cur = await ctx.conn.execute(count, params)
+            row = await cur.fetchone()
         would = int(row[0]) if row else 0
         return min(would, rule.max_rows) if rule.max_rows else would
 
@@ -352,7 +360,8 @@ async def _prune(
         limit = progress.next_limit()
         if limit <= 0:
             return
-        cur = await ctx.conn.execute(delete, params | {"limit": limit})
+        async with _transaction(ctx, rule):
+            cur = await ctx.conn.execute(delete, params | {"limit": limit})
         progress.add(cur.rowcount)
         if cur.rowcount < limit or progress.exhausted:
             return  # a short batch: nothing older than the cutoff is left (or it is all locked)
@@ -369,27 +378,9 @@ def param_safe(conn: Any, composable: sql.Composable) -> sql.Composable:
     return sql.SQL(composable.as_string(conn).replace("%", "%%"))
 
 
-async def _apply_timeouts(ctx: sweeperd.Context, rule: Rule) -> None:
-    settings = [
-        (name, value)
-        for name, value in (
-            ("lock_timeout", rule.lock_timeout),
-            ("statement_timeout", rule.statement_timeout),
-        )
-        if value is not None
-    ]
-    if not settings:
-        return
-    # Session-level on a pooled connection: the pool's reset (RESET ALL) restores the defaults.
-    query = sql.SQL("SELECT {}").format(
-        sql.SQL(", ").join(
-            sql.SQL("pg_catalog.set_config({}, {}, false)").format(
-                sql.Literal(name), sql.Literal(f"{round(v * 1000)}ms")
-            )
-            for name, v in settings
-        )
-    )
-    await ctx.conn.execute(query)
+def _transaction(ctx: sweeperd.Context, rule: Rule) -> contextlib.AbstractAsyncContextManager[Any]:
+    """One batch's transaction, under the rule's timeouts where it sets them."""
+    return ctx.transaction(lock_timeout=rule.lock_timeout, statement_timeout=rule.statement_timeout)
 
 
 _MEMBERS = """

@@ -23,6 +23,8 @@ DEFAULT_CONFIG_PATH = Path("/etc/sweeperd/sweeperd.toml")
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
 
 Overlap = Literal["skip", "queue", "replace"]
+Pooler = Literal["none", "session", "transaction"]
+POOLERS: tuple[Pooler, ...] = ("none", "session", "transaction")
 
 
 class ConfigError(Exception):
@@ -69,6 +71,12 @@ class DatabaseConfig:
     lock_timeout: float = 5.0
     statement_timeout: float = 1800.0
     connect_timeout: float = 10.0
+    # What sits between sweeperd and the server: "none" (a direct connection), or a pooler
+    # that keeps sessions ("session") or hands out a server connection per transaction.
+    pooler: Pooler = "none"
+    # How long transient connection failures (too many connections, starting up, refused) are
+    # waited out before the work that needed a connection fails.
+    connect_retry: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,6 +278,8 @@ class _ConfigReader(Validator):
             "lock_timeout",
             "statement_timeout",
             "connect_timeout",
+            "pooler",
+            "connect_retry",
         }
         for name, t in raw.items():
             where = f"databases.{name}"
@@ -288,6 +298,8 @@ class _ConfigReader(Validator):
                 statement_timeout=self.server_timeout(t, "statement_timeout", where, 1800.0),
                 connect_timeout=self.duration(t, "connect_timeout", where, 10.0, allow_zero=False)
                 or 10.0,
+                pooler=self.choice(t, "pooler", where, POOLERS, "none"),
+                connect_retry=self.duration(t, "connect_retry", where, 30.0) or 0.0,
             )
         return out
 

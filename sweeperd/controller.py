@@ -4,13 +4,19 @@ When a firing arrives while the previous run is still going:
 * ``skip``: log it and count it;
 * ``queue``: run once more right after the current run (several firings meanwhile still make one);
 * ``replace``: cancel the current run (its queries are cancelled on the server), then start.
+
+A database that could not be reached during a firing is remembered with that firing; when it
+comes back (:meth:`SweepController.catch_up`), the firing runs again for that database alone, so
+a nightly sweep does not wait a day for a database that was down for five minutes (claims keep
+another instance from doing it twice).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -18,7 +24,7 @@ import structlog
 
 from .config import Config
 from .coordination import DATABASE_SCOPE, Claims
-from .db import describe_error
+from .db import Database, describe_error
 from .durations import format_duration
 from .limits import Stop
 from .model import Status, Tenant
@@ -27,7 +33,7 @@ from .plugins import Plugins
 from .report import SweepReport
 from .runner import Runner
 from .schedule import Window, nominal_firing
-from .sweep import resolve_tenants
+from .sweep import refresh_databases, resolve_tenants
 
 log = structlog.get_logger("sweeperd.controller")
 
@@ -56,6 +62,8 @@ class Host(Protocol):
 
     async def record(self, report: SweepReport, snapshot: Snapshot) -> None: ...
 
+    def database_unreachable(self, name: str) -> None: ...
+
     @property
     def claims(self) -> Claims: ...
 
@@ -69,6 +77,10 @@ class SweepController:
         self.skipped_firings = 0
         self.last_report: SweepReport | None = None
         self._stop: Stop | None = None  # the current run's
+        # Databases unreachable during a firing → that firing, to run for them when they are up.
+        self.missed: dict[str, dt.datetime] = {}
+        self._catch_up: set[str] = set()  # came back while a run was going: run after it
+        self._catching_up = False
 
     @property
     def running(self) -> bool:
@@ -85,6 +97,11 @@ class SweepController:
         firing = nominal_firing(sweep, snapshot.config.daemon.timezone, dt.datetime.now(dt.UTC))
         if not self.running:
             self._start(firing)
+            return
+        if self._catching_up:
+            # A catch-up for one database that came back is no reason to drop a firing.
+            self.queued = firing
+            log.info("catch-up run going; firing queued to run after it", sweep=self.name)
             return
         if sweep.overlap == "queue":
             if self.queued is not None:
@@ -119,17 +136,47 @@ class SweepController:
         if task is not None:
             await asyncio.gather(task, return_exceptions=True)
 
+    def catch_up(self, database: str) -> None:
+        """``database`` is reachable again: run the firing it missed, for it alone."""
+        if database not in self.missed or self.host.stopping():
+            return
+        if self.running:
+            self._catch_up.add(database)  # after the current run, by _loop
+            return
+        self._catch_up.add(database)
+        self.current = asyncio.create_task(
+            self._loop(None), name=f"sweeperd sweep {self.name} (catch-up)"
+        )
+
     def _start(self, firing: dt.datetime) -> None:
         self.current = asyncio.create_task(self._loop(firing), name=f"sweeperd sweep {self.name}")
 
-    async def _loop(self, firing: dt.datetime) -> None:
+    async def _loop(self, firing: dt.datetime | None) -> None:
         next_firing: dt.datetime | None = firing
-        while next_firing is not None:
-            self.queued = None
-            await self._run_once(next_firing)
+        while True:
+            if next_firing is not None:
+                self.queued = None
+                await self._run_once(next_firing)
+            while self._catch_up and not self.host.stopping():
+                database = self._catch_up.pop()
+                missed = self.missed.get(database)
+                if missed is not None:
+                    log.info(
+                        "database reachable again; running the firing it missed",
+                        sweep=self.name,
+                        database=database,
+                        firing=missed.isoformat(),
+                    )
+                    self._catching_up = True
+                    try:
+                        await self._run_once(missed, only={database})
+                    finally:
+                        self._catching_up = False
             next_firing = None if self.host.stopping() else self.queued
+            if next_firing is None:
+                return
 
-    async def _run_once(self, firing: dt.datetime) -> None:
+    async def _run_once(self, firing: dt.datetime, only: Collection[str] | None = None) -> None:
         snapshot = self.host.snapshot()
         config = snapshot.config
         sweep = config.sweeps.get(self.name)
@@ -150,17 +197,26 @@ class SweepController:
             stop.at((window.closes_after(now) - now).total_seconds(), "maintenance window closed")
         try:
             guard = (sweep.timeout + HUNG_GRACE_S) if sweep.timeout is not None else None
-            async with asyncio.timeout(guard):
+            async with asyncio.timeout(guard), contextlib.AsyncExitStack() as using:
                 runner = snapshot.runner
-                tenants, failed = await resolve_tenants(config, runner.databases)
-                tenants, db_scope, unclaimed = await self._claim(runner, tenants, firing)
-                failed = {**failed, **unclaimed}
+                databases = {
+                    n: db for n, db in runner.databases.items() if only is None or n in only
+                }
+                for database in databases.values():
+                    await using.enter_async_context(database.use())
+                down = await refresh_databases(databases)
+                self._remember(firing, databases, down)
+                reachable = {n: db for n, db in databases.items() if n not in down}
+                tenants, failed = await resolve_tenants(config, reachable)
+                tenants = [t for t in tenants if t.database in databases]
+                tenants, db_scope, unclaimed = await self._claim(reachable, tenants, firing)
+                failed = {**down, **failed, **unclaimed}
                 plan = make_plan(
                     config,
                     snapshot.plugins.operations,
                     tenants,
                     sweep=self.name,
-                    database_scope_in=db_scope,
+                    database_scope_in=(db_scope | set(down)) & set(databases),
                 )
                 self.host.sweep_started(self.name, len(plan.items))
                 report = await runner.run(
@@ -187,17 +243,35 @@ class SweepController:
         if report is not None:
             await self.host.record(report, snapshot)
 
+    def _remember(
+        self, firing: dt.datetime, databases: Collection[str], down: Collection[str]
+    ) -> None:
+        """Which databases missed this firing (for catch_up), which ones did not."""
+        for name in databases:
+            if name in down:
+                self.missed[name] = firing
+                self.host.database_unreachable(name)
+            else:
+                self.missed.pop(name, None)
+
     async def _claim(
-        self, runner: Runner, tenants: list[Tenant], firing: dt.datetime
+        self, databases: dict[str, Database], tenants: list[Tenant], firing: dt.datetime
     ) -> tuple[list[Tenant], set[str], dict[str, str]]:
         """Keep the tenants (and databases, for database-scope work) this instance claimed;
-        and the databases where claiming failed (their work is reported failed, not done)."""
-        wanted: dict[str, list[str]] = {name: [DATABASE_SCOPE] for name in runner.databases}
+        and the databases where claiming failed (their work is reported failed, not done).
+        Tenants of databases that are not reachable are kept: their items say why."""
+        wanted: dict[str, list[str]] = {name: [DATABASE_SCOPE] for name in databases}
         for tenant in tenants:
-            wanted.setdefault(tenant.database, []).append(tenant.name)
-        owned, failed = await self.host.claims.claim(runner.databases, self.name, firing, wanted)
-        mine = [t for t in tenants if t.name in owned.get(t.database, set())
-                or t.database in failed]
+            if tenant.database in databases:
+                wanted[tenant.database].append(tenant.name)
+        owned, failed = await self.host.claims.claim(databases, self.name, firing, wanted)
+        mine = [
+            t
+            for t in tenants
+            if t.database not in databases
+            or t.name in owned.get(t.database, set())
+            or t.database in failed
+        ]
         db_scope = {db for db, names in owned.items() if DATABASE_SCOPE in names} | set(failed)
         return mine, db_scope, failed
 

@@ -71,7 +71,9 @@ class Claims:
         for name, tenants in wanted.items():
             names = sorted(set(tenants))
             database = databases.get(name)
-            if database is None or not names:
+            if database is None or not names or database.in_recovery or not database.is_open:
+                # Unreachable or a standby: nothing runs there (its items say why), and a
+                # standby cannot be written to.
                 owned[name] = set(names)
                 continue
             try:
@@ -92,23 +94,33 @@ class Claims:
                 owned[name] = set(names)
         return owned, failed
 
-    async def _claim_in(self, database: Database, sweep: str, firing: dt.datetime,
-                        names: list[str]) -> set[str]:
+    async def _claim_in(
+        self, database: Database, sweep: str, firing: dt.datetime, names: list[str]
+    ) -> set[str]:
         async with database.housekeeping("claim") as conn:
             if id(database) not in self._ready:
                 await database.ensure_schema(conn, _DDL)
                 self._ready.add(id(database))
             now = time.monotonic()
             if now - self._pruned_at.get(database.name, -PRUNE_EVERY_S) >= PRUNE_EVERY_S:
-                await conn.execute(_PRUNE)  # claims are only needed while a firing can recur
+                async with database.transaction(conn):
+                    await conn.execute(_PRUNE)  # claims only matter while a firing can recur
                 self._pruned_at[database.name] = now
-            cur = await conn.execute(_CLAIM, {"sweep": sweep, "firing": firing,
-                                              "tenants": names, "instance": self.instance})
-            claimed = {row[0] for row in await cur.fetchall()}
+            async with database.transaction(conn):
+                cur = await conn.execute(
+                    _CLAIM,
+                    {"sweep": sweep, "firing": firing, "tenants": names, "instance": self.instance},
+                )
+                claimed = {row[0] for row in await cur.fetchall()}
         self._unavailable.discard(database.name)
         skipped = len(names) - len(claimed)
         if skipped:
-            log.info("tenants already claimed by another instance for this firing",
-                     database=database.name, sweep=sweep, firing=firing.isoformat(),
-                     claimed=len(claimed), skipped=skipped)
+            log.info(
+                "tenants already claimed by another instance for this firing",
+                database=database.name,
+                sweep=sweep,
+                firing=firing.isoformat(),
+                claimed=len(claimed),
+                skipped=skipped,
+            )
         return claimed

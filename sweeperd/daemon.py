@@ -6,6 +6,10 @@ Signal handlers only set events; the main loop acts on them (Patroni's pattern):
   running, logs every problem once, and still sends ``READY=1`` with a STATUS saying so.
 * SIGTERM/SIGINT: ``STOPPING=1``, no new operations, wait ``drain_timeout`` for the running ones,
   cancel the rest on the server, close the pools, exit 0. A second signal cancels at once.
+
+Databases fail alone: one that cannot be reached at start (or after a reload, or at the start of
+a sweep) is reported in STATUS and the log, its items fail with the reason, and it is retried in
+the background (:mod:`sweeperd.reconnect`); when it answers, the firings it missed run for it.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from .history import History
 from .limits import Bounds
 from .logs import setup_logging
 from .plugins import PluginError, Plugins, load_plugins
+from .reconnect import Reconnector
 from .report import SweepReport
 from .runner import Runner
 from .schedule import SweepScheduler
@@ -35,7 +40,7 @@ from .telemetry import telemetry
 
 log = structlog.get_logger("sweeperd.daemon")
 
-EXIT_OK, EXIT_CONFIG, EXIT_UNREACHABLE = 0, 2, 3
+EXIT_OK, EXIT_CONFIG = 0, 2
 
 
 def load(path: Path) -> tuple[Config, Plugins]:
@@ -63,6 +68,7 @@ class Daemon:
         self._last_status = ""
         self.history = History(config.history)
         self._claims = Claims(self.history.instance)
+        self.reconnector = Reconnector(self._database_up)
 
     # -- Host protocol (used by the controllers) -------------------------------------------------
     def snapshot(self) -> Snapshot:
@@ -88,6 +94,21 @@ class Daemon:
     async def record(self, report: SweepReport, snapshot: Snapshot) -> None:
         await self.history.record(report, snapshot.runner.databases)
 
+    def database_unreachable(self, name: str) -> None:
+        database = self.snapshot().runner.databases.get(name)
+        if database is not None and not self._stopping:
+            self.reconnector.watch(database)
+            self._update_status()
+
+    def _database_up(self, database: Database) -> None:
+        if self._snapshot is None or self._stopping:
+            return
+        if self.snapshot().runner.databases.get(database.name) is not database:
+            return  # replaced by a reload meanwhile
+        self._update_status()
+        for controller in self.controllers.values():
+            controller.catch_up(database.name)
+
     # -- lifecycle -------------------------------------------------------------------------------
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -97,20 +118,19 @@ class Daemon:
         watchdog = asyncio.create_task(self.notifier.watchdog(), name="sweeperd watchdog")
         try:
             config, plugins = self._initial
-            databases, unreachable = await open_databases(config, list(config.databases))
-            if unreachable:
-                for name, reason in unreachable.items():
-                    log.error("cannot start: database unreachable", database=name, error=reason)
-                await _close(databases.values())
-                self.notifier.status(f"failed: database {', '.join(unreachable)} unreachable")
-                return EXIT_UNREACHABLE
+            databases, unreachable = await open_databases(
+                config, list(config.databases), keep_unreachable=True
+            )
             self._install(config, plugins, databases)
+            for name in unreachable:
+                self.reconnector.watch(databases[name])
             self.scheduler.start(config)
             self.notifier.ready(self._status())
             log.info(
                 "sweeperd ready",
                 sweeps=sorted(config.sweeps),
-                databases=sorted(databases),
+                databases=sorted(set(databases) - set(unreachable)),
+                unreachable=sorted(unreachable),
                 operations=len(plugins.operations),
             )
             await self._main_loop()
@@ -173,22 +193,23 @@ class Daemon:
         old_dbs = old.runner.databases
         keep = {n: db for n, db in old_dbs.items() if config.databases.get(n) == db.config}
         wanted = [n for n in config.databases if n not in keep]
-        opened, unreachable = await open_databases(config, wanted)
-        if unreachable:
-            await _close(opened.values())
-            return self._reload_failed(
-                [f"database {n!r} unreachable: {reason}" for n, reason in unreachable.items()]
-            )
+        # A database that is down is no reason to refuse a config: it is retried like at start.
+        opened, unreachable = await open_databases(config, wanted, keep_unreachable=True)
         setup_logging(config.log)
         self._install(config, plugins, {**keep, **opened})
         self.scheduler.sync(config)
+        current = {**keep, **opened}
+        self.reconnector.forget_all_but({id(db) for db in current.values()})
+        for name in unreachable:
+            self.reconnector.watch(opened[name])
         retired = [db for n, db in old_dbs.items() if keep.get(n) is not db]
         if retired:
             self._retire(retired)
         log.info(
             "configuration reloaded",
             sweeps=sorted(config.sweeps),
-            reopened=sorted(opened),
+            reopened=sorted(set(opened) - set(unreachable)),
+            unreachable=sorted(unreachable),
             operations=len(plugins.operations),
         )
         self.notifier.ready(self._status())
@@ -240,6 +261,7 @@ class Daemon:
                 await asyncio.gather(*(c.abort(reason) for c in running))
             await drained
         self.scheduler.shutdown()
+        await self.reconnector.close()
         await asyncio.gather(*self._retiring, return_exceptions=True)
         await _close(self.snapshot().runner.databases.values())
         # SIGTERM runs no atexit handlers: flush spans and metrics ourselves.
@@ -251,6 +273,14 @@ class Daemon:
         parts = []
         running = [c.name for c in self.controllers.values() if c.running]
         parts.append(f"running {', '.join(running)}" if running else "idle")
+        if self._snapshot is not None:
+            down = [
+                n
+                for n, db in self.snapshot().runner.databases.items()
+                if not db.is_open or db.down is not None
+            ]
+            if down:
+                parts.append(f"unreachable: {', '.join(sorted(down))} (retrying)")
         upcoming = sorted(self.scheduler.next_runs().items(), key=lambda kv: kv[1])
         if upcoming:
             name, when = upcoming[0]

@@ -1,34 +1,50 @@
-"""The only module that talks to the database driver (psycopg 3 and psycopg_pool).
+"""The only module that talks to the database driver (psycopg 3).
 
-One :class:`Database` per ``[databases.<name>]``: an explicitly opened ``AsyncConnectionPool`` whose
-connections are autocommit, carry ``lock_timeout``/``statement_timeout`` as session defaults (set in
-the startup packet, so they cost no round trip and survive ``RESET ALL``), and get one statement
-when they are handed out: it resets the session (whatever the previous operation changed),
-labels it with ``application_name`` for the work item, and doubles as the liveness check (stale
-connections after a server restart are replaced, not handed to an operation). That is one round
-trip per operation instead of three (check, label, reset-on-return); measured, it cut the
-runner's client CPU by a third. Connections left idle at the end of a sweep are reset then
-(:meth:`Database.scrub_idle`), so no operation's state outlives its sweep; an open transaction
-never survives a return to the pool (the pool rolls it back).
+One :class:`Database` per ``[databases.<name>]``: a strictly bounded pool (:mod:`sweeperd.pool`)
+of autocommit connections that never use server-side prepared statements (behind a transaction
+pooler another client's Bind could reach them), and a checkout statement chosen by what sits
+between us and the server (``pooler``):
+
+* ``"none"`` (a direct connection): ``lock_timeout``/``statement_timeout`` travel in the startup
+  packet (no round trip, and they survive ``RESET ALL``); at checkout one statement resets the
+  session, labels it with ``application_name`` and doubles as the liveness check.
+* ``"session"``: PgBouncer refuses the ``options`` startup parameter, so the checkout statement
+  sets the timeouts after its reset; the server session is ours for as long as the connection.
+* ``"transaction"``: every transaction may run on another server session, so nothing is ever set
+  or reset on a session: the checkout statement is an empty query (liveness only), timeouts that
+  matter are ``SET LOCAL`` in the transaction that needs them
+  (:func:`~sweeperd.model.timed_transaction`), and statements that cannot run in a transaction
+  (VACUUM) get the role's defaults, which :meth:`Database.refresh` compares with the
+  configuration once, logging the ``ALTER ROLE … IN DATABASE … SET`` that fixes a difference.
+
+Connection failures that pass (too many connections, a server starting up or shutting down,
+refused or reset connections) are waited out for ``connect_retry``; a caller waiting meanwhile
+also takes any connection another one gives back. Idle connections are closed when the last sweep
+using the database ends, so the daemon holds none between firings.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import psycopg
+import structlog
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
-from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from .config import DatabaseConfig
+from .model import timed_transaction
+from .pool import Pool
 from .telemetry import telemetry
+
+log = structlog.get_logger("sweeperd.db")
 
 __all__ = [
     "Database",
@@ -36,6 +52,7 @@ __all__ = [
     "check_dsn",
     "describe_error",
     "is_insufficient_privilege",
+    "is_transient",
     "qualified",
     "sql",
     "sqlstate_of",
@@ -50,6 +67,45 @@ _RESET_SESSION = (
     "SELECT pg_catalog.pg_advisory_unlock_all(); DISCARD TEMP"
 )
 _DDL_LOCK_KEY = 0x5357_4545_5045_5244  # "SWEEPERD": serializes sweeperd's own schema DDL
+_CHECK = """
+SELECT pg_catalog.pg_is_in_recovery(),
+       (SELECT setting FROM pg_catalog.pg_settings WHERE name = 'lock_timeout'),
+       (SELECT setting FROM pg_catalog.pg_settings WHERE name = 'statement_timeout'),
+       current_user, current_database()
+"""
+STANDBY = "database is in recovery (standby): sweeperd works on the primary only"
+_FIRST_BACKOFF_S = 0.1
+_MAX_BACKOFF_S = 2.0
+# Connection failures that pass on their own: too many connections, admin shutdown, the server
+# starting up or shutting down, and connection exceptions (class 08) other than a protocol
+# violation (08P01, which is also how PgBouncer reports most of its own errors: decided by text).
+_TRANSIENT_STATES = {
+    "53300",
+    "57P01",
+    "57P02",
+    "57P03",
+    "08000",
+    "08001",
+    "08003",
+    "08004",
+    "08006",
+}
+# Failures that waiting does not fix; libpq gives connection errors no SQLSTATE, so by text.
+_PERMANENT_TEXT = (
+    "authentication failed",
+    "pg_hba.conf",
+    "no password supplied",
+    "does not exist",
+    "no such database",
+    "no such user",
+    "unsupported startup parameter",
+    "could not translate host name",
+    "invalid connection option",
+    "invalid port",
+    "permission denied",
+    "certificate",
+    "ssl ",
+)
 
 
 class DatabaseUnreachable(Exception):
@@ -122,8 +178,8 @@ def describe_error(exc: BaseException) -> str:
         message = " ".join(part.strip() for part in message.splitlines() if part.strip())
         name = type(exc).__name__
         return redact(f"{name} (SQLSTATE {state}): {message}" if state else f"{name}: {message}")
-    if isinstance(exc, PoolTimeout):
-        return f"PoolTimeout: no connection available: {exc}"
+    if isinstance(exc, DatabaseUnreachable):
+        return redact(f"database unreachable: {exc.reason}")
     text = " ".join(str(exc).split())
     return redact(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
 
@@ -134,12 +190,27 @@ def application_name(label: str) -> str:
     return name.decode("ascii")
 
 
+def is_transient(exc: BaseException) -> bool:
+    """Whether a failure to connect (or of the checkout statement) may pass if we wait."""
+    if isinstance(exc, DatabaseUnreachable):
+        return False  # already waited out
+    state = exc.sqlstate if isinstance(exc, psycopg.Error) else None
+    if state in _TRANSIENT_STATES:
+        return True
+    if state is not None and (state.startswith("28") or state in ("3D000", "42501")):
+        return False
+    if not isinstance(exc, psycopg.OperationalError | OSError):
+        return False
+    text = str(exc).lower()
+    return not any(words in text for words in _PERMANENT_TEXT)
+
+
 def _ms(seconds: float) -> int:
     return max(0, round(seconds * 1000))
 
 
 class Database:
-    """A pool for one configured database."""
+    """A bounded pool for one configured database, and what sweeperd knows about the server."""
 
     def __init__(self, config: DatabaseConfig) -> None:
         self.config = config
@@ -150,77 +221,243 @@ class Database:
         self.slot: asyncio.Semaphore | None = None  # the runner's per-database slot
         self.dbname: str | None = None
         self.user: str | None = None
-        self._pool: AsyncConnectionPool[AsyncConn] | None = None
+        self.in_recovery = False  # as of the last refresh()
+        # Why connecting failed after connect_retry. Until open() or refresh() succeed again,
+        # other connects fail at once with it instead of each waiting connect_retry again.
+        self.down: str | None = None
+        self._probing = 0  # open()/refresh() running: they try even when the database is down
+        self._pool: Pool | None = None
+        self._startup_options: str | None = None  # pooler "none": libpq's options + timeouts
+        self._checked_timeouts = False
+        self._users = 0  # sweeps using the database now (idle connections close at zero)
+        self._retrying_since: float | None = None
+        self._quiet = False  # the reconnector logs its own attempts
 
-    def _connect_kwargs(self) -> dict[str, Any]:
+    @property
+    def is_open(self) -> bool:
+        return self._pool is not None
+
+    # -- connecting -------------------------------------------------------------------------------
+    def _kwargs(self) -> dict[str, Any]:
         return {
             "autocommit": True,
+            # Server-side prepared statements do not follow the client through a transaction
+            # pooler (another client's Bind can reach ours): never prepare, in any mode.
+            "prepare_threshold": None,
             "application_name": APPLICATION_NAME,
             "connect_timeout": max(1, round(self.config.connect_timeout)),
         }
 
-    def _options(self, effective: str) -> str:
-        """libpq's options plus our timeouts, as startup parameters.
+    async def _connect(self) -> AsyncConn:
+        """One connection attempt (the pool retries transient failures)."""
+        if self.down is not None and not self._probing:
+            raise DatabaseUnreachable(self.name, self.down)
+        kwargs = self._kwargs()
+        if self._startup_options is not None:
+            kwargs["options"] = self._startup_options
+        conn = await psycopg.AsyncConnection.connect(self.config.dsn, **kwargs)
+        self._recovered()
+        return conn
 
-        Startup parameters are the session's defaults: they cost no round trip and survive
-        RESET ALL (ours or an operation's). ``effective`` is what libpq itself used (the DSN,
-        PGOPTIONS or a service file): passing options= replaces it, so it is carried over.
-        """
+    def _transient(self, exc: BaseException) -> bool:
+        # A socket directory that does not exist is a typo, not a server that is down (whose
+        # directory exists without the socket file): no point in waiting for it.
+        if "no such file or directory" in str(exc).lower() and self._socket_dirs_missing():
+            return False
+        return is_transient(exc)
+
+    def _socket_dirs_missing(self) -> bool:
+        try:
+            hosts = (conninfo_to_dict(self.config.dsn).get("host") or "").split(",")
+        except psycopg.Error:
+            return False
+        dirs = [h for h in hosts if h.startswith("/")]
+        return bool(dirs) and len(dirs) == len(hosts) and not any(os.path.isdir(d) for d in dirs)
+
+    def _new_pool(self, connect: Any, size: int) -> Pool:
+        return Pool(
+            connect,
+            size,
+            retry_for=self.config.connect_retry,
+            transient=self._transient,
+            on_retry=self._retrying,
+            first_backoff=_FIRST_BACKOFF_S,
+            max_backoff=_MAX_BACKOFF_S,
+        )
+
+    def _retrying(self, exc: BaseException) -> None:
+        """A transient failure: said once per episode (every retry would flood the log)."""
+        if self._retrying_since is None:
+            self._retrying_since = time.monotonic()
+            if self._quiet:
+                return
+            log.warning(
+                "cannot connect yet; waiting it out",
+                database=self.name,
+                error=self.connect_error(exc),
+                connect_retry_s=self.config.connect_retry,
+            )
+
+    def _recovered(self) -> None:
+        if self._retrying_since is not None:
+            waited = time.monotonic() - self._retrying_since
+            self._retrying_since = None
+            if not self._quiet:
+                log.info("connected after waiting", database=self.name, waited_s=round(waited, 2))
+
+    def connect_error(self, exc: BaseException) -> str:
+        """describe_error, plus what to do when a pooler refused our startup parameters."""
+        text = describe_error(exc)
+        if "unsupported startup parameter" in text.lower():
+            text += (
+                f" (a connection pooler refused it: set [databases.{self.name}] pooler = "
+                '"transaction" or "session" to match its pool_mode)'
+            )
+        return text
+
+    async def _probe_options(self) -> None:
+        """pooler "none": learn libpq's own options (DSN, PGOPTIONS or a service file), since
+        passing ``options=`` replaces them, and add our timeouts to them."""
+        probe_pool = self._new_pool(self._connect, 1)
+        self._probing += 1
+        try:
+            conn = await probe_pool.getconn()
+        except DatabaseUnreachable:
+            raise
+        except Exception as exc:
+            raise self._unreachable(exc) from None
+        finally:
+            self._probing -= 1
+        try:
+            effective = next((o.val for o in conn.pgconn.info if o.keyword == b"options"), None)
+        finally:
+            await probe_pool.discard(conn)
+            await probe_pool.close()
         cfg = self.config
         ours = (
             f"-c lock_timeout={_ms(cfg.lock_timeout)} "
             f"-c statement_timeout={_ms(cfg.statement_timeout)}"
         )
-        return f"{effective} {ours}".strip()
+        self._startup_options = f"{effective.decode() if effective else ''} {ours}".strip()
 
-    async def open(self) -> None:
-        """Connect once to fail fast with the real reason, then open the pool.
+    def _unreachable(self, exc: BaseException) -> DatabaseUnreachable:
+        if isinstance(exc, DatabaseUnreachable):
+            return exc
+        reason = self.connect_error(exc)
+        self.down = reason
+        self._retrying_since = None
+        return DatabaseUnreachable(self.name, reason)
 
-        The pool's own open() reports only a timeout; a direct first connection reports
-        "password authentication failed" or "no such database", which is what a user needs.
+    async def open(self, *, quiet: bool = False) -> None:
+        """Connect (waiting out transient failures for ``connect_retry``) and :meth:`refresh`.
+
+        Raises :class:`DatabaseUnreachable` with libpq's reason. Calling it again on an open
+        database only refreshes it (how the daemon retries a database that went away).
+        ``quiet``: the caller reports the outcome itself.
         """
-        kwargs = self._connect_kwargs()
+        self._quiet = quiet
         try:
-            probe = await psycopg.AsyncConnection.connect(self.config.dsn, **kwargs)
-        except psycopg.Error as exc:
-            raise DatabaseUnreachable(self.name, describe_error(exc)) from None
-        except OSError as exc:
-            raise DatabaseUnreachable(self.name, describe_error(exc)) from None
-        async with probe:
-            self.server_version = probe.info.server_version
-            self.server_address = probe.info.host or None
-            self.server_port = probe.info.port or None
-            self.dbname, self.user = probe.info.dbname, probe.info.user
-            effective = next((o.val for o in probe.pgconn.info if o.keyword == b"options"), None)
-        kwargs["options"] = self._options(effective.decode() if effective else "")
-        self._pool = AsyncConnectionPool(
-            self.config.dsn,
-            kwargs=kwargs,
-            min_size=1,
-            max_size=self.config.max_connections,
-            open=False,
-            name=f"sweeperd-{self.name}",
-            # Neither check= nor reset=: the statement at checkout does both (see _checkout).
-            timeout=self.config.connect_timeout + 5.0,
-        )
+            if self._pool is not None:
+                await self.refresh()
+                return
+            if self.config.pooler == "none":
+                await self._probe_options()
+            self._pool = self._new_pool(self._connect, self.config.max_connections)
+            try:
+                await self.refresh()
+            except BaseException:
+                await self.close()  # never opened: nothing half-open is left behind
+                raise
+        finally:
+            self._quiet = False
+
+    async def refresh(self) -> None:
+        """At open and at the start of every sweep: is the server a standby now? (one query)
+
+        The first time, also compare the timeouts the server applies with the configuration.
+        Tries even when the database is known to be down; success clears that.
+        """
+        self._probing += 1
         try:
-            await self._pool.open(wait=True, timeout=self.config.connect_timeout + 5.0)
-        except PoolTimeout as exc:
-            await self._pool.close()
-            self._pool = None
-            raise DatabaseUnreachable(self.name, describe_error(exc)) from None
+            async with self.housekeeping("check") as conn:
+                info = conn.info
+                self.server_version = info.server_version
+                self.server_address = info.host or None
+                self.server_port = info.port or None
+                cur = await conn.execute(_CHECK)
+                row = await cur.fetchone()
+        finally:
+            self._probing -= 1
+        self.down = None
+        assert row is not None
+        in_recovery, lock_ms, statement_ms, user, dbname = row
+        if bool(in_recovery) != self.in_recovery and self._checked_timeouts:
+            log.warning(
+                "database is now a standby; its work is skipped"
+                if in_recovery
+                else "database is no longer a standby; its work runs again",
+                database=self.name,
+            )
+        self.in_recovery = bool(in_recovery)
+        self.user, self.dbname = user, dbname
+        if not self._checked_timeouts:
+            self._checked_timeouts = True
+            self._check_timeouts(int(lock_ms), int(statement_ms))
+
+    def _check_timeouts(self, lock_ms: int, statement_ms: int) -> None:
+        cfg = self.config
+        wanted = {
+            "lock_timeout": _ms(cfg.lock_timeout),
+            "statement_timeout": _ms(cfg.statement_timeout),
+        }
+        actual = {"lock_timeout": lock_ms, "statement_timeout": statement_ms}
+        wrong = [name for name in wanted if wanted[name] != actual[name]]
+        if not wrong:
+            return
+        found = ", ".join(f"{n} = {actual[n]}ms" for n in wrong)
+        if cfg.pooler == "transaction":
+            fix = "; ".join(
+                sql.SQL("ALTER ROLE {} IN DATABASE {} SET {} = {}")
+                .format(
+                    sql.Identifier(self.user or "sweeperd"),
+                    sql.Identifier(self.dbname or "postgres"),
+                    sql.Identifier(n),
+                    sql.Literal(f"{wanted[n]}ms"),
+                )
+                .as_string(None)
+                for n in wrong
+            )
+            log.warning(
+                "behind a transaction pooler, statements outside a transaction (VACUUM) run "
+                "under the role's defaults, which differ from the configuration",
+                database=self.name,
+                found=found,
+                fix=fix + ";",
+            )
+        else:
+            log.warning(
+                "the timeouts sent at connect did not reach the server: a connection pooler "
+                "that ignores startup parameters?",
+                database=self.name,
+                found=found,
+                fix=f'set [databases.{self.name}] pooler = "transaction" or "session"',
+            )
 
     async def close(self) -> None:
         if self._pool is not None:
             await self._pool.close()
             self._pool = None
 
+    # -- handing out connections -----------------------------------------------------------------
     @asynccontextmanager
     async def connection(self, label: str) -> AsyncIterator[AsyncConn]:
-        """A pooled connection labelled ``sweeperd: <label>`` in ``pg_stat_activity``."""
-        if self._pool is None:
-            raise RuntimeError(f"database {self.name!r} is not open")
+        """A pooled connection (labelled ``sweeperd: <label>`` where the pooler keeps sessions).
+
+        Raises :class:`DatabaseUnreachable` when none could be had within ``connect_retry``.
+        """
         pool = self._pool
+        if pool is None:
+            raise DatabaseUnreachable(self.name, self.down or "not open")
         t0 = time.perf_counter()
         conn = await self._checkout(pool, application_name(label))
         telemetry().connection_wait.record(
@@ -231,30 +468,49 @@ class Database:
         finally:
             await pool.putconn(conn)
 
-    async def _checkout(self, pool: AsyncConnectionPool[AsyncConn], name: str) -> AsyncConn:
-        """Get a live connection, reset and labelled, in one round trip.
+    def _prelude(self, name: str) -> sql.SQL | sql.Composed:
+        cfg = self.config
+        if cfg.pooler == "transaction":
+            return sql.SQL("")  # liveness only: no session state on a shared server session
+        label = sql.SQL("SET application_name = {}").format(sql.Literal(name))
+        if cfg.pooler == "session":
+            timeouts = sql.SQL("SET lock_timeout = {}; SET statement_timeout = {}").format(
+                sql.Literal(f"{_ms(cfg.lock_timeout)}ms"),
+                sql.Literal(f"{_ms(cfg.statement_timeout)}ms"),
+            )
+            return sql.SQL("; ").join([sql.SQL(_RESET_SESSION), timeouts, label])
+        return sql.SQL("; ").join([sql.SQL(_RESET_SESSION), label])
+
+    async def _checkout(self, pool: Pool, name: str) -> AsyncConn:
+        """A live connection, reset and labelled where that is safe, in one round trip.
 
         A connection the server dropped while it sat in the pool (restart, failover,
-        pg_terminate_backend) fails the statement; it is handed back (the pool discards closed
-        connections and opens replacements) and the next one is tried.
+        pg_terminate_backend) fails the statement; it is closed and the next one tried, waiting
+        out transient failures for ``connect_retry``.
         """
-        prelude = sql.SQL(_RESET_SESSION + "; SET application_name = {}").format(sql.Literal(name))
-        attempts = self.config.max_connections + 1
-        for attempt in range(attempts):
-            conn = await pool.getconn()
+        prelude = self._prelude(name)
+        deadline = time.monotonic() + self.config.connect_retry
+        failures = 0
+        while True:
             try:
-                if not conn.autocommit:  # an operation switched it off; the pool rolled back
-                    await conn.set_autocommit(True)
+                conn = await pool.getconn()
+            except Exception as exc:
+                raise self._unreachable(exc) from None
+            try:
                 await conn.execute(prelude)
                 return conn
-            except psycopg.OperationalError:
-                await pool.putconn(conn)
-                if not conn.closed or attempt == attempts - 1:
-                    raise
+            except psycopg.OperationalError as exc:
+                await pool.discard(conn)
+                failures += 1
+                if not self._transient(exc) or time.monotonic() >= deadline:
+                    raise self._unreachable(exc) from None
+                if failures > pool.max_size:  # not just stale idle ones: the server is busy
+                    self._retrying(exc)
+                    delay = _FIRST_BACKOFF_S * 2 ** min(failures - pool.max_size, 5)
+                    await asyncio.sleep(min(delay, _MAX_BACKOFF_S))
             except BaseException:
                 await pool.putconn(conn)
                 raise
-        raise AssertionError("unreachable")  # pragma: no cover
 
     @asynccontextmanager
     async def housekeeping(self, label: str) -> AsyncIterator[AsyncConn]:
@@ -266,6 +522,34 @@ class Database:
         async with self.slot or contextlib.nullcontext(), self.connection(label) as conn:
             yield conn
 
+    def transaction(self, conn: AsyncConn) -> AbstractAsyncContextManager[AsyncConn]:
+        """A transaction under the configured timeouts (``SET LOCAL``: safe behind any pooler)."""
+        return timed_transaction(
+            conn,
+            lock_timeout=self.config.lock_timeout,
+            statement_timeout=self.config.statement_timeout,
+        )
+
+    @asynccontextmanager
+    async def use(self) -> AsyncIterator[Database]:
+        """Mark a sweep using the database; when the last one ends, idle connections close.
+
+        So the daemon holds no connection between firings, and nothing a sweep left on a
+        session (pooler "none"/"session") survives it.
+        """
+        self._users += 1
+        try:
+            yield self
+        finally:
+            self._users -= 1
+            if self._users == 0 and self._pool is not None:
+                await self._pool.close_idle()
+
+    async def warm(self, connections: int) -> None:
+        """Open up to ``connections`` now, concurrently, instead of one at a time on demand."""
+        if self._pool is not None and self.down is None:
+            await self._pool.warm(connections)
+
     async def find_schemas(self, like: str) -> list[str]:
         """Schemas whose name matches the LIKE pattern, in name order."""
         async with self.housekeeping("discover") as conn:
@@ -275,42 +559,16 @@ class Database:
             )
             return [row[0] for row in await cur.fetchall()]
 
-    async def scrub_idle(self) -> None:
-        """Reset the connections idle in the pool (at the end of a sweep).
-
-        Resetting happens when a connection is handed out; this makes sure nothing an operation
-        left behind (an advisory lock, a role, a setting) stays on an idle connection until the
-        next sweep. Connections in use by another sweep are not touched.
-        """
-        pool = self._pool
-        if pool is None:
-            return
-        idle = pool.get_stats().get("pool_available", 0)
-        taken: list[AsyncConn] = []
-        try:
-            for _ in range(idle):
-                try:
-                    conn = await pool.getconn(timeout=0.1)
-                except PoolTimeout:
-                    break  # another sweep took the rest meanwhile
-                taken.append(conn)
-                with contextlib.suppress(psycopg.Error):
-                    if not conn.autocommit:
-                        await conn.set_autocommit(True)
-                    await conn.execute(_RESET_SESSION)
-        finally:
-            for conn in taken:
-                await pool.putconn(conn)
-
     async def ensure_schema(self, conn: AsyncConn, ddl: str) -> None:
         """Create schema ``sweeperd`` if missing, then run idempotent DDL in it.
 
         CREATE SCHEMA IF NOT EXISTS needs CREATE on the database even when the schema exists, so
         it is only issued when the schema is missing: a DBA can create the schema for a role that
         may not create schemas. Two sessions creating at once can still collide in the catalog; a
-        transaction-scoped advisory lock serializes sweeperd's instances.
+        transaction-scoped advisory lock (the only kind a transaction pooler keeps) serializes
+        sweeperd's instances.
         """
-        async with conn.transaction():
+        async with self.transaction(conn):
             await conn.execute("SELECT pg_catalog.pg_advisory_xact_lock(%s)", (_DDL_LOCK_KEY,))
             cur = await conn.execute("SELECT pg_catalog.to_regnamespace('sweeperd') IS NULL")
             row = await cur.fetchone()
@@ -318,21 +576,5 @@ class Database:
                 await conn.execute("CREATE SCHEMA sweeperd")
             await conn.execute(ddl)
 
-    async def warm(self, connections: int) -> None:
-        """Open up to ``connections`` now, concurrently, instead of one at a time on demand.
-
-        psycopg_pool grows by one connection at a time while clients wait; a sweep about to run
-        32 operations at once would spend its first hundreds of milliseconds ramping up.
-        """
-        if self._pool is not None:
-            wanted = max(1, min(connections, self.config.max_connections))
-            if wanted > self._pool.min_size:
-                await self._pool.resize(wanted, self.config.max_connections)
-
-    async def cool(self) -> None:
-        """Let the pool shrink back (idle connections close after the pool's max_idle)."""
-        if self._pool is not None and self._pool.min_size > 1:
-            await self._pool.resize(1, self.config.max_connections)
-
     def pool_stats(self) -> dict[str, int]:
-        return self._pool.get_stats() if self._pool is not None else {}
+        return self._pool.stats() if self._pool is not None else {}

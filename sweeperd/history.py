@@ -109,8 +109,8 @@ class History:
         run_id = uuid.uuid4()
         for name, results in by_db.items():
             database = databases.get(name)
-            if database is None:
-                continue  # unreachable: nothing to write to
+            if database is None or not database.is_open or database.in_recovery:
+                continue  # unreachable, or a standby: nothing to write to
             try:
                 await self._write(database, report, run_id, results, (trigger, selection))
             except Exception as exc:
@@ -129,7 +129,7 @@ class History:
                 await database.ensure_schema(conn, _DDL)
                 self._ready.add(id(database))
             counts = _counts(results)
-            async with conn.transaction():
+            async with database.transaction(conn):
                 await conn.execute(
                     "INSERT INTO sweeperd.runs (run_id, sweep, instance, started_at, finished_at,"
                     " ok, failed, skipped, cancelled, trigger, selection)"
@@ -168,10 +168,11 @@ class History:
                         )
             now = time.monotonic()
             if now - self._pruned_at.get(database.name, -PRUNE_EVERY_S) >= PRUNE_EVERY_S:
-                cur = await conn.execute(
-                    "DELETE FROM sweeperd.runs WHERE finished_at < now() - %s::interval",
-                    (timedelta(seconds=self.config.keep),),
-                )
+                async with database.transaction(conn):
+                    cur = await conn.execute(
+                        "DELETE FROM sweeperd.runs WHERE finished_at < now() - %s::interval",
+                        (timedelta(seconds=self.config.keep),),
+                    )
                 self._pruned_at[database.name] = now
                 if cur.rowcount:
                     log.info("history pruned", database=database.name, runs=cur.rowcount)

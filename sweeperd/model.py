@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 
-from .db import sql
+from psycopg import sql
 
 if TYPE_CHECKING:
     from psycopg import AsyncConnection
@@ -118,6 +119,33 @@ def _as_tuple(value: str | Iterable[str]) -> tuple[str, ...]:
     return tuple(value)
 
 
+_SET_LOCAL_TIMEOUTS = (
+    "SELECT pg_catalog.set_config('lock_timeout', %s, true),"
+    " pg_catalog.set_config('statement_timeout', %s, true)"
+)
+
+
+@asynccontextmanager
+async def timed_transaction(
+    conn: AsyncConnection[Any], *, lock_timeout: float, statement_timeout: float
+) -> AsyncIterator[AsyncConnection[Any]]:
+    """A transaction on ``conn`` with ``SET LOCAL`` timeouts (seconds, 0 = off).
+
+    Transaction-scoped settings are the only ones a transaction pooler keeps with the statements
+    they are meant for; they also end with the transaction, so a per-rule timeout never reaches
+    another operation.
+    """
+    async with conn.transaction():
+        await conn.execute(
+            _SET_LOCAL_TIMEOUTS, (f"{_ms(lock_timeout)}ms", f"{_ms(statement_timeout)}ms")
+        )
+        yield conn
+
+
+def _ms(seconds: float) -> int:
+    return max(0, round(seconds * 1000))
+
+
 def split_qualified(name: str) -> tuple[str, str]:
     """``"public.sessions"`` → ``("public", "sessions")`` (first dot splits)."""
     schema, _, table = name.partition(".")
@@ -128,10 +156,15 @@ def split_qualified(name: str) -> tuple[str, str]:
 class Context:
     """What an operation's ``run`` receives.
 
-    ``conn`` is an autocommit :class:`psycopg.AsyncConnection` with ``application_name``,
-    ``lock_timeout`` and ``statement_timeout`` already set. ``tenant`` is None for scope
-    ``database``. ``details`` is a dict the operation may fill (e.g. dead tuples before/after);
-    it appears in the JSON report under ``details``.
+    ``conn`` is an autocommit :class:`psycopg.AsyncConnection`. With a direct connection or a
+    session pooler its ``application_name``, ``lock_timeout`` and ``statement_timeout`` are set
+    for the session; behind a transaction pooler (``pooler = "transaction"``) each statement may
+    run on a different server session, which has the role's defaults only. A statement that must
+    run under the configured timeouts, whatever the pooler, runs inside :meth:`transaction`.
+    Never change session state on ``conn`` (``SET``, session advisory locks, temporary tables,
+    ``PREPARE``): behind a transaction pooler it lands on other clients' sessions. ``tenant`` is
+    None for scope ``database``. ``details`` is a dict the operation may fill (e.g. dead tuples
+    before/after); it appears in the JSON report under ``details``.
     """
 
     conn: AsyncConnection[Any]
@@ -144,6 +177,26 @@ class Context:
     sweep: str = ""
     server_version: int = 0
     details: dict[str, Any] = field(default_factory=dict)
+    # The database's configured timeouts (seconds; 0 = off), applied by transaction().
+    lock_timeout: float = 0.0
+    statement_timeout: float = 0.0
+
+    def transaction(
+        self, *, lock_timeout: float | None = None, statement_timeout: float | None = None
+    ) -> AbstractAsyncContextManager[AsyncConnection[Any]]:
+        """A transaction on :attr:`conn` whose timeouts are set with ``SET LOCAL``.
+
+        The database's ``lock_timeout``/``statement_timeout``, or the given overrides (seconds),
+        hold for exactly this transaction on whatever server session runs it, and never for
+        anything after it: safe behind every pooler. Committed when the block ends.
+        """
+        return timed_transaction(
+            self.conn,
+            lock_timeout=self.lock_timeout if lock_timeout is None else lock_timeout,
+            statement_timeout=(
+                self.statement_timeout if statement_timeout is None else statement_timeout
+            ),
+        )
 
     @property
     def schema(self) -> str | None:

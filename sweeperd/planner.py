@@ -142,7 +142,9 @@ def make_plan(
         sweep=sweep or ALL_SWEEPS,
         items=tuple(items),
         per_tenant_concurrency=min((s.per_tenant_concurrency for s in sweeps), default=4),
-        timeout=_min_optional(s.timeout for s in sweeps) if sweep else None,
+        # Without a sweep name every sweep's work runs at once: bounded by the largest of their
+        # timeouts (one sweep's shorter bound would cut another's work short).
+        timeout=_max_optional(s.timeout for s in sweeps),
     )
 
 
@@ -163,9 +165,9 @@ def _sweeps(config: Config, sweep: str | None) -> list[SweepConfig]:
     return [SweepConfig(name=ALL_SWEEPS)]
 
 
-def _min_optional(values: Iterable[float | None]) -> float | None:
+def _max_optional(values: Iterable[float | None]) -> float | None:
     present = [v for v in values if v is not None]
-    return min(present) if present else None
+    return max(present) if present else None
 
 
 def _link_same_table_items(items: Sequence[WorkItem]) -> None:

@@ -40,8 +40,9 @@ class SweepReport:
         }
 
     def exit_code(self) -> int:
-        """0 all succeeded or were skipped by policy; 1 a failure; 3 a database was unreachable."""
-        if self.unreachable:
+        """0 all succeeded or were skipped by policy; 1 a failure; 3 no database could be
+        reached at all (one unreachable database among reachable ones is a failure: 1)."""
+        if self.unreachable and all(r.database in self.unreachable for r in self.results):
             return 3
         return 1 if any(r.status in ("failed", "cancelled") for r in self.results) else 0
 

@@ -15,6 +15,7 @@ Cancelling a task while its query runs makes psycopg cancel the query on the ser
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from asyncio import FIRST_COMPLETED
 from collections import Counter
@@ -27,7 +28,7 @@ import structlog
 from opentelemetry import trace
 from opentelemetry.trace import INVALID_SPAN, Span
 
-from .db import Database, describe_error, sqlstate_of
+from .db import STANDBY, Database, describe_error, sqlstate_of
 from .durations import format_duration
 from .limits import Bounds, Gate, Limits, Stop
 from .model import Context, Result, Skip, Status
@@ -90,11 +91,14 @@ class Runner:
             structlog.contextvars.bound_contextvars(sweep=plan.sweep),
         ):
             log.info("sweep started", items=len(plan.items), dry_run=dry_run)
-            warmed = await self._warm(plan)
-            try:
+            async with contextlib.AsyncExitStack() as using:
+                # Idle connections close when the last sweep using a database ends: nothing an
+                # operation left on a session outlives the sweep, and none are held between.
+                for name in sorted({item.database for item in plan.items}):
+                    if (database := self.databases.get(name)) is not None:
+                        await using.enter_async_context(database.use())
+                await self._warm(plan)
                 await run.execute(stop)
-            finally:
-                await asyncio.gather(*(_after_sweep(db) for db in warmed), return_exceptions=True)
             if run.stop_reason is not None:
                 log.warning(
                     "sweep stopped early; unfinished operations cancelled", reason=run.stop_reason
@@ -111,16 +115,18 @@ class Runner:
         _notify(self.pm.hook.sweeperd_sweep_finished, sweep=plan.sweep, results=report.results)
         return report
 
-    async def _warm(self, plan: Plan) -> list[Database]:
-        """Open the connections the plan will use at once, before it starts."""
+    async def _warm(self, plan: Plan) -> None:
+        """Open the connections the plan will use at once, before it starts (concurrently)."""
         per_db = Counter(item.database for item in plan.items)
-        warmed = []
-        for name, items in per_db.items():
-            database = self.databases.get(name)
-            if database is not None:
-                await database.warm(min(items, self.bounds.limits.max_concurrency))
-                warmed.append(database)
-        return warmed
+        await asyncio.gather(
+            *(
+                database.warm(min(items, self.bounds.limits.max_concurrency))
+                for name, items in per_db.items()
+                if (database := self.databases.get(name)) is not None
+                and database.is_open
+                and not database.in_recovery
+            )
+        )
 
 
 class _SweepRun:
@@ -237,6 +243,9 @@ class _SweepRun:
             return _result(
                 item, "failed", error=f"database unreachable: {self.unreachable[item.database]}"
             )
+        database = runner.databases[item.database]
+        if database.in_recovery:
+            return _result(item, "skipped", error=STANDBY)
         veto = self.has_veto and runner.pm.hook.sweeperd_skip_operation(
             operation=item.operation, tenant=item.tenant, sweep=self.plan.sweep
         )
@@ -246,7 +255,6 @@ class _SweepRun:
             # An operation that does not promise to honour ctx.dry_run is not run at all: a
             # third-party DELETE must never run because someone asked for a dry run.
             return _result(item, "dry-run", error=None)
-        database = runner.databases[item.database]
         bounds = runner.bounds
         # Tables first (all of an item's at once), then the tenant's, the database's and the
         # global slot, narrowest first: waiting for a busy table holds no slot anybody needs.
@@ -294,6 +302,8 @@ class _SweepRun:
                         log=log,  # tenant and operation come from the task's contextvars
                         sweep=self.plan.sweep,
                         server_version=database.server_version,
+                        lock_timeout=database.config.lock_timeout,
+                        statement_timeout=database.config.statement_timeout,
                     )
                     self.partial[item.index] = lambda reason: _result(
                         item,
@@ -336,11 +346,6 @@ class _SweepRun:
         return _result(
             item, status, error=error, rows=rows, ctx=ctx, since=(started_at, t0), failure=failure
         )
-
-
-async def _after_sweep(database: Database) -> None:
-    await database.scrub_idle()
-    await database.cool()
 
 
 async def _cancel_and_wait(tasks: Sequence[asyncio.Task[None]]) -> None:

@@ -32,9 +32,13 @@ def limits_for(config: Config) -> Limits:
 
 
 async def open_databases(
-    config: Config, names: Sequence[str]
+    config: Config, names: Sequence[str], *, keep_unreachable: bool = False
 ) -> tuple[dict[str, Database], dict[str, str]]:
-    """Open the named databases concurrently; (open ones, unreachable name → reason)."""
+    """Open the named databases concurrently; (databases, unreachable name → reason).
+
+    Unreachable ones are left out of the first mapping unless ``keep_unreachable`` (the daemon
+    keeps them, to retry them until they come up).
+    """
     databases = {name: Database(config.databases[name]) for name in names}
     outcomes = await asyncio.gather(
         *(db.open() for db in databases.values()), return_exceptions=True
@@ -44,16 +48,40 @@ async def open_databases(
         if isinstance(outcome, DatabaseUnreachable):
             unreachable[name] = outcome.reason
             log.error("database unreachable", database=name, error=outcome.reason)
-            del databases[name]
+            if not keep_unreachable:
+                del databases[name]
         elif isinstance(outcome, BaseException):
             raise outcome
     return databases, unreachable
 
 
+async def refresh_databases(databases: Mapping[str, Database]) -> dict[str, str]:
+    """At the start of a sweep: ask every database whether it is a standby (one query each,
+    concurrently); returns those that cannot be reached now (name → reason).
+
+    A database already known to be down (being retried in the background) is not waited for.
+    """
+    unreachable = {
+        n: db.down or "not open"
+        for n, db in databases.items()
+        if not db.is_open or db.down is not None
+    }
+    live = [db for n, db in databases.items() if n not in unreachable]
+    outcomes = await asyncio.gather(*(db.refresh() for db in live), return_exceptions=True)
+    for database, outcome in zip(live, outcomes, strict=True):
+        if isinstance(outcome, DatabaseUnreachable):
+            unreachable[database.name] = outcome.reason
+            log.error("database unreachable", database=database.name, error=outcome.reason)
+        elif isinstance(outcome, BaseException):
+            raise outcome
+    return unreachable
+
+
 async def resolve_tenants(
     config: Config, databases: Mapping[str, Database]
 ) -> tuple[list[Tenant], dict[str, str]]:
-    """Static ``[[tenants]]`` plus those discovered by ``[[tenant_sources]]`` (one query each).
+    """Static ``[[tenants]]`` plus those discovered by ``[[tenant_sources]]`` (one query each;
+    none on a database that is not open).
 
     Returns the tenants and the databases whose discovery failed (name → reason): one database
     in trouble must not cost every other database its sweep. A static entry wins over a
@@ -66,7 +94,7 @@ async def resolve_tenants(
     failed: dict[str, str] = {}
     for source in config.tenant_sources:
         database = databases.get(source.database)
-        if database is None or source.database in failed:
+        if database is None or not database.is_open or source.database in failed:
             continue  # unreachable: reported already
         try:
             found = await database.find_schemas(source.schemas)

@@ -100,7 +100,8 @@ def pool_backends(dsn: str) -> dict[int, str]:
         rows = conn.execute(
             "SELECT pid, application_name FROM pg_stat_activity "
             "WHERE datname = current_database() AND pid <> pg_backend_pid() "
-            "AND application_name LIKE 'sweeperd%%'").fetchall()
+            "AND application_name LIKE 'sweeperd%%'"
+        ).fetchall()
     return {int(pid): str(name) for pid, name in rows}
 
 
@@ -186,13 +187,13 @@ def test_open_records_the_server_version_and_opens_the_pool(pg_dsn: str) -> None
 def test_a_connection_before_open_or_after_close_is_a_clear_error(pg_dsn: str) -> None:
     async def main() -> None:
         db = Database(db_config(pg_dsn))
-        with pytest.raises(RuntimeError, match="not open"):
+        with pytest.raises(DatabaseUnreachable, match="not open"):
             async with db.connection("x"):
                 pass
         await db.open()
         await db.close()
         assert db.pool_stats() == {}
-        with pytest.raises(RuntimeError, match="not open"):
+        with pytest.raises(DatabaseUnreachable, match="not open"):
             async with db.connection("x"):
                 pass
 
@@ -202,27 +203,30 @@ def test_a_connection_before_open_or_after_close_is_a_clear_error(pg_dsn: str) -
 # -- application_name ------------------------------------------------------------------------------
 
 
-def test_application_name_labels_the_checkout_and_idle_connections_are_scrubbed(
+def test_application_name_labels_the_checkout_and_idle_connections_close_after_use(
     pg_dsn: str,
 ) -> None:
     async def body(db: Database) -> None:
-        async with db.connection("retention.notifications acme") as conn:
-            assert await show(conn, "application_name") == "sweeperd: retention.notifications acme"
-            await conn.execute("SELECT pg_advisory_lock(42)")
-            pid = conn.info.backend_pid
-            # Seen from another session too (that is what pg_stat_activity users look at).
-            assert pool_backends(pg_dsn)[pid] == "sweeperd: retention.notifications acme"
-        # The reset happens when a connection is handed out, and for idle connections when a
-        # sweep ends (scrub_idle): then the plain name again, and no lock left behind.
-        await db.scrub_idle()
-        assert pool_backends(pg_dsn)[pid] == "sweeperd"
+        async with db.use():
+            async with db.connection("retention.notifications acme") as conn:
+                label = await show(conn, "application_name")
+                assert label == "sweeperd: retention.notifications acme"
+                await conn.execute("SELECT pg_advisory_lock(42)")
+                pid = conn.info.backend_pid
+                # Seen from another session too (what pg_stat_activity users look at).
+                assert pool_backends(pg_dsn)[pid] == "sweeperd: retention.notifications acme"
+            async with db.connection("vacuum.jobs globex") as conn:
+                assert conn.info.backend_pid == pid  # the same connection, labelled anew
+                assert await show(conn, "application_name") == "sweeperd: vacuum.jobs globex"
+        # The last user is done (a sweep ended): idle connections are closed, so nothing an
+        # operation left on a session (here an advisory lock) outlives the sweep.
+        assert await eventually(lambda: pid not in pool_backends(pg_dsn))
         with psycopg.connect(pg_dsn) as other:
-            held = other.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
-                                 "AND pid = %s", (pid,)).fetchone()
+            held = other.execute(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = %s", (pid,)
+            ).fetchone()
         assert held == (0,)
-        async with db.connection("vacuum.jobs globex") as conn:
-            assert conn.info.backend_pid == pid  # the same connection, labelled anew
-            assert await show(conn, "application_name") == "sweeperd: vacuum.jobs globex"
+        assert db.pool_stats()["pool_size"] == 0
 
     run(pg_dsn, body, max_connections=1)
 
@@ -318,9 +322,11 @@ def test_options_already_in_the_dsn_are_preserved(pg_dsn: str) -> None:
     assert out == ["7MB", "2s", "7MB", "2s"]
 
 
-OPTIONS_BUG = ("BUG: sweeperd/db.py Database._connect_kwargs always passes options= (built only "
-               "from the DSN string), which overrides libpq's PGOPTIONS and a service file's "
-               "options; DESIGN.md says PG* env vars and service files apply")
+OPTIONS_BUG = (
+    "BUG: sweeperd/db.py Database._connect_kwargs always passes options= (built only "
+    "from the DSN string), which overrides libpq's PGOPTIONS and a service file's "
+    "options; DESIGN.md says PG* env vars and service files apply"
+)
 
 
 def test_pgoptions_from_the_environment_are_preserved(
@@ -341,8 +347,9 @@ def test_options_from_a_service_file_are_preserved(
     params = conninfo_to_dict(pg_dsn)
     lines = [f"{key}={value}" for key, value in params.items() if value]
     service_file = tmp_path / "pg_service.conf"
-    service_file.write_text("[app]\n" + "\n".join([*lines, "options=-c work_mem=9MB"]) + "\n",
-                            encoding="utf-8")
+    service_file.write_text(
+        "[app]\n" + "\n".join([*lines, "options=-c work_mem=9MB"]) + "\n", encoding="utf-8"
+    )
     monkeypatch.setenv("PGSERVICEFILE", str(service_file))
     with psycopg.connect("service=app") as conn:  # plain libpq honours it
         assert conn.execute("SHOW work_mem").fetchone() == ("9MB",)
@@ -389,8 +396,10 @@ def test_session_state_does_not_leak_to_the_next_checkout(pg_dsn: str) -> None:
             assert await show(conn, "search_path") == default_search_path
             assert await show(conn, "work_mem") != "3MB"
             held = await scalar(
-                conn, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = %s",
-                (pid,))
+                conn,
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = %s",
+                (pid,),
+            )
             assert held == 0
             assert await scalar(conn, "SELECT to_regclass('pg_temp.scratch')") is None
             assert await scalar(conn, "SELECT count(*) FROM pg_listening_channels()") == 0
@@ -431,8 +440,10 @@ def test_a_role_change_does_not_leak_to_the_next_checkout(
             assert await scalar(conn, "SELECT current_user") == role
         async with db.connection("second") as conn:
             assert conn.info.backend_pid == pid
-            return (await scalar(conn, "SELECT current_user"),
-                    await scalar(conn, "SELECT session_user"))
+            return (
+                await scalar(conn, "SELECT current_user"),
+                await scalar(conn, "SELECT session_user"),
+            )
 
     assert run(pg_dsn, body, max_connections=1) == (login_user, login_user)
 
@@ -443,11 +454,14 @@ def test_a_role_change_does_not_leak_to_the_next_checkout(
 def terminate(dsn: str, pids: set[int]) -> None:
     """pg_terminate_backend() the given sessions and wait until they are gone."""
     with psycopg.connect(dsn, autocommit=True) as admin:
-        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                      "WHERE pid = ANY(%s)", (list(pids),))
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = ANY(%s)",
+            (list(pids),),
+        )
         for _ in range(200):
-            left = admin.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)",
-                                 (list(pids),)).fetchone()
+            left = admin.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)", (list(pids),)
+            ).fetchone()
             if left == (0,):
                 return
             time.sleep(0.025)
@@ -498,10 +512,14 @@ def error_of(dsn: str, query: str) -> psycopg.Error:
 
 
 def test_describe_error_names_the_class_and_sqlstate(pg_dsn: str) -> None:
-    assert describe_error(error_of(pg_dsn, "SELECT 1/0")) == \
-        "DivisionByZero (SQLSTATE 22012): division by zero"
-    assert describe_error(error_of(pg_dsn, "SELECT * FROM nope")) == \
-        'UndefinedTable (SQLSTATE 42P01): relation "nope" does not exist'
+    assert (
+        describe_error(error_of(pg_dsn, "SELECT 1/0"))
+        == "DivisionByZero (SQLSTATE 22012): division by zero"
+    )
+    assert (
+        describe_error(error_of(pg_dsn, "SELECT * FROM nope"))
+        == 'UndefinedTable (SQLSTATE 42P01): relation "nope" does not exist'
+    )
 
 
 def test_describe_error_makes_a_multi_line_error_one_line(pg_dsn: str) -> None:
@@ -529,21 +547,26 @@ def test_describe_error_redacts_passwords_in_the_message(pg_dsn: str) -> None:
 def test_describe_error_for_other_exceptions() -> None:
     assert describe_error(ValueError("bad\n   value\n")) == "ValueError: bad value"
     assert describe_error(TimeoutError()) == "TimeoutError"
-    assert describe_error(RuntimeError("see postgresql://u:s3cret@h/db")) == \
-        "RuntimeError: see postgresql://u:***@h/db"
+    assert (
+        describe_error(RuntimeError("see postgresql://u:s3cret@h/db"))
+        == "RuntimeError: see postgresql://u:***@h/db"
+    )
 
 
 # -- redact, redact_dsn, check_dsn, qualified ------------------------------------------------------
 
 
-@pytest.mark.parametrize("dsn", [
-    "postgresql://alice:s3cret@db.example.test:5432/app",
-    "postgres://alice:s3cret@db.example.test/app?sslmode=require",
-    "postgresql://db.example.test/app?user=alice&password=s3cret",
-    "host=db.example.test user=alice password=s3cret dbname=app",
-    "host=db.example.test user=alice password='s3cret' dbname=app",
-    "host=db.example.test user=alice password = s3cret dbname=app",
-])
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "postgresql://alice:s3cret@db.example.test:5432/app",
+        "postgres://alice:s3cret@db.example.test/app?sslmode=require",
+        "postgresql://db.example.test/app?user=alice&password=s3cret",
+        "host=db.example.test user=alice password=s3cret dbname=app",
+        "host=db.example.test user=alice password='s3cret' dbname=app",
+        "host=db.example.test user=alice password = s3cret dbname=app",
+    ],
+)
 def test_redact_dsn_removes_the_password(dsn: str) -> None:
     out = redact_dsn(dsn)
     assert "s3cret" not in out
@@ -560,14 +583,17 @@ def test_redact_dsn_of_an_unparseable_or_empty_dsn() -> None:
     assert redact_dsn("password=s3cret") == "<defaults from PG* environment>"
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("failed: postgresql://alice:s3cret@db/app", "failed: postgresql://alice:***@db/app"),
-    ("host=db password=s3cret dbname=app", "host=db password=*** dbname=app"),
-    ("host=db PASSWORD = s3cret dbname=app", "host=db PASSWORD = *** dbname=app"),
-    ("postgresql://db/app?password=s3cret", "postgresql://db/app?password=***"),
-    ("no secrets here: host=db dbname=app", "no secrets here: host=db dbname=app"),
-    ("postgresql://alice@db/app", "postgresql://alice@db/app"),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("failed: postgresql://alice:s3cret@db/app", "failed: postgresql://alice:***@db/app"),
+        ("host=db password=s3cret dbname=app", "host=db password=*** dbname=app"),
+        ("host=db PASSWORD = s3cret dbname=app", "host=db PASSWORD = *** dbname=app"),
+        ("postgresql://db/app?password=s3cret", "postgresql://db/app?password=***"),
+        ("no secrets here: host=db dbname=app", "no secrets here: host=db dbname=app"),
+        ("postgresql://alice@db/app", "postgresql://alice@db/app"),
+    ],
+)
 def test_redact_removes_passwords_from_free_text(text: str, expected: str) -> None:
     assert redact(text) == expected
 
@@ -579,21 +605,30 @@ def test_redact_removes_a_quoted_password_with_spaces() -> None:
     assert "host=db" in out and "dbname=app" in out
 
 
-@pytest.mark.parametrize("dsn", [
-    "", "postgresql:///app", "postgresql://u@h:5432/db?sslmode=require",
-    "host=/tmp dbname=app", "host=h user=u password='a b' dbname=d",
-])
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "",
+        "postgresql:///app",
+        "postgresql://u@h:5432/db?sslmode=require",
+        "host=/tmp dbname=app",
+        "host=h user=u password='a b' dbname=d",
+    ],
+)
 def test_check_dsn_accepts_valid_dsns(dsn: str) -> None:
     assert check_dsn(dsn) is None
 
 
-@pytest.mark.parametrize("dsn", [
-    "host=h dbname",
-    "host=h dbname='unterminated",
-    "host=h nosuchoption=1",
-    "postgresql://h/db?nosuchoption=1",
-    "password=s3cret garbage",
-])
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "host=h dbname",
+        "host=h dbname='unterminated",
+        "host=h nosuchoption=1",
+        "postgresql://h/db?nosuchoption=1",
+        "password=s3cret garbage",
+    ],
+)
 def test_check_dsn_flags_a_malformed_dsn(dsn: str) -> None:
     problem = check_dsn(dsn)
     assert problem
@@ -610,9 +645,15 @@ def test_qualified_quotes_schema_and_table(pg_dsn: str) -> None:
 
 
 def test_find_schemas_with_a_like_pattern(pg_dsn: str) -> None:
-    run_sql(pg_dsn, "CREATE SCHEMA tenant_b", "CREATE SCHEMA tenant_a",
-            'CREATE SCHEMA "tenant_C d"', "CREATE SCHEMA tenantx", "CREATE SCHEMA other_tenant_z",
-            "CREATE SCHEMA tenant_")
+    run_sql(
+        pg_dsn,
+        "CREATE SCHEMA tenant_b",
+        "CREATE SCHEMA tenant_a",
+        'CREATE SCHEMA "tenant_C d"',
+        "CREATE SCHEMA tenantx",
+        "CREATE SCHEMA other_tenant_z",
+        "CREATE SCHEMA tenant_",
+    )
 
     async def body(db: Database) -> dict[str, list[str]]:
         return {
