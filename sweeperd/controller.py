@@ -195,53 +195,54 @@ class SweepController:
         self._stop = stop = Stop()
         if window is not None and sweep.window_end == "cancel":
             stop.at((window.closes_after(now) - now).total_seconds(), "maintenance window closed")
-        try:
-            guard = (sweep.timeout + HUNG_GRACE_S) if sweep.timeout is not None else None
-            async with asyncio.timeout(guard), contextlib.AsyncExitStack() as using:
-                runner = snapshot.runner
-                databases = {
-                    n: db for n, db in runner.databases.items() if only is None or n in only
-                }
-                for database in databases.values():
-                    await using.enter_async_context(database.use())
-                down = await refresh_databases(databases)
-                self._remember(firing, databases, down)
-                reachable = {n: db for n, db in databases.items() if n not in down}
-                tenants, failed = await resolve_tenants(config, reachable)
-                tenants = [t for t in tenants if t.database in databases]
-                tenants, db_scope, unclaimed = await self._claim(reachable, tenants, firing)
-                failed = {**down, **failed, **unclaimed}
-                plan = make_plan(
-                    config,
-                    snapshot.plugins.operations,
-                    tenants,
+        runner = snapshot.runner
+        databases = {n: db for n, db in runner.databases.items() if only is None or n in only}
+        # The whole run, history included, uses the databases: their idle connections close
+        # when it (and any other sweep using them) is done, so none are held between firings.
+        async with contextlib.AsyncExitStack() as using:
+            for database in databases.values():
+                await using.enter_async_context(database.use())
+            try:
+                guard = (sweep.timeout + HUNG_GRACE_S) if sweep.timeout is not None else None
+                async with asyncio.timeout(guard):
+                    down = await refresh_databases(databases)
+                    self._remember(firing, databases, down)
+                    reachable = {n: db for n, db in databases.items() if n not in down}
+                    tenants, failed = await resolve_tenants(config, reachable)
+                    tenants = [t for t in tenants if t.database in databases]
+                    tenants, db_scope, unclaimed = await self._claim(reachable, tenants, firing)
+                    failed = {**down, **failed, **unclaimed}
+                    plan = make_plan(
+                        config,
+                        snapshot.plugins.operations,
+                        tenants,
+                        sweep=self.name,
+                        database_scope_in=(db_scope | set(down)) & set(databases),
+                    )
+                    self.host.sweep_started(self.name, len(plan.items))
+                    report = await runner.run(
+                        plan, gate=self._gate(window), stop=stop, unreachable=failed
+                    )
+            except TimeoutError:
+                log.error(
+                    "sweep hung and was cancelled",
                     sweep=self.name,
-                    database_scope_in=(db_scope | set(down)) & set(databases),
+                    timeout=format_duration((sweep.timeout or 0) + HUNG_GRACE_S),
                 )
-                self.host.sweep_started(self.name, len(plan.items))
-                report = await runner.run(
-                    plan, gate=self._gate(window), stop=stop, unreachable=failed
-                )
-        except TimeoutError:
-            log.error(
-                "sweep hung and was cancelled",
-                sweep=self.name,
-                timeout=format_duration((sweep.timeout or 0) + HUNG_GRACE_S),
-            )
-        except asyncio.CancelledError:
-            log.warning("sweep cancelled", sweep=self.name)
+            except asyncio.CancelledError:
+                log.warning("sweep cancelled", sweep=self.name)
+                self.host.sweep_finished(self.name, report)
+                raise
+            except Exception as exc:
+                # Tenant discovery failing (database down), a plan error: this run fails, the
+                # schedule and the other sweeps go on.
+                log.error("sweep failed before running", sweep=self.name, error=describe_error(exc))
+            finally:
+                self._stop = None
+            self.last_report = report
             self.host.sweep_finished(self.name, report)
-            raise
-        except Exception as exc:
-            # Tenant discovery failing (database down), a plan error: this run fails, the
-            # schedule and the other sweeps go on.
-            log.error("sweep failed before running", sweep=self.name, error=describe_error(exc))
-        finally:
-            self._stop = None
-        self.last_report = report
-        self.host.sweep_finished(self.name, report)
-        if report is not None:
-            await self.host.record(report, snapshot)
+            if report is not None:
+                await self.host.record(report, snapshot)
 
     def _remember(
         self, firing: dt.datetime, databases: Collection[str], down: Collection[str]

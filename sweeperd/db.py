@@ -268,7 +268,7 @@ class Database:
 
     def _socket_dirs_missing(self) -> bool:
         try:
-            hosts = (conninfo_to_dict(self.config.dsn).get("host") or "").split(",")
+            hosts = str(conninfo_to_dict(self.config.dsn).get("host") or "").split(",")
         except psycopg.Error:
             return False
         dirs = [h for h in hosts if h.startswith("/")]
@@ -315,13 +315,13 @@ class Database:
             )
         return text
 
-    async def _probe_options(self) -> None:
+    async def _probe_options(self, retry: bool) -> None:
         """pooler "none": learn libpq's own options (DSN, PGOPTIONS or a service file), since
         passing ``options=`` replaces them, and add our timeouts to them."""
         probe_pool = self._new_pool(self._connect, 1)
         self._probing += 1
         try:
-            conn = await probe_pool.getconn()
+            conn = await probe_pool.getconn(None if retry else 0.0)
         except DatabaseUnreachable:
             raise
         except Exception as exc:
@@ -348,30 +348,31 @@ class Database:
         self._retrying_since = None
         return DatabaseUnreachable(self.name, reason)
 
-    async def open(self, *, quiet: bool = False) -> None:
+    async def open(self, *, quiet: bool = False, retry: bool = True) -> None:
         """Connect (waiting out transient failures for ``connect_retry``) and :meth:`refresh`.
 
         Raises :class:`DatabaseUnreachable` with libpq's reason. Calling it again on an open
         database only refreshes it (how the daemon retries a database that went away).
-        ``quiet``: the caller reports the outcome itself.
+        ``quiet``: the caller reports the outcome itself; ``retry=False``: one attempt only
+        (the daemon's start, which retries in the background instead of delaying READY).
         """
         self._quiet = quiet
         try:
             if self._pool is not None:
-                await self.refresh()
+                await self.refresh(retry=retry)
                 return
             if self.config.pooler == "none":
-                await self._probe_options()
+                await self._probe_options(retry)
             self._pool = self._new_pool(self._connect, self.config.max_connections)
             try:
-                await self.refresh()
+                await self.refresh(retry=retry)
             except BaseException:
                 await self.close()  # never opened: nothing half-open is left behind
                 raise
         finally:
             self._quiet = False
 
-    async def refresh(self) -> None:
+    async def refresh(self, *, retry: bool = True) -> None:
         """At open and at the start of every sweep: is the server a standby now? (one query)
 
         The first time, also compare the timeouts the server applies with the configuration.
@@ -379,7 +380,7 @@ class Database:
         """
         self._probing += 1
         try:
-            async with self.housekeeping("check") as conn:
+            async with self.housekeeping("check", retry=retry) as conn:
                 info = conn.info
                 self.server_version = info.server_version
                 self.server_address = info.host or None
@@ -450,7 +451,7 @@ class Database:
 
     # -- handing out connections -----------------------------------------------------------------
     @asynccontextmanager
-    async def connection(self, label: str) -> AsyncIterator[AsyncConn]:
+    async def connection(self, label: str, *, retry: bool = True) -> AsyncIterator[AsyncConn]:
         """A pooled connection (labelled ``sweeperd: <label>`` where the pooler keeps sessions).
 
         Raises :class:`DatabaseUnreachable` when none could be had within ``connect_retry``.
@@ -459,7 +460,7 @@ class Database:
         if pool is None:
             raise DatabaseUnreachable(self.name, self.down or "not open")
         t0 = time.perf_counter()
-        conn = await self._checkout(pool, application_name(label))
+        conn = await self._checkout(pool, application_name(label), retry)
         telemetry().connection_wait.record(
             time.perf_counter() - t0, {"db.client.connection.pool.name": self.name}
         )
@@ -481,7 +482,7 @@ class Database:
             return sql.SQL("; ").join([sql.SQL(_RESET_SESSION), timeouts, label])
         return sql.SQL("; ").join([sql.SQL(_RESET_SESSION), label])
 
-    async def _checkout(self, pool: Pool, name: str) -> AsyncConn:
+    async def _checkout(self, pool: Pool, name: str, retry: bool) -> AsyncConn:
         """A live connection, reset and labelled where that is safe, in one round trip.
 
         A connection the server dropped while it sat in the pool (restart, failover,
@@ -489,11 +490,12 @@ class Database:
         out transient failures for ``connect_retry``.
         """
         prelude = self._prelude(name)
-        deadline = time.monotonic() + self.config.connect_retry
+        retry_for = self.config.connect_retry if retry else 0.0
+        deadline = time.monotonic() + retry_for
         failures = 0
         while True:
             try:
-                conn = await pool.getconn()
+                conn = await pool.getconn(retry_for)
             except Exception as exc:
                 raise self._unreachable(exc) from None
             try:
@@ -513,13 +515,16 @@ class Database:
                 raise
 
     @asynccontextmanager
-    async def housekeeping(self, label: str) -> AsyncIterator[AsyncConn]:
+    async def housekeeping(self, label: str, *, retry: bool = True) -> AsyncIterator[AsyncConn]:
         """A connection for sweeperd's own queries, inside the database's concurrency cap.
 
         Without the cap, discovery or a history write could find the pool exhausted by running
         operations and fail a whole sweep on a pool timeout.
         """
-        async with self.slot or contextlib.nullcontext(), self.connection(label) as conn:
+        async with (
+            self.slot or contextlib.nullcontext(),
+            self.connection(label, retry=retry) as conn,
+        ):
             yield conn
 
     def transaction(self, conn: AsyncConn) -> AbstractAsyncContextManager[AsyncConn]:

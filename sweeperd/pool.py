@@ -75,12 +75,14 @@ class Pool:
             "requests_waiting": self._waiting,
         }
 
-    async def getconn(self) -> AsyncConn:
+    async def getconn(self, retry_for: float | None = None) -> AsyncConn:
         """An idle connection, else a new one if there is room, else wait for one.
 
-        A connect that fails for good, or still fails after ``retry_for``, gives the room back
-        and raises its own error (with libpq's reason); the caller's timeout bounds the wait.
+        A connect that fails for good, or still fails after ``retry_for`` (default: the pool's),
+        gives the room back and raises its own error (with libpq's reason); the caller's timeout
+        bounds the wait.
         """
+        retry_for = self.retry_for if retry_for is None else retry_for
         retry_at = 0.0  # before this (monotonic) time this caller only takes idle connections
         deadline: float | None = None
         backoff = self._first_backoff
@@ -93,7 +95,7 @@ class Pool:
             except Exception as exc:
                 await self._forget()
                 now = time.monotonic()
-                deadline = now + self.retry_for if deadline is None else deadline
+                deadline = now + retry_for if deadline is None else deadline
                 if not self._transient(exc) or now >= deadline:
                     raise
                 self._on_retry(exc)

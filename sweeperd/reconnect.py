@@ -17,7 +17,7 @@ from .db import Database, DatabaseUnreachable, describe_error
 log = structlog.get_logger("sweeperd.reconnect")
 
 FIRST_DELAY_S = 1.0
-MAX_DELAY_S = 60.0
+MAX_DELAY_S = 30.0
 
 
 class Reconnector:
@@ -70,7 +70,7 @@ class Reconnector:
             await asyncio.sleep(delay)
             attempt += 1
             try:
-                await database.open(quiet=True)
+                await database.open(quiet=True, retry=False)
             except DatabaseUnreachable as exc:
                 delay = min(delay * 2, self._max_delay)
                 log.warning(

@@ -36,12 +36,14 @@ async def open_databases(
 ) -> tuple[dict[str, Database], dict[str, str]]:
     """Open the named databases concurrently; (databases, unreachable name → reason).
 
-    Unreachable ones are left out of the first mapping unless ``keep_unreachable`` (the daemon
-    keeps them, to retry them until they come up).
+    Unreachable ones are left out of the first mapping unless ``keep_unreachable``: the daemon
+    keeps them to retry them in the background, and so tries each once only here (its READY
+    must not wait ``connect_retry`` for a database that is down).
     """
     databases = {name: Database(config.databases[name]) for name in names}
     outcomes = await asyncio.gather(
-        *(db.open() for db in databases.values()), return_exceptions=True
+        *(db.open(retry=not keep_unreachable) for db in databases.values()),
+        return_exceptions=True,
     )
     unreachable: dict[str, str] = {}
     for name, outcome in zip(list(databases), outcomes, strict=True):

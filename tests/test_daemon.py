@@ -33,6 +33,7 @@ from typing import Any
 import psycopg
 import pytest
 import tomli_w
+from servers import ScratchServer, scratch_server_fixture, standby_of  # noqa: F401
 from support import run_sql
 
 from sweeperd.config import ConfigError, load_config
@@ -449,7 +450,7 @@ def test_interval_sweep_runs_repeatedly(
     no_traceback(daemon)
 
 
-def test_unreachable_database_at_startup_exits_3_with_a_clear_log_line(
+def test_unreachable_database_at_startup_is_retried_and_the_daemon_is_ready(
     tmp_path: Path, start_daemon: Callable[..., Daemon]
 ) -> None:
     config = write_daemon_config(
@@ -459,15 +460,17 @@ def test_unreachable_database_at_startup_exits_3_with_a_clear_log_line(
         database={"connect_timeout": "1s"},
     )
     daemon = start_daemon(config)
-    assert daemon.wait_exit(30) == 3
-    errors = daemon.events("cannot start: database unreachable")
-    assert len(errors) == 1, daemon.stderr()
-    assert errors[0]["database"] == "main"
-    assert errors[0]["level"] == "error"
-    assert errors[0]["error"]  # the reason libpq gave
+    ready = daemon.ready()
+    assert "unreachable: main (retrying)" in fields(ready)["STATUS"], ready
+    errors = daemon.wait_log("database unreachable", 10)
+    assert errors[0]["database"] == "main" and errors[0]["level"] == "error"
+    assert "/nonexistent" in errors[0]["error"]  # the reason libpq gave
+    # Retried in the background: one line per attempt, each with the reason.
+    retries = daemon.wait_log("database still unreachable; retrying", 15, count=2)
+    assert all("/nonexistent" in e["error"] for e in retries)
+    assert [e["attempt"] for e in retries[:2]] == [1, 2]
+    assert daemon.stop() == 0
     no_traceback(daemon)
-    lifecycle = daemon.notify.lifecycle()
-    assert "READY=1" not in lifecycle
 
 
 def test_broken_config_at_startup_exits_2_with_one_line_per_problem(
@@ -528,15 +531,20 @@ def test_reload_adds_tenant_and_sweep_without_restart(
 def test_reload_reopens_the_pool_whose_database_settings_changed(
     tmp_path: Path, db: str, start_daemon: Callable[..., Daemon]
 ) -> None:
-    config = write_daemon_config(tmp_path, db, sweeps={"s": {"interval": "1s"}})
+    # Connections exist only while a sweep runs: nap, so that there is one to see.
+    config = write_daemon_config(tmp_path, db, sweeps={"s": {"interval": "1s"}}, seconds=0.5)
     daemon = start_daemon(config)
     daemon.ready()
-    wait_until(lambda: runs(db), 15, "a first run")
-    old_pids = {pid for pid, _app, _q in sweeperd_backends(db)}
-    assert old_pids
+    old_pids = wait_until(
+        lambda: {pid for pid, _app, _q in sweeperd_backends(db)}, 15, "a sweep's connections"
+    )
 
     write_daemon_config(
-        tmp_path, db, sweeps={"s": {"interval": "1s"}}, database={"max_connections": 3}
+        tmp_path,
+        db,
+        sweeps={"s": {"interval": "1s"}},
+        seconds=0.5,
+        database={"max_connections": 3},
     )
     _reloading, ready, _before, _after = daemon.reload()
     assert "reload failed" not in ready[1]
@@ -556,7 +564,7 @@ def test_reload_reopens_the_pool_whose_database_settings_changed(
 BROKEN_PLUGIN = "import sweeperd\n\ndef sweeperd_operations(settings)\n    return []\n"
 
 
-@pytest.mark.parametrize("breakage", ["config", "plugin", "unreachable"])
+@pytest.mark.parametrize("breakage", ["config", "plugin"])
 def test_reload_with_a_broken_config_keeps_the_old_one_running(
     tmp_path: Path, db: str, start_daemon: Callable[..., Daemon], breakage: str
 ) -> None:
@@ -577,15 +585,8 @@ def test_reload_with_a_broken_config_keeps_the_old_one_running(
             load_config(config)
         expected = excinfo.value.problems
         assert len(expected) == 3, expected
-    elif breakage == "plugin":
-        (tmp_path / "plugins.d" / "broken.py").write_text(BROKEN_PLUGIN, encoding="utf-8")
     else:
-        write_daemon_config(
-            tmp_path,
-            UNREACHABLE_DSN,
-            sweeps={"s": {"interval": "1s"}},
-            database={"connect_timeout": "1s"},
-        )
+        (tmp_path / "plugins.d" / "broken.py").write_text(BROKEN_PLUGIN, encoding="utf-8")
 
     reloading, ready, _before, _after = daemon.reload(timeout=30)
     assert reloading[0] == "RELOADING=1"
@@ -605,10 +606,8 @@ def test_reload_with_a_broken_config_keeps_the_old_one_running(
     assert all(n == 1 for n in Counter(problems).values()), problems
     if expected is not None:
         assert sorted(problems) == sorted(expected)
-    elif breakage == "plugin":
-        assert len(problems) == 1 and "broken" in problems[0], problems
     else:
-        assert len(problems) == 1 and "unreachable" in problems[0], problems
+        assert len(problems) == 1 and "broken" in problems[0], problems
     # Each problem once in the whole log, not repeated by other lines.
     text = daemon.stderr()
     for problem in problems:
@@ -893,4 +892,204 @@ def test_maintenance_window_outside_it_the_sweep_does_not_start(
     assert {e["sweep"] for e in not_started} == {"outside"}
     assert daemon.stop() == 0
     assert runs(db, sweep="outside") == []
+    no_traceback(daemon)
+
+
+# -- connections: bounded across firings, databases that fail alone, standbys ------------------
+
+
+RUNS_TABLE = (
+    "CREATE TABLE public.runs (id bigserial PRIMARY KEY, sweep text NOT NULL, "
+    "tenant text NOT NULL, pid int NOT NULL, started timestamptz NOT NULL, finished timestamptz)"
+)
+
+
+def write_databases_config(
+    directory: Path,
+    databases: Mapping[str, str],
+    *,
+    sweeps: Mapping[str, Mapping[str, Any]],
+    tenants: Mapping[str, str],
+    seconds: float = 0.0,
+    history: bool = True,
+) -> Path:
+    """Like write_daemon_config, with several databases (name → dsn) and tenants
+    (name → database, schema tenant_<name>)."""
+    plugins_d = directory / "plugins.d"
+    plugins_d.mkdir(exist_ok=True)
+    (plugins_d / "nap.py").write_text(NAP_PLUGIN, encoding="utf-8")
+    doc: dict[str, Any] = {
+        "daemon": {"plugin_dirs": ["plugins.d"], "drain_timeout": "5s"},
+        "log": {"format": "json", "level": "info"},
+        "history": {"enabled": history},
+        "databases": {
+            name: {"dsn": dsn, "max_connections": 4, "connect_timeout": "2s"}
+            for name, dsn in databases.items()
+        },
+        "tenants": [
+            {"name": name, "database": database, "schema": f"tenant_{name}"}
+            for name, database in tenants.items()
+        ],
+        "sweeps": {name: {"operations": ["nap.*"], **body} for name, body in sweeps.items()},
+        "plugins": {"nap": {"seconds": seconds}},
+    }
+    path = directory / "sweeperd.toml"
+    path.write_text(tomli_w.dumps(doc), encoding="utf-8")
+    return path
+
+
+def finished_sweeps(daemon: Daemon) -> list[dict[str, Any]]:
+    return daemon.events("sweep finished")
+
+
+def test_a_daemon_never_holds_more_than_max_connections_over_many_firings(
+    tmp_path: Path, db: str, start_daemon: Callable[..., Daemon]
+) -> None:
+    tenants = tuple(f"t{i}" for i in range(10))
+    run_sql(db, *(f"CREATE SCHEMA tenant_{t}" for t in tenants))
+    # History on: sweeperd's own bookkeeping (claims, history) counts against the bound too.
+    config = write_daemon_config(
+        tmp_path,
+        db,
+        sweeps={"often": {"interval": "2s", "per_tenant_concurrency": 4}},
+        tenants=tenants,
+        seconds=0.2,
+        history=True,
+        database={"max_connections": 4},
+    )
+    daemon = start_daemon(config)
+    daemon.ready()
+    counts: list[int] = []
+    deadline = time.monotonic() + 90
+    while len(finished_sweeps(daemon)) < 15:
+        assert time.monotonic() < deadline, f"15 firings not done in 90 s\n{daemon.stderr()}"
+        counts.append(len(sweeperd_backends(db)))
+        time.sleep(0.02)
+    assert daemon.stop() == 0
+    assert max(counts) <= 4, Counter(counts)  # the leak took it to 8, 15, 22, 29 ...
+    assert max(counts) == 4, Counter(counts)  # and the bound is really used
+    assert 0 in counts[len(counts) // 2 :]  # between firings the daemon holds no connection
+    assert all(e["ok"] == len(tenants) for e in finished_sweeps(daemon)[:15])
+    no_traceback(daemon)
+
+
+def test_a_database_down_at_start_is_swept_as_soon_as_it_comes_up(
+    tmp_path: Path,
+    db: str,
+    start_daemon: Callable[..., Daemon],
+    scratch_server: Callable[..., ScratchServer],
+) -> None:
+    other = scratch_server()
+    other.execute("CREATE SCHEMA tenant_initech")
+    other.execute(RUNS_TABLE)
+    other.stop()
+    config = write_databases_config(
+        tmp_path,
+        {"main": db, "other": other.dsn()},
+        sweeps={"often": {"interval": "1s"}},
+        tenants={"acme": "main", "initech": "other"},
+    )
+    daemon = start_daemon(config)
+    ready = daemon.ready()
+    assert "unreachable: other (retrying)" in fields(ready)["STATUS"], ready
+    # The healthy database is swept while the other is down; the other's items say why.
+    wait_until(lambda: len(runs(db)) >= 2, 20, "runs in the healthy database")
+    down = [e for e in daemon.events("operation failed") if e.get("database") == "other"]
+    assert down and all("database unreachable" in e["error"] for e in down), daemon.stderr()
+    assert "refused" in down[0]["error"].lower()
+    retries = daemon.wait_log("database still unreachable; retrying", 20)
+    assert "refused" in retries[0]["error"].lower()
+
+    other.start()
+    wait_until(
+        lambda: other.scalar("SELECT count(*) FROM public.runs"),
+        40,
+        f"a run in the database that came up\n{daemon.stderr()}",
+    )
+    assert daemon.events("database reachable again")
+    assert daemon.proc.poll() is None  # no restart
+    assert daemon.stop() == 0
+    no_traceback(daemon)
+
+
+def test_standby_items_are_skipped_and_run_there_after_promotion(
+    tmp_path: Path,
+    start_daemon: Callable[..., Daemon],
+    scratch_server: Callable[..., ScratchServer],
+) -> None:
+    primary = scratch_server()
+    primary.execute("CREATE SCHEMA tenant_acme")
+    primary.execute(RUNS_TABLE)
+    standby = standby_of(primary)
+    standby.wait_caught_up()
+    assert standby.in_recovery()
+    config = write_databases_config(
+        tmp_path,
+        {"primary": primary.dsn(), "replica": standby.dsn()},
+        sweeps={"often": {"interval": "1s"}},
+        tenants={"acme": "primary", "beta": "replica"},
+        history=True,
+    )
+    primary.execute("CREATE SCHEMA tenant_beta")
+    standby.wait_caught_up()
+    daemon = start_daemon(config)
+    daemon.ready()
+    wait_until(lambda: len(finished_sweeps(daemon)) >= 2, 20, "two sweeps")
+    for event in finished_sweeps(daemon):
+        assert (event["ok"], event["skipped"], event["failed"]) == (1, 1, 0), event
+    # Nothing was attempted on the standby: no claim, no history write, no failure.
+    text = daemon.stderr()
+    assert "could not claim" not in text and "cannot write the run history" not in text
+    assert daemon.events("operation failed") == []
+
+    promoted_at = standby.scalar("SELECT now()")
+    standby.promote()
+    wait_until(
+        lambda: standby.scalar(
+            "SELECT count(*) FROM public.runs WHERE started > %s", (promoted_at,)
+        ),
+        30,
+        f"a run on the promoted standby\n{daemon.stderr()}",
+    )
+    assert daemon.events("database is no longer a standby; its work runs again")
+    last = finished_sweeps(daemon)[-1]
+    assert (last["ok"], last["skipped"]) == (2, 0), last
+    # And the promoted server got the run history.
+    assert standby.scalar("SELECT count(*) FROM sweeperd.runs") >= 1
+    assert daemon.stop() == 0
+    no_traceback(daemon)
+
+
+def test_a_multi_host_dsn_follows_a_failover(
+    tmp_path: Path,
+    start_daemon: Callable[..., Daemon],
+    scratch_server: Callable[..., ScratchServer],
+) -> None:
+    primary = scratch_server()
+    primary.execute("CREATE SCHEMA tenant_acme")
+    primary.execute(RUNS_TABLE)
+    standby = standby_of(primary)
+    standby.wait_caught_up()
+    dsn = (
+        f"host={primary.host},{standby.host} port={primary.port},{standby.port} "
+        "dbname=postgres user=postgres target_session_attrs=read-write connect_timeout=2"
+    )
+    config = write_databases_config(
+        tmp_path, {"main": dsn}, sweeps={"often": {"interval": "1s"}}, tenants={"acme": "main"}
+    )
+    daemon = start_daemon(config)
+    daemon.ready()
+    wait_until(lambda: primary.scalar("SELECT count(*) FROM public.runs"), 20, "a run")
+    primary.stop()
+    standby.promote()
+    promoted_at = standby.scalar("SELECT now()")
+    wait_until(
+        lambda: standby.scalar(
+            "SELECT count(*) FROM public.runs WHERE started > %s", (promoted_at,)
+        ),
+        40,
+        f"a run on the new primary\n{daemon.stderr()}",
+    )
+    assert daemon.proc.poll() is None
+    assert daemon.stop() == 0
     no_traceback(daemon)

@@ -84,7 +84,8 @@ def add_rows(dsn: str) -> None:
             for _rule, table, _days, _batch in RULES:
                 conn.execute(
                     f"INSERT INTO tenant_{tenant}.{table} (created_at, age_days) "  # type: ignore[arg-type]
-                    "SELECT now() - make_interval(secs => a * 86400), a FROM unnest(%s::float8[]) a",
+                    "SELECT now() - make_interval(secs => a * 86400), a"
+                    " FROM unnest(%s::float8[]) a",
                     (AGES,),
                 )
 
