@@ -30,6 +30,7 @@ from .history import History
 from .limits import Bounds
 from .logs import setup_logging
 from .plugins import PluginError, Plugins, load_plugins
+from .pool import Budget
 from .reconnect import Reconnector
 from .report import SweepReport
 from .runner import Runner
@@ -69,6 +70,8 @@ class Daemon:
         self.history = History(config.history)
         self._claims = Claims(self.history.instance)
         self.reconnector = Reconnector(self._database_up)
+        # Per database name, across reloads: old and new pools together stay within the limit.
+        self._budgets: dict[str, Budget] = {}
 
     # -- Host protocol (used by the controllers) -------------------------------------------------
     def snapshot(self) -> Snapshot:
@@ -119,7 +122,10 @@ class Daemon:
         try:
             config, plugins = self._initial
             databases, unreachable = await open_databases(
-                config, list(config.databases), keep_unreachable=True
+                config,
+                list(config.databases),
+                keep_unreachable=True,
+                budgets=self._budgets_for(config),
             )
             self._install(config, plugins, databases)
             for name in unreachable:
@@ -194,7 +200,12 @@ class Daemon:
         keep = {n: db for n, db in old_dbs.items() if config.databases.get(n) == db.config}
         wanted = [n for n in config.databases if n not in keep]
         # A database that is down is no reason to refuse a config: it is retried like at start.
-        opened, unreachable = await open_databases(config, wanted, keep_unreachable=True)
+        # The pools being replaced hand their connections back as operations finish, so the
+        # new ones find room in the database's budget (never more than max_connections).
+        await asyncio.gather(*(db.retire() for n, db in old_dbs.items() if n not in keep))
+        opened, unreachable = await open_databases(
+            config, wanted, keep_unreachable=True, budgets=self._budgets_for(config)
+        )
         setup_logging(config.log)
         self._install(config, plugins, {**keep, **opened})
         self.scheduler.sync(config)
@@ -214,6 +225,12 @@ class Daemon:
         )
         self.notifier.ready(self._status())
         return True
+
+    def _budgets_for(self, config: Config) -> dict[str, Budget]:
+        for name, database in config.databases.items():
+            budget = self._budgets.setdefault(name, Budget(database.max_connections))
+            budget.limit = database.max_connections
+        return self._budgets
 
     def _reload_failed(self, problems: Iterable[str]) -> bool:
         problems = list(problems)

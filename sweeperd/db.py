@@ -41,7 +41,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from .config import DatabaseConfig
 from .model import timed_transaction
-from .pool import Pool
+from .pool import Budget, Pool
 from .telemetry import telemetry
 
 log = structlog.get_logger("sweeperd.db")
@@ -212,8 +212,10 @@ def _ms(seconds: float) -> int:
 class Database:
     """A bounded pool for one configured database, and what sweeperd knows about the server."""
 
-    def __init__(self, config: DatabaseConfig) -> None:
+    def __init__(self, config: DatabaseConfig, budget: Budget | None = None) -> None:
         self.config = config
+        # Shared with the Database objects a reload makes for the same name.
+        self.budget = budget or Budget(config.max_connections)
         self.name = config.name
         self.server_version = 0
         self.server_address: str | None = None  # host name, address or unix socket directory
@@ -283,6 +285,7 @@ class Database:
             on_retry=self._retrying,
             first_backoff=_FIRST_BACKOFF_S,
             max_backoff=_MAX_BACKOFF_S,
+            budget=self.budget,
         )
 
     def _retrying(self, exc: BaseException) -> None:
@@ -443,6 +446,12 @@ class Database:
                 found=found,
                 fix=f'set [databases.{self.name}] pooler = "transaction" or "session"',
             )
+
+    async def retire(self) -> None:
+        """A reload replaced this database: connections close as they come back, so the new
+        pool gets the budget as soon as operations on this one finish."""
+        if self._pool is not None:
+            await self._pool.retire()
 
     async def close(self) -> None:
         if self._pool is not None:

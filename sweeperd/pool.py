@@ -5,7 +5,8 @@ what is missing, so warming a pool up again after shrinking it opened connection
 still open (1 → 8 → 15 → 22 → 29 backends over four daemon firings with ``max_connections = 8``);
 a failed connect surfaces as a bare ``PoolTimeout`` without libpq's reason; and it grows one
 connection at a time. This pool has one invariant that everything else rests on: connections
-open plus connections being opened never exceed ``max_size``.
+open plus connections being opened never exceed ``max_size``, nor, summed over all pools of one
+database, that database's :class:`Budget`.
 
 A connect that fails for a reason that may pass (``transient``) is retried with capped
 exponential back-off for ``retry_for`` seconds; while it backs off, the caller takes any
@@ -19,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -34,6 +36,28 @@ class PoolClosed(Exception):
     """The pool was closed while a caller waited for a connection."""
 
 
+class Budget:
+    """The server connections one database may have, shared by every pool made for it.
+
+    A reload that changes a database's settings opens a new pool while sweeps still finish on
+    the old one; sharing one budget keeps the two together within the newest limit.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self.changed = asyncio.Condition()
+        self.pools: weakref.WeakSet[Pool] = weakref.WeakSet()
+
+    def idle_elsewhere(self, pool: Pool) -> Pool | None:
+        """Another pool of this budget holding an idle connection (under ``changed``'s lock).
+
+        Its idle connection is worth less than the room it takes: a caller of ``pool`` may be
+        waiting for room while holding what the other pool's next user waits for.
+        """
+        return next((p for p in self.pools if p is not pool and p._idle), None)
+
+
 class Pool:
     def __init__(
         self,
@@ -45,9 +69,12 @@ class Pool:
         on_retry: Callable[[BaseException], None] = lambda exc: None,
         first_backoff: float = 0.1,
         max_backoff: float = 2.0,
+        budget: Budget | None = None,
     ) -> None:
         if max_size < 1:
             raise ValueError("max_size must be at least 1")
+        self._budget = budget or Budget(max_size)
+        self._budget.pools.add(self)
         self._connect = connect
         self.max_size = max_size
         self.retry_for = retry_for
@@ -59,8 +86,10 @@ class Pool:
         self._size = 0  # open (idle or in use) plus being opened: never above max_size
         self._in_use = 0
         self._waiting = 0
-        self._changed = asyncio.Condition()
+        # Shared with the other pools of the budget: room one of them gives back is news to all.
+        self._changed = self._budget.changed
         self._closed = False
+        self._retiring = False  # connections coming back are closed, not kept
 
     @property
     def size(self) -> int:
@@ -87,7 +116,10 @@ class Pool:
         deadline: float | None = None
         backoff = self._first_backoff
         while True:
-            conn = await self._take_or_reserve(retry_at)
+            conn, evicted = await self._take_or_reserve(retry_at)
+            if evicted is not None:
+                with contextlib.suppress(Exception):
+                    await evicted.close()
             if conn is not None:
                 return conn
             try:
@@ -111,8 +143,9 @@ class Pool:
             self._in_use += 1
             return conn
 
-    async def _take_or_reserve(self, retry_at: float) -> AsyncConn | None:
-        """An idle connection, or None after reserving room for a new one (from ``retry_at``)."""
+    async def _take_or_reserve(self, retry_at: float) -> tuple[AsyncConn | None, AsyncConn | None]:
+        """(an idle connection, None), or (None, a sibling's idle connection to close, if one
+        had to make room) after reserving room for a new one (from ``retry_at``)."""
         async with self._changed:
             self._waiting += 1
             try:
@@ -121,11 +154,18 @@ class Pool:
                         raise PoolClosed("the pool is closed")
                     if self._idle:
                         self._in_use += 1
-                        return self._idle.pop()  # most recently used: least likely stale
+                        return self._idle.pop(), None  # most recently used: least likely stale
                     now = time.monotonic()
-                    if self._size < self.max_size and now >= retry_at:
-                        self._size += 1
-                        return None
+                    if now >= retry_at and self._has_room():
+                        self._reserve(1)
+                        return None, None
+                    if now >= retry_at and self._size < self.max_size:
+                        other = self._budget.idle_elsewhere(self)
+                        if other is not None:
+                            evicted = other._idle.popleft()  # its least recently used
+                            other._reserve(-1)
+                            self._reserve(1)
+                            return None, evicted
                     wait = retry_at - now if retry_at > now else None
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._changed.wait(), wait)
@@ -139,12 +179,12 @@ class Pool:
         unfinished never reaches the next one.
         """
         self._in_use -= 1
-        if self._closed or not await _reusable(conn):
+        if self._closed or self._retiring or not await _reusable(conn):
             await self._discard(conn)
             return
         async with self._changed:
             self._idle.append(conn)
-            self._changed.notify()
+            self._changed.notify_all()
 
     async def discard(self, conn: AsyncConn) -> None:
         """Close a checked-out connection for good (its room is given back)."""
@@ -157,8 +197,10 @@ class Pool:
         One attempt each: a failure only means fewer are ready; getconn() waits it out.
         """
         async with self._changed:
+            budget = self._budget
             grow = max(0, min(n, self.max_size) - self._size)
-            self._size += grow
+            grow = min(grow, max(0, budget.limit - budget.used))
+            self._reserve(grow)
 
         async def one() -> None:
             try:
@@ -171,7 +213,7 @@ class Pool:
                 return
             async with self._changed:
                 self._idle.append(conn)
-                self._changed.notify()
+                self._changed.notify_all()
 
         await asyncio.gather(*(one() for _ in range(grow)))
 
@@ -182,6 +224,11 @@ class Pool:
             self._idle.clear()
         for conn in idle:
             await self._discard(conn)
+
+    async def retire(self) -> None:
+        """Keep serving, but hold no idle connection: its budget goes to a newer pool."""
+        self._retiring = True
+        await self.close_idle()
 
     async def close(self) -> None:
         """Close idle connections now; connections in use are closed when they are put back."""
@@ -195,10 +242,17 @@ class Pool:
             await conn.close()
         await self._forget()
 
+    def _has_room(self) -> bool:
+        return self._size < self.max_size and self._budget.used < self._budget.limit
+
+    def _reserve(self, n: int) -> None:
+        self._size += n
+        self._budget.used += n
+
     async def _forget(self) -> None:
         async with self._changed:
-            self._size -= 1
-            self._changed.notify()
+            self._reserve(-1)
+            self._changed.notify_all()
 
 
 async def _reusable(conn: AsyncConn) -> bool:

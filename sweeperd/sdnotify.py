@@ -45,9 +45,19 @@ class Notifier:
         payload = "\n".join(fields).encode("utf-8")
         try:
             if self._socket is None:
-                kind = socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
+                # Non-blocking: a receiver that does not read (a stuck manager) fills the
+                # datagram queue, and a blocking send would then freeze the event loop, every
+                # sweep with it. A STATUS= that cannot be queued is superseded by the next one.
+                kind = socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
                 self._socket = socket.socket(socket.AF_UNIX, kind)
             self._socket.sendto(payload, self.address)
+        except BlockingIOError:
+            if fields[0].startswith("STATUS="):
+                return False
+            log.warning(
+                "sd_notify: the notify socket's queue is full; message dropped", message=fields[0]
+            )
+            return False
         except OSError as exc:
             # systemd being gone must not take the daemon down; it is worth a log line though.
             log.warning("sd_notify failed", error=str(exc))

@@ -18,6 +18,7 @@ from .limits import Limits
 from .model import Tenant
 from .planner import SelectionError, make_plan, matches
 from .plugins import Plugins
+from .pool import Budget
 from .report import SweepReport
 from .runner import Runner
 
@@ -32,15 +33,21 @@ def limits_for(config: Config) -> Limits:
 
 
 async def open_databases(
-    config: Config, names: Sequence[str], *, keep_unreachable: bool = False
+    config: Config,
+    names: Sequence[str],
+    *,
+    keep_unreachable: bool = False,
+    budgets: Mapping[str, Budget] | None = None,
 ) -> tuple[dict[str, Database], dict[str, str]]:
     """Open the named databases concurrently; (databases, unreachable name → reason).
 
     Unreachable ones are left out of the first mapping unless ``keep_unreachable``: the daemon
     keeps them to retry them in the background, and so tries each once only here (its READY
-    must not wait ``connect_retry`` for a database that is down).
+    must not wait ``connect_retry`` for a database that is down). ``budgets``: the connection
+    budget each database shares with its earlier pools (the daemon's, across reloads).
     """
-    databases = {name: Database(config.databases[name]) for name in names}
+    budgets = budgets or {}
+    databases = {name: Database(config.databases[name], budgets.get(name)) for name in names}
     outcomes = await asyncio.gather(
         *(db.open(retry=not keep_unreachable) for db in databases.values()),
         return_exceptions=True,

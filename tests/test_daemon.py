@@ -1093,3 +1093,52 @@ def test_a_multi_host_dsn_follows_a_failover(
     assert daemon.proc.poll() is None
     assert daemon.stop() == 0
     no_traceback(daemon)
+
+
+def test_reloads_and_overlapping_sweeps_never_exceed_max_connections(
+    tmp_path: Path, db: str, start_daemon: Callable[..., Daemon]
+) -> None:
+    tenants = tuple(f"t{i}" for i in range(8))
+    run_sql(db, *(f"CREATE SCHEMA tenant_{t}" for t in tenants))
+    sweeps = {"a": {"interval": "1s"}, "b": {"interval": "1s"}}
+
+    def write(max_connections: int) -> None:
+        write_daemon_config(
+            tmp_path,
+            db,
+            sweeps=sweeps,
+            tenants=tenants,
+            seconds=0.3,
+            history=True,
+            database={"max_connections": max_connections},
+        )
+
+    write(4)
+    daemon = start_daemon(tmp_path / "sweeperd.toml")
+    daemon.ready()
+    counts: list[int] = []
+
+    def sample(seconds: float) -> None:
+        until = time.monotonic() + seconds
+        while time.monotonic() < until:
+            counts.append(len(sweeperd_backends(db)))
+            time.sleep(0.02)
+
+    sample(2.0)
+    for limit in (3, 4, 3):
+        # A changed database setting reopens the pool while sweeps still run on the old one.
+        write(limit)
+        daemon.send(signal.SIGHUP)
+        sample(2.5)
+    reloads = wait_until(
+        lambda: (lambda found: found if len(found) >= 3 else None)(
+            daemon.events("configuration reloaded")
+        ),
+        15,
+        f"three reloads\n{daemon.stderr()}",
+    )
+    assert all(r["reopened"] == ["main"] for r in reloads), reloads
+    assert daemon.stop() == 0
+    assert max(counts) <= 4, Counter(counts)
+    assert max(counts) >= 3, Counter(counts)
+    no_traceback(daemon)
