@@ -1142,3 +1142,40 @@ def test_reloads_and_overlapping_sweeps_never_exceed_max_connections(
     assert max(counts) <= 4, Counter(counts)
     assert max(counts) >= 3, Counter(counts)
     no_traceback(daemon)
+
+
+def test_a_reload_that_adds_an_unreachable_database_is_accepted_and_it_is_retried(
+    tmp_path: Path,
+    db: str,
+    start_daemon: Callable[..., Daemon],
+    scratch_server: Callable[..., ScratchServer],
+) -> None:
+    other = scratch_server()
+    other.execute("CREATE SCHEMA tenant_initech")
+    other.execute(RUNS_TABLE)
+    other.stop()
+    sweeps = {"often": {"interval": "1s"}}
+    config = write_databases_config(tmp_path, {"main": db}, sweeps=sweeps, tenants={"acme": "main"})
+    daemon = start_daemon(config)
+    daemon.ready()
+    write_databases_config(
+        tmp_path,
+        {"main": db, "other": other.dsn()},
+        sweeps=sweeps,
+        tenants={"acme": "main", "initech": "other"},
+    )
+    _reloading, ready, _before, _after = daemon.reload()
+    status = fields(ready)["STATUS"]
+    assert "reload failed" not in status and "unreachable: other" in status, status
+    (reloaded,) = daemon.events("configuration reloaded")
+    assert reloaded["unreachable"] == ["other"]
+    seen = len(runs(db))
+    wait_until(lambda: len(runs(db)) > seen, 15, "main still swept")
+    other.start()
+    wait_until(
+        lambda: other.scalar("SELECT count(*) FROM public.runs"),
+        40,
+        f"a run in the added database once it is up\n{daemon.stderr()}",
+    )
+    assert daemon.stop() == 0
+    no_traceback(daemon)
