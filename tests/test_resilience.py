@@ -7,6 +7,7 @@ stays down fails its own items only.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from servers import ScratchServer, scratch_server_fixture, standby_of  # noqa: F
 from support import toml_str, write_config
 
 from sweeperd.config import load_config
+from sweeperd.daemon import Daemon, load
 from sweeperd.planner import make_plan
 from sweeperd.plugins import load_plugins
 
@@ -224,3 +226,89 @@ def test_sweep_without_a_name_runs_under_the_largest_sweep_timeout(tmp_path: Pat
     assert make_plan(cfg, plugins.operations, []).timeout == 7200.0
     assert make_plan(cfg, plugins.operations, [], sweep="short").timeout == 600.0
     assert make_plan(cfg, plugins.operations, [], sweep="unbounded").timeout is None
+
+
+NAP_RECORD = textwrap.dedent("""\
+    import sweeperd
+
+    async def record(ctx):
+        await ctx.conn.execute("INSERT INTO public.runs (tenant) VALUES (%s)", (ctx.tenant.name,))
+        return 1
+
+    @sweeperd.hookimpl
+    def sweeperd_operations(settings):
+        return [sweeperd.Operation(name="rec.one", run=record, tables=("t",))]
+    """)
+
+
+def test_a_database_back_up_gets_the_firing_it_missed_and_only_it(
+    tmp_path: Path, scratch_server: Callable[..., ScratchServer]
+) -> None:
+    """A nightly sweep must not wait a day for a database that was down for five minutes."""
+
+    main, other = scratch_server(), scratch_server()
+    for server in (main, other):
+        server.execute("CREATE SCHEMA tenant_x")
+        server.execute("CREATE TABLE public.runs (tenant text, at timestamptz DEFAULT now())")
+    other.stop()
+    plugins_d = tmp_path / "plugins.d"
+    plugins_d.mkdir()
+    (plugins_d / "rec.py").write_text(NAP_RECORD, encoding="utf-8")
+    config = write_config(
+        tmp_path,
+        f"""
+        [daemon]
+        plugin_dirs = ["plugins.d"]
+        [log]
+        format = "json"
+        [databases.main]
+        dsn = {toml_str(main.dsn())}
+        connect_timeout = "2s"
+        [databases.other]
+        dsn = {toml_str(other.dsn())}
+        connect_timeout = "2s"
+        [[tenants]]
+        name = "m"
+        database = "main"
+        schema = "tenant_x"
+        [[tenants]]
+        name = "o"
+        database = "other"
+        schema = "tenant_x"
+        [sweeps.nightly]
+        cron = "0 3 * * *"
+        """,
+    )
+
+    async def scenario() -> None:
+        cfg, plugins = load(config)
+        daemon = Daemon(config, cfg, plugins)
+        running = asyncio.create_task(daemon.run())
+        for _ in range(200):  # until it is ready (its databases opened, sweeps scheduled)
+            if daemon._snapshot is not None:
+                break
+            await asyncio.sleep(0.05)
+        controller = daemon.controllers["nightly"]
+        await controller.fire()  # the nightly firing, while "other" is down
+        await controller.wait()
+        report = controller.last_report
+        assert report is not None
+        assert {(r.database, r.status) for r in report.results} == {
+            ("main", "ok"),
+            ("other", "failed"),
+        }
+        assert "other" in controller.missed
+        await asyncio.to_thread(other.start)
+        for _ in range(400):  # the reconnector notices, then the catch-up runs
+            await asyncio.sleep(0.05)
+            if not controller.running and "other" not in controller.missed:
+                break
+        report = controller.last_report
+        assert report is not None
+        assert [(r.database, r.status) for r in report.results] == [("other", "ok")]
+        daemon._on_stop_signal()  # what SIGTERM does
+        assert await asyncio.wait_for(running, 30) == 0
+
+    asyncio.run(scenario())
+    assert main.scalar("SELECT count(*) FROM public.runs") == 1  # not swept twice
+    assert other.scalar("SELECT count(*) FROM public.runs") == 1
