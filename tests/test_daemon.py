@@ -33,7 +33,12 @@ from typing import Any
 import psycopg
 import pytest
 import tomli_w
-from servers import ScratchServer, scratch_server_fixture, standby_of  # noqa: F401
+from servers import (  # noqa: F401
+    PgBouncer,
+    ScratchServer,
+    scratch_server_fixture,
+    standby_of,
+)
 from support import run_sql
 
 from sweeperd.config import ConfigError, load_config
@@ -1178,4 +1183,41 @@ def test_a_reload_that_adds_an_unreachable_database_is_accepted_and_it_is_retrie
         f"a run in the added database once it is up\n{daemon.stderr()}",
     )
     assert daemon.stop() == 0
+    no_traceback(daemon)
+
+
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+def test_behind_pgbouncer_a_daemon_stays_bounded_over_firings_and_stops_at_once(
+    tmp_path: Path, db: str, start_daemon: Callable[..., Daemon], mode: str
+) -> None:
+    """Under a session pooler the connection leak ended in a daemon waiting for a server
+    connection PgBouncer would never give, and ignoring SIGTERM for minutes."""
+    tenants = tuple(f"t{i}" for i in range(6))
+    run_sql(db, *(f"CREATE SCHEMA tenant_{t}" for t in tenants))
+    with PgBouncer(db, pool_mode=mode, default_pool_size=4) as bouncer:
+        config = write_daemon_config(
+            tmp_path,
+            bouncer.through(db),
+            sweeps={"often": {"interval": "1s", "per_tenant_concurrency": 4}},
+            tenants=tenants,
+            seconds=0.1,
+            history=True,
+            database={"max_connections": 4, "pooler": mode},
+        )
+        daemon = start_daemon(config)
+        daemon.ready()
+        clients: list[int] = []
+        deadline = time.monotonic() + 60
+        while len(finished_sweeps(daemon)) < 8:
+            assert time.monotonic() < deadline, daemon.stderr()
+            pools = bouncer.admin("SHOW POOLS")
+            clients.append(
+                sum(p["cl_active"] + p["cl_waiting"] for p in pools if p["database"] != "pgbouncer")
+            )
+            time.sleep(0.05)
+        started = time.monotonic()
+        assert daemon.stop() == 0
+        assert time.monotonic() - started < STOP_SLACK
+    assert max(clients) <= 4, Counter(clients)
+    assert all(e["ok"] == len(tenants) for e in finished_sweeps(daemon)[:8])
     no_traceback(daemon)
