@@ -947,6 +947,27 @@ def finished_sweeps(daemon: Daemon) -> list[dict[str, Any]]:
     return daemon.events("sweep finished")
 
 
+def primary_and_standby(
+    scratch_server: Callable[..., ScratchServer], *schemas: str
+) -> tuple[ScratchServer, ScratchServer]:
+    """A primary with the runs table and ``schemas``, and a streaming standby caught up."""
+    primary = scratch_server()
+    for schema in schemas:
+        primary.execute(f"CREATE SCHEMA {schema}")
+    primary.execute(RUNS_TABLE)
+    standby = standby_of(primary)
+    standby.wait_caught_up()
+    return primary, standby
+
+
+def wait_for_a_run_since(server: ScratchServer, since: Any, daemon: Daemon, within: float) -> None:
+    wait_until(
+        lambda: server.scalar("SELECT count(*) FROM public.runs WHERE started > %s", (since,)),
+        within,
+        f"a run on {server} since {since}\n{daemon.stderr()}",
+    )
+
+
 def test_a_daemon_never_holds_more_than_max_connections_over_many_firings(
     tmp_path: Path, db: str, start_daemon: Callable[..., Daemon]
 ) -> None:
@@ -1022,11 +1043,7 @@ def test_standby_items_are_skipped_and_run_there_after_promotion(
     start_daemon: Callable[..., Daemon],
     scratch_server: Callable[..., ScratchServer],
 ) -> None:
-    primary = scratch_server()
-    primary.execute("CREATE SCHEMA tenant_acme")
-    primary.execute(RUNS_TABLE)
-    standby = standby_of(primary)
-    standby.wait_caught_up()
+    primary, standby = primary_and_standby(scratch_server, "tenant_acme", "tenant_beta")
     assert standby.in_recovery()
     config = write_databases_config(
         tmp_path,
@@ -1035,8 +1052,6 @@ def test_standby_items_are_skipped_and_run_there_after_promotion(
         tenants={"acme": "primary", "beta": "replica"},
         history=True,
     )
-    primary.execute("CREATE SCHEMA tenant_beta")
-    standby.wait_caught_up()
     daemon = start_daemon(config)
     daemon.ready()
     wait_until(lambda: len(finished_sweeps(daemon)) >= 2, 20, "two sweeps")
@@ -1049,13 +1064,7 @@ def test_standby_items_are_skipped_and_run_there_after_promotion(
 
     promoted_at = standby.scalar("SELECT now()")
     standby.promote()
-    wait_until(
-        lambda: standby.scalar(
-            "SELECT count(*) FROM public.runs WHERE started > %s", (promoted_at,)
-        ),
-        30,
-        f"a run on the promoted standby\n{daemon.stderr()}",
-    )
+    wait_for_a_run_since(standby, promoted_at, daemon, 30)
     assert daemon.events("database is no longer a standby; its work runs again")
     last = finished_sweeps(daemon)[-1]
     assert (last["ok"], last["skipped"]) == (2, 0), last
@@ -1070,11 +1079,7 @@ def test_a_multi_host_dsn_follows_a_failover(
     start_daemon: Callable[..., Daemon],
     scratch_server: Callable[..., ScratchServer],
 ) -> None:
-    primary = scratch_server()
-    primary.execute("CREATE SCHEMA tenant_acme")
-    primary.execute(RUNS_TABLE)
-    standby = standby_of(primary)
-    standby.wait_caught_up()
+    primary, standby = primary_and_standby(scratch_server, "tenant_acme")
     dsn = (
         f"host={primary.host},{standby.host} port={primary.port},{standby.port} "
         "dbname=postgres user=postgres target_session_attrs=read-write connect_timeout=2"
@@ -1088,13 +1093,7 @@ def test_a_multi_host_dsn_follows_a_failover(
     primary.stop()
     standby.promote()
     promoted_at = standby.scalar("SELECT now()")
-    wait_until(
-        lambda: standby.scalar(
-            "SELECT count(*) FROM public.runs WHERE started > %s", (promoted_at,)
-        ),
-        40,
-        f"a run on the new primary\n{daemon.stderr()}",
-    )
+    wait_for_a_run_since(standby, promoted_at, daemon, 40)
     assert daemon.proc.poll() is None
     assert daemon.stop() == 0
     no_traceback(daemon)
