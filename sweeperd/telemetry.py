@@ -79,7 +79,7 @@ class Telemetry:
         )
 
     def watch_pools(self, source: Callable[[], Mapping[str, Mapping[str, int]]]) -> None:
-        """Report pool usage from ``source()``: database name → psycopg_pool stats."""
+        """Report pool usage from ``source()``: database name → Pool.stats()."""
         self._pool_sources = [source]
 
     def _pool_stats(self) -> Iterable[tuple[str, Mapping[str, int]]]:
