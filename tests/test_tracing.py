@@ -35,9 +35,16 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON, Sampler, SamplingResult
 from opentelemetry.trace import SpanKind, StatusCode
 from otlp import OtlpReceiver, pb_attrs
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from structlog.testing import capture_logs
-from support import run_cli, run_sql, toml_str, write_config
+from support import (
+    DATABASE_STATS_SKIP_REASON,
+    database_stats_status,
+    run_cli,
+    run_sql,
+    toml_str,
+    with_secret_password,
+    write_config,
+)
 
 import sweeperd.telemetry as telemetry_module
 from sweeperd.config import load_config
@@ -248,6 +255,16 @@ def run_sweep(path: Path) -> SweepReport:
     return asyncio.run(sweep_once(config, plugins, sweep=SWEEP))
 
 
+def assert_all_six_done(report: SweepReport, server_version_num: int) -> None:
+    """The scenario's six items (retention and vacuum of two tenants, retention.sessions,
+    vacuum.database_stats) are ok; before PostgreSQL 16, vacuum.database_stats is skipped
+    (ONLY_DATABASE_STATS needs 16)."""
+    counts = report.counts()
+    expected = (6, 0) if database_stats_status(server_version_num) == "ok" else (5, 1)
+    assert (counts["ok"], counts["skipped"]) == expected, report.to_json()
+    assert counts["failed"] == counts["cancelled"] == 0, report.to_json()
+
+
 def server_of(dsn: str) -> tuple[str, int, str]:
     """(host or socket directory, port, database name) as the client sees them."""
     with psycopg.connect(dsn) as conn:
@@ -304,14 +321,15 @@ def attrs(span: ReadableSpan) -> dict[str, Any]:
 
 
 def test_one_trace_per_sweep_sweep_tenant_operation_tree(
-    tmp_path: Path, pg_dsn: str, make_otel: Callable[..., Otel]
+    tmp_path: Path, pg_dsn: str, make_otel: Callable[..., Otel], server_version_num: int
 ) -> None:
     otel = make_otel()
     create_data(pg_dsn)
     path = write_scenario(tmp_path, pg_dsn)
     first = run_sweep(path)
     second = run_sweep(path)
-    assert first.counts()["ok"] == second.counts()["ok"] == 6, first.to_json()
+    assert_all_six_done(first, server_version_num)
+    assert_all_six_done(second, server_version_num)
 
     traces = by_trace(otel.spans())
     assert len(traces) == 2, "one trace per sweep"
@@ -346,14 +364,14 @@ def test_one_trace_per_sweep_sweep_tenant_operation_tree(
 
 
 def test_operation_spans_follow_the_database_semantic_conventions(
-    tmp_path: Path, pg_dsn: str, make_otel: Callable[..., Otel]
+    tmp_path: Path, pg_dsn: str, make_otel: Callable[..., Otel], server_version_num: int
 ) -> None:
     otel = make_otel()
     create_data(pg_dsn)
     # Dead tuples that are there before the sweep: the vacuum has something to report.
     run_sql(pg_dsn, "DELETE FROM tenant_a.notifications WHERE created_at > now() - interval '1d'")
     report = run_sweep(write_scenario(tmp_path, pg_dsn))
-    assert report.counts()["ok"] == 6, report.to_json()
+    assert_all_six_done(report, server_version_num)
     host, port, _dbname = server_of(pg_dsn)
     tree = tree_of(otel.spans())
 
@@ -417,12 +435,12 @@ def test_operation_spans_follow_the_database_semantic_conventions(
 
 
 def test_bundled_operation_spans_are_named_after_statement_and_table(
-    tmp_path: Path, pg_dsn: str, make_otel: Callable[..., Otel]
+    tmp_path: Path, pg_dsn: str, make_otel: Callable[..., Otel], server_version_num: int
 ) -> None:
     otel = make_otel()
     create_data(pg_dsn)
     report = run_sweep(write_scenario(tmp_path, pg_dsn))
-    assert report.counts()["ok"] == 6, report.to_json()
+    assert_all_six_done(report, server_version_num)
     tree = tree_of(otel.spans())
     expected = {
         ("retention.notifications", "a"): ("DELETE", "DELETE tenant_a.notifications"),
@@ -453,12 +471,12 @@ def test_operation_span_name_and_db_operation_name_come_from_db_operation(
 
 
 def test_db_namespace_names_the_postgresql_database_and_schema(
-    tmp_path: Path, pg_dsn: str, make_otel: Callable[..., Otel]
+    tmp_path: Path, pg_dsn: str, make_otel: Callable[..., Otel], server_version_num: int
 ) -> None:
     otel = make_otel()
     create_data(pg_dsn)
     report = run_sweep(write_scenario(tmp_path, pg_dsn))
-    assert report.counts()["ok"] == 6, report.to_json()
+    assert_all_six_done(report, server_version_num)
     _host, _port, dbname = server_of(pg_dsn)
     assert dbname != "main"
     tree = tree_of(otel.spans())
@@ -470,7 +488,7 @@ def test_db_namespace_names_the_postgresql_database_and_schema(
 
 
 def test_failed_and_skipped_operations(
-    tmp_path: Path, pg_dsn: str, make_otel: Callable[..., Otel]
+    tmp_path: Path, pg_dsn: str, make_otel: Callable[..., Otel], server_version_num: int
 ) -> None:
     otel = make_otel()
     create_data(pg_dsn, without_table=["b"])
@@ -508,7 +526,9 @@ def test_failed_and_skipped_operations(
     assert tree.tenants["a"].status.status_code is not StatusCode.ERROR
     assert tree.root.status.status_code is StatusCode.ERROR
     assert attrs(tree.root)["sweeperd.failed"] == 2
-    assert attrs(tree.root)["sweeperd.skipped"] == 2
+    stats_status = database_stats_status(server_version_num)
+    assert statuses[(None, "vacuum.database_stats")] == stats_status
+    assert attrs(tree.root)["sweeperd.skipped"] == 2 + (stats_status == "skipped")
     assert tree.op("retention.notifications", "a").status.status_code is StatusCode.OK
 
     # The "operation failed" log line is emitted inside the failed operation's span.
@@ -619,20 +639,20 @@ def sums(points: Sequence[Any], *keys: str) -> dict[tuple[Any, ...], float]:
 
 
 def test_metrics_of_a_sweep_carry_no_tenant_by_default(
-    tmp_path: Path, pg_dsn: str, make_otel: Callable[..., Otel]
+    tmp_path: Path, pg_dsn: str, make_otel: Callable[..., Otel], server_version_num: int
 ) -> None:
     otel = make_otel()
     create_data(pg_dsn)
     run_sql(pg_dsn, "DELETE FROM tenant_a.notifications WHERE created_at > now() - interval '1d'")
     report = run_sweep(write_scenario(tmp_path, pg_dsn))
-    assert report.counts()["ok"] == 6, report.to_json()
+    assert_all_six_done(report, server_version_num)
     points = otel.points()
 
     assert sums(points["sweeperd.operations"], "sweeperd.operation", "sweeperd.status") == {
         ("retention.notifications", "ok"): 2,
         ("vacuum.notifications", "ok"): 2,
         ("retention.sessions", "ok"): 1,
-        ("vacuum.database_stats", "ok"): 1,
+        ("vacuum.database_stats", database_stats_status(server_version_num)): 1,
     }
     rows = sums(points["sweeperd.rows"], "sweeperd.operation")
     assert rows[("retention.notifications",)] == ROWS["a"][0] + ROWS["b"][0]
@@ -664,12 +684,12 @@ def test_metrics_of_a_sweep_carry_no_tenant_by_default(
 
 
 def test_tenant_metrics_label_operation_metrics_with_the_tenant(
-    tmp_path: Path, pg_dsn: str, make_otel: Callable[..., Otel]
+    tmp_path: Path, pg_dsn: str, make_otel: Callable[..., Otel], server_version_num: int
 ) -> None:
     otel = make_otel(tenant_metrics=True)
     create_data(pg_dsn)
     report = run_sweep(write_scenario(tmp_path, pg_dsn))
-    assert report.counts()["ok"] == 6, report.to_json()
+    assert_all_six_done(report, server_version_num)
     points = otel.points()
     assert sums(points["sweeperd.operations"], "sweeperd.tenant", "sweeperd.operation") == {
         ("a", "retention.notifications"): 1,
@@ -741,14 +761,12 @@ def test_log_lines_of_an_operation_carry_its_span_across_tasks(
 
 @pytest.mark.parametrize("service_name", [None, "billing-sweeper"])
 def test_sweeperd_sweep_exports_the_trace_over_otlp_http(
-    tmp_path: Path, pg_dsn: str, service_name: str | None
+    tmp_path: Path, pg_dsn: str, service_name: str | None, server_version_num: int
 ) -> None:
     create_data(pg_dsn)
-    secret = None
-    if not conninfo_to_dict(pg_dsn).get("password"):
-        # Ignored by a trust-authenticated server, and must never show up anywhere.
-        secret = "s3cretPw-7f3a"
-        pg_dsn = make_conninfo(pg_dsn, password=secret)
+    # A password (ignored by a trust-authenticated server, or the DSN's own) that must never
+    # show up anywhere.
+    pg_dsn, secret = with_secret_password(pg_dsn, "s3cretPw-7f3a")
     path = write_scenario(tmp_path, pg_dsn, log='[log]\nformat = "json"\nlevel = "debug"\n\n')
     with OtlpReceiver() as receiver:
         env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
@@ -789,7 +807,15 @@ def test_sweeperd_sweep_exports_the_trace_over_otlp_http(
         expected_parent = tenants[tenant].span_id if tenant else root.span_id
         assert span.parent_span_id == expected_parent, span.name
         assert span.kind == PbSpan.SpanKind.SPAN_KIND_CLIENT
-        assert span.status.code == PbStatus.StatusCode.STATUS_CODE_OK
+        if (a["sweeperd.operation"] == "vacuum.database_stats"
+                and database_stats_status(server_version_num) == "skipped"):
+            # Before 16: skipped, which is no error (and not an ok either).
+            assert span.status.code == PbStatus.StatusCode.STATUS_CODE_UNSET
+            assert a["sweeperd.status"] == "skipped"
+            assert a["sweeperd.skip_reason"] == DATABASE_STATS_SKIP_REASON
+        else:
+            assert span.status.code == PbStatus.StatusCode.STATUS_CODE_OK
+            assert a["sweeperd.status"] == "ok"
         assert a["db.system.name"] == "postgresql"
         assert a["server.address"] == host
         assert a["server.port"] == port
