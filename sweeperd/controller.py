@@ -81,6 +81,7 @@ class SweepController:
         self.missed: dict[str, dt.datetime] = {}
         self._catch_up: set[str] = set()  # came back while a run was going: run after it
         self._catching_up = False
+        self._in_runner = False  # the runner honours Stop; elsewhere abort() cancels the task
 
     @property
     def running(self) -> bool:
@@ -127,8 +128,14 @@ class SweepController:
         """Stop the running sweep now and wait for it: unfinished operations are cancelled (their
         queries too, on the server) and reported ``cancelled`` with ``reason``."""
         self.queued = None
+        self._catch_up.clear()
         if self._stop is not None:
             self._stop.now(reason)
+        task = self.current
+        if task is not None and not task.done() and not self._in_runner:
+            # Before (or after) the runner nothing watches the stop: discovery, claims or a
+            # refresh waiting connect_retry for a database must not hold a stop up.
+            task.cancel()
         await self.wait()
 
     async def wait(self) -> None:
@@ -220,8 +227,19 @@ class SweepController:
                         database_scope_in=(db_scope | set(down)) & set(databases),
                     )
                     self.host.sweep_started(self.name, len(plan.items))
-                    report = await runner.run(
-                        plan, gate=self._gate(window), stop=stop, unreachable=failed
+                    self._in_runner = True
+                    try:
+                        report = await runner.run(
+                            plan, gate=self._gate(window), stop=stop, unreachable=failed
+                        )
+                    finally:
+                        self._in_runner = False
+                    # Gone during the run (its items failed waiting for it): catch up later.
+                    self._remember(
+                        firing,
+                        [n for n in databases if n not in down],
+                        [n for n, db in databases.items() if db.down is not None],
+                        keep=True,
                     )
             except TimeoutError:
                 log.error(
@@ -245,14 +263,20 @@ class SweepController:
                 await self.host.record(report, snapshot)
 
     def _remember(
-        self, firing: dt.datetime, databases: Collection[str], down: Collection[str]
+        self,
+        firing: dt.datetime,
+        databases: Collection[str],
+        down: Collection[str],
+        *,
+        keep: bool = False,
     ) -> None:
-        """Which databases missed this firing (for catch_up), which ones did not."""
+        """Which databases missed this firing (for catch_up), which ones did not (unless
+        ``keep``: then only new misses are added)."""
         for name in databases:
             if name in down:
                 self.missed[name] = firing
                 self.host.database_unreachable(name)
-            else:
+            elif not keep:
                 self.missed.pop(name, None)
 
     async def _claim(

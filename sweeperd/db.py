@@ -32,6 +32,7 @@ import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import psycopg
@@ -41,7 +42,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from .config import DatabaseConfig
 from .model import timed_transaction
-from .pool import Budget, Pool
+from .pool import Budget, Pool, PoolBusy, PoolClosed
 from .telemetry import telemetry
 
 log = structlog.get_logger("sweeperd.db")
@@ -74,6 +75,9 @@ SELECT pg_catalog.pg_is_in_recovery(),
        current_user, current_database()
 """
 STANDBY = "database is in recovery (standby): sweeperd works on the primary only"
+# Set while open()/refresh() connect: they try even a database known to be down (per task).
+_PROBING: ContextVar[bool] = ContextVar("sweeperd_db_probing", default=False)
+_ROOM_WAIT_S = 1.0  # open(retry=False): how long to wait for room in the budget
 _FIRST_BACKOFF_S = 0.1
 _MAX_BACKOFF_S = 2.0
 # Connection failures that pass on their own: too many connections, admin shutdown, the server
@@ -104,7 +108,8 @@ _PERMANENT_TEXT = (
     "invalid port",
     "permission denied",
     "certificate",
-    "ssl ",
+    "server does not support ssl",
+    "sslmode value",
 )
 
 
@@ -227,7 +232,6 @@ class Database:
         # Why connecting failed after connect_retry. Until open() or refresh() succeed again,
         # other connects fail at once with it instead of each waiting connect_retry again.
         self.down: str | None = None
-        self._probing = 0  # open()/refresh() running: they try even when the database is down
         self._pool: Pool | None = None
         self._startup_options: str | None = None  # pooler "none": libpq's options + timeouts
         self._checked_timeouts = False
@@ -252,10 +256,12 @@ class Database:
 
     async def _connect(self) -> AsyncConn:
         """One connection attempt (the pool retries transient failures)."""
-        if self.down is not None and not self._probing:
+        if self.down is not None and not _PROBING.get():
             raise DatabaseUnreachable(self.name, self.down)
         kwargs = self._kwargs()
-        if self._startup_options is not None:
+        if self.config.pooler == "none":
+            if self._startup_options is None:
+                await self._learn_options(kwargs)
             kwargs["options"] = self._startup_options
         conn = await psycopg.AsyncConnection.connect(self.config.dsn, **kwargs)
         self._recovered()
@@ -318,24 +324,18 @@ class Database:
             )
         return text
 
-    async def _probe_options(self, retry: bool) -> None:
-        """pooler "none": learn libpq's own options (DSN, PGOPTIONS or a service file), since
-        passing ``options=`` replaces them, and add our timeouts to them."""
-        probe_pool = self._new_pool(self._connect, 1)
-        self._probing += 1
+    async def _learn_options(self, kwargs: dict[str, Any]) -> None:
+        """pooler "none": libpq's own options (DSN, PGOPTIONS or a service file), since passing
+        ``options=`` replaces them, with our timeouts added.
+
+        Asked of the server once, by a connection made (and closed) in the room reserved for the
+        first real one: it never counts twice against the database's budget.
+        """
+        probe = await psycopg.AsyncConnection.connect(self.config.dsn, **kwargs)
         try:
-            conn = await probe_pool.getconn(None if retry else 0.0)
-        except DatabaseUnreachable:
-            raise
-        except Exception as exc:
-            raise self._unreachable(exc) from None
+            effective = next((o.val for o in probe.pgconn.info if o.keyword == b"options"), None)
         finally:
-            self._probing -= 1
-        try:
-            effective = next((o.val for o in conn.pgconn.info if o.keyword == b"options"), None)
-        finally:
-            await probe_pool.discard(conn)
-            await probe_pool.close()
+            probe.pgconn.finish()
         cfg = self.config
         ours = (
             f"-c lock_timeout={_ms(cfg.lock_timeout)} "
@@ -356,42 +356,53 @@ class Database:
 
         Raises :class:`DatabaseUnreachable` with libpq's reason. Calling it again on an open
         database only refreshes it (how the daemon retries a database that went away).
-        ``quiet``: the caller reports the outcome itself; ``retry=False``: one attempt only
-        (the daemon's start, which retries in the background instead of delaying READY).
+        ``quiet``: the caller reports the outcome itself; ``retry=False``: one attempt only, and
+        no long wait for room in the database's budget (the daemon's start and reloads, which
+        retry in the background instead of delaying READY; a reload's new pool whose old one
+        still holds every connection is checked at its first sweep instead).
         """
         self._quiet = quiet
-        try:
-            if self._pool is not None:
-                await self.refresh(retry=retry)
-                return
-            if self.config.pooler == "none":
-                await self._probe_options(retry)
+        fresh = self._pool is None
+        if self._pool is None:
             self._pool = self._new_pool(self._connect, self.config.max_connections)
-            try:
-                await self.refresh(retry=retry)
-            except BaseException:
+        try:
+            async with self.use():  # the connection it takes is not kept idle afterwards
+                await self.refresh(retry=retry, room_timeout=None if retry else _ROOM_WAIT_S)
+        except PoolBusy:
+            log.info(
+                "database's connections all in use by the pool it replaces; checked at the "
+                "next sweep",
+                database=self.name,
+            )
+        except BaseException:
+            if fresh:
                 await self.close()  # never opened: nothing half-open is left behind
-                raise
+            raise
         finally:
             self._quiet = False
 
-    async def refresh(self, *, retry: bool = True) -> None:
+    async def refresh(self, *, retry: bool = True, room_timeout: float | None = None) -> None:
         """At open and at the start of every sweep: is the server a standby now? (one query)
 
         The first time, also compare the timeouts the server applies with the configuration.
-        Tries even when the database is known to be down; success clears that.
+        Tries even when the database is known to be down; success clears that. Any failure is
+        :class:`DatabaseUnreachable` (this database's problem, never the sweep's).
         """
-        self._probing += 1
+        token = _PROBING.set(True)
         try:
-            async with self.housekeeping("check", retry=retry) as conn:
+            async with self.housekeeping("check", retry=retry, room_timeout=room_timeout) as conn:
                 info = conn.info
                 self.server_version = info.server_version
                 self.server_address = info.host or None
                 self.server_port = info.port or None
                 cur = await conn.execute(_CHECK)
                 row = await cur.fetchone()
+        except (DatabaseUnreachable, PoolBusy):
+            raise
+        except Exception as exc:  # the server went away mid-query (shutdown, failover, ...)
+            raise self._unreachable(exc) from None
         finally:
-            self._probing -= 1
+            _PROBING.reset(token)
         self.down = None
         assert row is not None
         in_recovery, lock_ms, statement_ms, user, dbname = row
@@ -460,7 +471,9 @@ class Database:
 
     # -- handing out connections -----------------------------------------------------------------
     @asynccontextmanager
-    async def connection(self, label: str, *, retry: bool = True) -> AsyncIterator[AsyncConn]:
+    async def connection(
+        self, label: str, *, retry: bool = True, room_timeout: float | None = None
+    ) -> AsyncIterator[AsyncConn]:
         """A pooled connection (labelled ``sweeperd: <label>`` where the pooler keeps sessions).
 
         Raises :class:`DatabaseUnreachable` when none could be had within ``connect_retry``.
@@ -469,7 +482,7 @@ class Database:
         if pool is None:
             raise DatabaseUnreachable(self.name, self.down or "not open")
         t0 = time.perf_counter()
-        conn = await self._checkout(pool, application_name(label), retry)
+        conn = await self._checkout(pool, application_name(label), retry, room_timeout)
         telemetry().connection_wait.record(
             time.perf_counter() - t0, {"db.client.connection.pool.name": self.name}
         )
@@ -491,7 +504,9 @@ class Database:
             return sql.SQL("; ").join([sql.SQL(_RESET_SESSION), timeouts, label])
         return sql.SQL("; ").join([sql.SQL(_RESET_SESSION), label])
 
-    async def _checkout(self, pool: Pool, name: str, retry: bool) -> AsyncConn:
+    async def _checkout(
+        self, pool: Pool, name: str, retry: bool, room_timeout: float | None
+    ) -> AsyncConn:
         """A live connection, reset and labelled where that is safe, in one round trip.
 
         A connection the server dropped while it sat in the pool (restart, failover,
@@ -504,7 +519,9 @@ class Database:
         failures = 0
         while True:
             try:
-                conn = await pool.getconn(retry_for)
+                conn = await pool.getconn(retry_for, room_timeout=room_timeout)
+            except (PoolBusy, PoolClosed):
+                raise  # not the database's fault: no reason to call it down
             except Exception as exc:
                 raise self._unreachable(exc) from None
             try:
@@ -524,7 +541,9 @@ class Database:
                 raise
 
     @asynccontextmanager
-    async def housekeeping(self, label: str, *, retry: bool = True) -> AsyncIterator[AsyncConn]:
+    async def housekeeping(
+        self, label: str, *, retry: bool = True, room_timeout: float | None = None
+    ) -> AsyncIterator[AsyncConn]:
         """A connection for sweeperd's own queries, inside the database's concurrency cap.
 
         Without the cap, discovery or a history write could find the pool exhausted by running
@@ -532,7 +551,7 @@ class Database:
         """
         async with (
             self.slot or contextlib.nullcontext(),
-            self.connection(label, retry=retry) as conn,
+            self.connection(label, retry=retry, room_timeout=room_timeout) as conn,
         ):
             yield conn
 

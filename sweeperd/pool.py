@@ -8,6 +8,11 @@ connection at a time. This pool has one invariant that everything else rests on:
 open plus connections being opened never exceed ``max_size``, nor, summed over all pools of one
 database, that database's :class:`Budget`.
 
+The accounting never awaits: room is taken and given back in plain statements, and waiters are
+woken by resolving futures, so no cancellation (a timeout, a drain, a second SIGTERM) can land
+between a connection going away and its room coming back. Connections are closed with libpq's
+synchronous ``PQfinish`` for the same reason.
+
 A connect that fails for a reason that may pass (``transient``) is retried with capped
 exponential back-off for ``retry_for`` seconds; while it backs off, the caller takes any
 connection another caller gives back, so a spike of "too many connections" costs a wait, not a
@@ -36,6 +41,10 @@ class PoolClosed(Exception):
     """The pool was closed while a caller waited for a connection."""
 
 
+class PoolBusy(TimeoutError):
+    """No connection and no room for one within the time the caller would wait."""
+
+
 class Budget:
     """The server connections one database may have, shared by every pool made for it.
 
@@ -46,16 +55,35 @@ class Budget:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.used = 0
-        self.changed = asyncio.Condition()
         self.pools: weakref.WeakSet[Pool] = weakref.WeakSet()
+        self._waiters: list[asyncio.Future[None]] = []
 
     def idle_elsewhere(self, pool: Pool) -> Pool | None:
-        """Another pool of this budget holding an idle connection (under ``changed``'s lock).
+        """Another pool of this budget holding an idle connection.
 
         Its idle connection is worth less than the room it takes: a caller of ``pool`` may be
         waiting for room while holding what the other pool's next user waits for.
         """
         return next((p for p in self.pools if p is not pool and p._idle), None)
+
+    def wake(self) -> None:
+        """Something changed (room, an idle connection): every waiter looks again."""
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def changed(self, within: float | None) -> None:
+        """Wait for :meth:`wake` (or ``within`` seconds); cancellation propagates as is."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(within):
+                    await waiter
+        finally:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
 
 
 class Pool:
@@ -86,8 +114,6 @@ class Pool:
         self._size = 0  # open (idle or in use) plus being opened: never above max_size
         self._in_use = 0
         self._waiting = 0
-        # Shared with the other pools of the budget: room one of them gives back is news to all.
-        self._changed = self._budget.changed
         self._closed = False
         self._retiring = False  # connections coming back are closed, not kept
 
@@ -104,28 +130,29 @@ class Pool:
             "requests_waiting": self._waiting,
         }
 
-    async def getconn(self, retry_for: float | None = None) -> AsyncConn:
+    async def getconn(
+        self, retry_for: float | None = None, *, room_timeout: float | None = None
+    ) -> AsyncConn:
         """An idle connection, else a new one if there is room, else wait for one.
 
         A connect that fails for good, or still fails after ``retry_for`` (default: the pool's),
-        gives the room back and raises its own error (with libpq's reason); the caller's timeout
-        bounds the wait.
+        gives the room back and raises its own error (with libpq's reason). ``room_timeout``:
+        raise :class:`PoolBusy` instead of waiting longer for a connection or room; otherwise
+        the caller's own timeout bounds the wait.
         """
         retry_for = self.retry_for if retry_for is None else retry_for
+        give_up = None if room_timeout is None else time.monotonic() + room_timeout
         retry_at = 0.0  # before this (monotonic) time this caller only takes idle connections
         deadline: float | None = None
         backoff = self._first_backoff
         while True:
-            conn, evicted = await self._take_or_reserve(retry_at)
-            if evicted is not None:
-                with contextlib.suppress(Exception):
-                    await evicted.close()
+            conn = await self._take_or_reserve(retry_at, give_up)
             if conn is not None:
                 return conn
             try:
                 conn = await self._connect()
             except Exception as exc:
-                await self._forget()
+                self._release()
                 now = time.monotonic()
                 deadline = now + retry_for if deadline is None else deadline
                 if not self._transient(exc) or now >= deadline:
@@ -135,42 +162,40 @@ class Pool:
                 backoff = min(backoff * 2, self._max_backoff)
                 continue
             except BaseException:
-                await self._forget()
+                self._release()
                 raise
             if self._closed:
-                await self._discard(conn)
+                self._drop(conn)
                 raise PoolClosed("the pool is closed")
             self._in_use += 1
             return conn
 
-    async def _take_or_reserve(self, retry_at: float) -> tuple[AsyncConn | None, AsyncConn | None]:
-        """(an idle connection, None), or (None, a sibling's idle connection to close, if one
-        had to make room) after reserving room for a new one (from ``retry_at``)."""
-        async with self._changed:
-            self._waiting += 1
-            try:
-                while True:
-                    if self._closed:
-                        raise PoolClosed("the pool is closed")
-                    if self._idle:
-                        self._in_use += 1
-                        return self._idle.pop(), None  # most recently used: least likely stale
-                    now = time.monotonic()
-                    if now >= retry_at and self._has_room():
+    async def _take_or_reserve(self, retry_at: float, give_up: float | None) -> AsyncConn | None:
+        """An idle connection, or None after reserving room for a new one (from ``retry_at``)."""
+        self._waiting += 1
+        try:
+            while True:
+                if self._closed:
+                    raise PoolClosed("the pool is closed")
+                if self._idle:
+                    self._in_use += 1
+                    return self._idle.pop()  # most recently used: least likely stale
+                now = time.monotonic()
+                if now >= retry_at and self._size < self.max_size:
+                    if self._budget.used < self._budget.limit:
                         self._reserve(1)
-                        return None, None
-                    if now >= retry_at and self._size < self.max_size:
-                        other = self._budget.idle_elsewhere(self)
-                        if other is not None:
-                            evicted = other._idle.popleft()  # its least recently used
-                            other._reserve(-1)
-                            self._reserve(1)
-                            return None, evicted
-                    wait = retry_at - now if retry_at > now else None
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._changed.wait(), wait)
-            finally:
-                self._waiting -= 1
+                        return None
+                    other = self._budget.idle_elsewhere(self)
+                    if other is not None:
+                        other._drop(other._idle.popleft())  # its least recently used
+                        self._reserve(1)
+                        return None
+                if give_up is not None and now >= give_up:
+                    raise PoolBusy("no connection and no room for one")
+                until = [t for t in (retry_at, give_up) if t is not None and t > now]
+                await self._budget.changed(min(until) - now if until else None)
+        finally:
+            self._waiting -= 1
 
     async def putconn(self, conn: AsyncConn) -> None:
         """Take a connection back; a broken one, or one still busy, is closed instead.
@@ -179,51 +204,53 @@ class Pool:
         unfinished never reaches the next one.
         """
         self._in_use -= 1
-        if self._closed or self._retiring or not await _reusable(conn):
-            await self._discard(conn)
+        try:
+            keep = not (self._closed or self._retiring) and await _reusable(conn)
+        except BaseException:
+            self._drop(conn)  # cancelled while rolling back: never half-returned
+            raise
+        if not keep or self._closed or self._retiring:
+            self._drop(conn)
             return
-        async with self._changed:
-            self._idle.append(conn)
-            self._changed.notify_all()
+        self._idle.append(conn)
+        self._budget.wake()
 
     async def discard(self, conn: AsyncConn) -> None:
         """Close a checked-out connection for good (its room is given back)."""
         self._in_use -= 1
-        await self._discard(conn)
+        self._drop(conn)
 
     async def warm(self, n: int) -> None:
         """Open connections concurrently until ``n`` are open (at most ``max_size``).
 
         One attempt each: a failure only means fewer are ready; getconn() waits it out.
         """
-        async with self._changed:
-            budget = self._budget
-            grow = max(0, min(n, self.max_size) - self._size)
-            grow = min(grow, max(0, budget.limit - budget.used))
-            self._reserve(grow)
+        budget = self._budget
+        grow = max(0, min(n, self.max_size) - self._size)
+        grow = min(grow, max(0, budget.limit - budget.used))
+        self._reserve(grow)
 
         async def one() -> None:
             try:
                 conn = await self._connect()
-            except Exception:
-                await self._forget()
+            except BaseException:
+                self._release()
                 return
-            if self._closed:
-                await self._discard(conn)
+            if self._closed or self._retiring:
+                self._drop(conn)
                 return
-            async with self._changed:
-                self._idle.append(conn)
-                self._changed.notify_all()
+            self._idle.append(conn)
+            budget.wake()
 
-        await asyncio.gather(*(one() for _ in range(grow)))
+        results = await asyncio.gather(*(one() for _ in range(grow)), return_exceptions=True)
+        for result in results:
+            if isinstance(result, asyncio.CancelledError):
+                raise result
 
     async def close_idle(self) -> None:
         """Close every idle connection (those in use are closed or kept when they come back)."""
-        async with self._changed:
-            idle = list(self._idle)
-            self._idle.clear()
-        for conn in idle:
-            await self._discard(conn)
+        while self._idle:
+            self._drop(self._idle.popleft())
 
     async def retire(self) -> None:
         """Keep serving, but hold no idle connection: its budget goes to a newer pool."""
@@ -234,25 +261,26 @@ class Pool:
         """Close idle connections now; connections in use are closed when they are put back."""
         self._closed = True
         await self.close_idle()
-        async with self._changed:
-            self._changed.notify_all()
-
-    async def _discard(self, conn: AsyncConn) -> None:
-        with contextlib.suppress(Exception):
-            await conn.close()
-        await self._forget()
-
-    def _has_room(self) -> bool:
-        return self._size < self.max_size and self._budget.used < self._budget.limit
+        self._budget.wake()
 
     def _reserve(self, n: int) -> None:
         self._size += n
         self._budget.used += n
 
-    async def _forget(self) -> None:
-        async with self._changed:
-            self._reserve(-1)
-            self._changed.notify_all()
+    def _release(self) -> None:
+        """Give back the room of a connection that is gone (or never came)."""
+        self._reserve(-1)
+        self._budget.wake()
+
+    def _drop(self, conn: AsyncConn) -> None:
+        _finish(conn)
+        self._release()
+
+
+def _finish(conn: AsyncConn) -> None:
+    """Close at once, without awaiting (libpq's PQfinish sends Terminate and closes)."""
+    with contextlib.suppress(Exception):
+        conn.pgconn.finish()
 
 
 async def _reusable(conn: AsyncConn) -> bool:

@@ -54,9 +54,15 @@ async def open_databases(
     )
     unreachable: dict[str, str] = {}
     for name, outcome in zip(list(databases), outcomes, strict=True):
-        if isinstance(outcome, DatabaseUnreachable):
-            unreachable[name] = outcome.reason
-            log.error("database unreachable", database=name, error=outcome.reason)
+        if isinstance(outcome, Exception):
+            # Whatever went wrong with one database is that database's problem only.
+            reason = (
+                outcome.reason
+                if isinstance(outcome, DatabaseUnreachable)
+                else (describe_error(outcome))
+            )
+            unreachable[name] = reason
+            log.error("database unreachable", database=name, error=reason)
             if not keep_unreachable:
                 del databases[name]
         elif isinstance(outcome, BaseException):
@@ -68,19 +74,23 @@ async def refresh_databases(databases: Mapping[str, Database]) -> dict[str, str]
     """At the start of a sweep: ask every database whether it is a standby (one query each,
     concurrently); returns those that cannot be reached now (name → reason).
 
-    A database already known to be down (being retried in the background) is not waited for.
+    One that is known to be down (it failed during an earlier sweep) gets a single quick
+    attempt, not ``connect_retry`` of waiting that would hold up every other database.
     """
-    unreachable = {
-        n: db.down or "not open"
-        for n, db in databases.items()
-        if not db.is_open or db.down is not None
-    }
+    unreachable = {n: db.down or "not open" for n, db in databases.items() if not db.is_open}
     live = [db for n, db in databases.items() if n not in unreachable]
-    outcomes = await asyncio.gather(*(db.refresh() for db in live), return_exceptions=True)
+    outcomes = await asyncio.gather(
+        *(db.refresh(retry=db.down is None) for db in live), return_exceptions=True
+    )
     for database, outcome in zip(live, outcomes, strict=True):
-        if isinstance(outcome, DatabaseUnreachable):
-            unreachable[database.name] = outcome.reason
-            log.error("database unreachable", database=database.name, error=outcome.reason)
+        if isinstance(outcome, Exception):
+            reason = (
+                outcome.reason
+                if isinstance(outcome, DatabaseUnreachable)
+                else (describe_error(outcome))
+            )
+            unreachable[database.name] = reason
+            log.error("database unreachable", database=database.name, error=reason)
         elif isinstance(outcome, BaseException):
             raise outcome
     return unreachable
