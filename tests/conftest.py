@@ -122,3 +122,12 @@ def other_dsn(pg_server: PgServer) -> Iterator[str]:
     """A second fresh database next to ``pg_dsn`` (for tests with several databases)."""
     with fresh_database(pg_server) as dsn:
         yield dsn
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that make their own servers (the ``scratch_server`` fixture) are marked
+    ``scratch``: they do not depend on the suite's server, so a run against another server
+    (``.ci/pg15.sh``) can leave them out."""
+    for item in items:
+        if "scratch_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.scratch)

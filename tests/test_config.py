@@ -921,3 +921,35 @@ def test_resolve_config_path_default(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_resolve_config_path_empty_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SWEEPERD_CONFIG", "")
     assert resolve_config_path(None) == DEFAULT_CONFIG_PATH
+
+
+# -- connections: pooler, connect_retry ------------------------------------------------------------
+
+
+def test_pooler_and_connect_retry_default_and_parse(tmp_path: Path) -> None:
+    config = load_ok(tmp_path, make_config())
+    assert config.databases["main"].pooler == "none"
+    assert config.databases["main"].connect_retry == 30.0
+    for mode in ("none", "session", "transaction"):
+        text = make_config(database=f'{DSN}\npooler = "{mode}"\nconnect_retry = "2m"')
+        database = load_ok(tmp_path, text).databases["main"]
+        assert (database.pooler, database.connect_retry) == (mode, 120.0)
+    assert load_ok(
+        tmp_path, make_config(database=f'{DSN}\nconnect_retry = "0s"')
+    ).databases["main"].connect_retry == 0.0
+
+
+@pytest.mark.parametrize(
+    ("line", "key", "fragment"),
+    [
+        ('pooler = "pgbouncer"', "databases.main.pooler", '"transaction"'),
+        ("pooler = true", "databases.main.pooler", "expected"),
+        ('connect_retry = "soon"', "databases.main.connect_retry", "duration"),
+        ("connect_retry = 30", "databases.main.connect_retry", "duration"),
+        ('poolers = "session"', "databases.main.poolers", "unknown"),
+    ],
+)
+def test_pooler_and_connect_retry_mistakes_name_the_key(
+    tmp_path: Path, line: str, key: str, fragment: str
+) -> None:
+    single_problem(tmp_path, make_config(database=f"{DSN}\n{line}"), key, fragment)

@@ -353,7 +353,9 @@ def test_record_costs_the_same_round_trips_for_5_and_500_items(
     asyncio.run(record(500))
     assert counts[5] > 0, "the trace recorded nothing"
     assert counts[500] == counts[5], counts
-    assert counts[500] <= 10, counts  # a handful: label, DDL, BEGIN, INSERT, COPY, COMMIT, prune
+    # A handful, whatever the size: open's check, the label, the DDL and the write and the
+    # hourly prune each in a transaction that SET LOCALs its timeouts (safe behind a pooler).
+    assert counts[500] <= 16, counts
     sizes = sorted(row[0] for row in query(
         pg_dsn, "SELECT count(*) FROM sweeperd.results GROUP BY run_id"))
     assert sizes == [1, 5, 500]

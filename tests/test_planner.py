@@ -221,7 +221,9 @@ def test_no_sweep_is_the_union_of_all_sweeps_without_duplicates() -> None:
     # acme/globex retention.notifications are selected by both sweeps, but planned once.
     assert len(keys(plan)) == len(set(keys(plan)))
     assert sum(1 for k in keys(plan) if k[0] == "acme" and k[2] == "retention.notifications") == 1
-    assert plan.timeout is None, "a run of every sweep once is not bounded by one sweep's timeout"
+    # Every sweep's work at once: bounded by the largest timeout (one sweep's shorter bound
+    # would cut another's work short); hourly sets none, nightly 2h.
+    assert plan.timeout == 7200.0
 
 
 def test_no_sweep_and_none_configured_runs_every_operation_for_every_tenant() -> None:
