@@ -102,6 +102,7 @@ _PERMANENT_TEXT = (
     "does not exist",
     "no such database",
     "no such user",
+    "not currently accepting connections",  # ALTER DATABASE ... ALLOW_CONNECTIONS false
     "unsupported startup parameter",
     "could not translate host name",
     "invalid connection option",
