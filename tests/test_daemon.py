@@ -960,6 +960,15 @@ def primary_and_standby(
     return primary, standby
 
 
+def a_stopped_server(scratch_server: Callable[..., ScratchServer]) -> ScratchServer:
+    """A server with tenant_initech and the runs table, stopped (connections are refused)."""
+    server = scratch_server()
+    server.execute("CREATE SCHEMA tenant_initech")
+    server.execute(RUNS_TABLE)
+    server.stop()
+    return server
+
+
 def wait_for_a_run_since(server: ScratchServer, since: Any, daemon: Daemon, within: float) -> None:
     wait_until(
         lambda: server.scalar("SELECT count(*) FROM public.runs WHERE started > %s", (since,)),
@@ -1005,10 +1014,7 @@ def test_a_database_down_at_start_is_swept_as_soon_as_it_comes_up(
     start_daemon: Callable[..., Daemon],
     scratch_server: Callable[..., ScratchServer],
 ) -> None:
-    other = scratch_server()
-    other.execute("CREATE SCHEMA tenant_initech")
-    other.execute(RUNS_TABLE)
-    other.stop()
+    other = a_stopped_server(scratch_server)
     config = write_databases_config(
         tmp_path,
         {"main": db, "other": other.dsn()},
@@ -1154,10 +1160,7 @@ def test_a_reload_that_adds_an_unreachable_database_is_accepted_and_it_is_retrie
     start_daemon: Callable[..., Daemon],
     scratch_server: Callable[..., ScratchServer],
 ) -> None:
-    other = scratch_server()
-    other.execute("CREATE SCHEMA tenant_initech")
-    other.execute(RUNS_TABLE)
-    other.stop()
+    other = a_stopped_server(scratch_server)
     sweeps = {"often": {"interval": "1s"}}
     config = write_databases_config(tmp_path, {"main": db}, sweeps=sweeps, tenants={"acme": "main"})
     daemon = start_daemon(config)
