@@ -119,7 +119,9 @@ def test_a_server_refusing_connections_for_3_s_costs_no_item(
     assert len(report["results"]) == 2 * len(TENANTS)
     assert code == 0
     waits = [e for e in logs if e["event"] == "cannot connect yet; waiting it out"]
-    assert len(waits) == 1, logs  # said once, not once per retry
+    # Said once per episode, not once per retry (a few dozen here); a connection that gets in
+    # while a slower one still fails may start a second episode.
+    assert 1 <= len(waits) <= 2, logs
     assert "refused" in waits[0]["error"].lower()
 
 
@@ -150,7 +152,7 @@ def test_too_many_connections_for_3_s_costs_no_item(
     assert [r for r in report["results"] if r["status"] != "ok"] == []
     assert code == 0
     waits = [e for e in logs if e["event"] == "cannot connect yet; waiting it out"]
-    assert len(waits) == 1 and "too many clients" in waits[0]["error"], logs
+    assert 1 <= len(waits) <= 2 and "too many clients" in waits[0]["error"], logs
 
 
 def test_a_database_that_stays_down_fails_its_own_items_only_with_the_reason(
