@@ -104,7 +104,7 @@ _PERMANENT_TEXT = (
     "no such user",
     "not currently accepting connections",  # ALTER DATABASE ... ALLOW_CONNECTIONS false
     "unsupported startup parameter",
-    "could not translate host name",
+    "name or service not known",  # an unknown host (not "temporary failure in name resolution")
     "invalid connection option",
     "invalid port",
     "permission denied",

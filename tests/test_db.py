@@ -144,6 +144,13 @@ def test_open_fails_fast_for_a_socket_directory_without_a_server() -> None:
     assert elapsed < 5.0  # nothing to wait for: no pool timeout, no retries
 
 
+def test_open_fails_fast_for_a_host_name_that_does_not_exist() -> None:
+    exc, elapsed = open_error("host=nonexistent.invalid dbname=app", connect_timeout=5.0)
+    assert "nonexistent.invalid" in exc.reason
+    assert_one_line(exc.reason)
+    assert elapsed < 5.0  # a typo, not a blip: no connect_retry (30 s) of waiting
+
+
 def test_open_fails_fast_for_a_database_that_does_not_exist(pg_dsn: str) -> None:
     dsn = make_conninfo(pg_dsn, dbname="no_such_database_xyz")
     exc, elapsed = open_error(dsn, connect_timeout=10.0)
