@@ -45,10 +45,6 @@ class Reconnector:
         )
         self._tasks[database.name] = (database, task)
 
-    def waiting(self) -> list[str]:
-        """Names of the databases being retried."""
-        return sorted(n for n, (_, task) in self._tasks.items() if not task.done())
-
     def forget_all_but(self, keep: set[int]) -> None:
         """Stop retrying databases whose objects (by id) a reload replaced or removed."""
         for name, (database, task) in list(self._tasks.items()):

@@ -7,7 +7,8 @@ calls :func:`resolve_tenants`, :func:`~sweeperd.planner.make_plan` and the runne
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
+from typing import Any
 
 import structlog
 
@@ -48,26 +49,34 @@ async def open_databases(
     """
     budgets = budgets or {}
     databases = {name: Database(config.databases[name], budgets.get(name)) for name in names}
-    outcomes = await asyncio.gather(
-        *(db.open(retry=not keep_unreachable) for db in databases.values()),
-        return_exceptions=True,
+    unreachable = await _each(
+        {name: db.open(retry=not keep_unreachable) for name, db in databases.items()}
     )
-    unreachable: dict[str, str] = {}
-    for name, outcome in zip(list(databases), outcomes, strict=True):
+    if not keep_unreachable:
+        for name in unreachable:
+            del databases[name]
+    return databases, unreachable
+
+
+async def _each(calls: Mapping[str, Coroutine[Any, Any, None]]) -> dict[str, str]:
+    """Run one call per database concurrently; the databases whose call failed → why.
+
+    Whatever went wrong with one database is that database's problem only (logged once).
+    """
+    outcomes = await asyncio.gather(*calls.values(), return_exceptions=True)
+    failed: dict[str, str] = {}
+    for name, outcome in zip(calls, outcomes, strict=True):
         if isinstance(outcome, Exception):
-            # Whatever went wrong with one database is that database's problem only.
             reason = (
                 outcome.reason
                 if isinstance(outcome, DatabaseUnreachable)
-                else (describe_error(outcome))
+                else describe_error(outcome)
             )
-            unreachable[name] = reason
+            failed[name] = reason
             log.error("database unreachable", database=name, error=reason)
-            if not keep_unreachable:
-                del databases[name]
         elif isinstance(outcome, BaseException):
             raise outcome
-    return databases, unreachable
+    return failed
 
 
 async def refresh_databases(databases: Mapping[str, Database]) -> dict[str, str]:
@@ -78,22 +87,10 @@ async def refresh_databases(databases: Mapping[str, Database]) -> dict[str, str]
     attempt, not ``connect_retry`` of waiting that would hold up every other database.
     """
     unreachable = {n: db.down or "not open" for n, db in databases.items() if not db.is_open}
-    live = [db for n, db in databases.items() if n not in unreachable]
-    outcomes = await asyncio.gather(
-        *(db.refresh(retry=db.down is None) for db in live), return_exceptions=True
+    live = {n: db for n, db in databases.items() if n not in unreachable}
+    return unreachable | await _each(
+        {name: db.refresh(retry=db.down is None) for name, db in live.items()}
     )
-    for database, outcome in zip(live, outcomes, strict=True):
-        if isinstance(outcome, Exception):
-            reason = (
-                outcome.reason
-                if isinstance(outcome, DatabaseUnreachable)
-                else (describe_error(outcome))
-            )
-            unreachable[database.name] = reason
-            log.error("database unreachable", database=database.name, error=reason)
-        elif isinstance(outcome, BaseException):
-            raise outcome
-    return unreachable
 
 
 async def resolve_tenants(
