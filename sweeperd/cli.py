@@ -17,6 +17,7 @@ from . import __version__
 from .config import Config, ConfigError, load_config, resolve_config_path
 from .planner import PlanError, SelectionError
 from .plugins import PluginError, Plugins, load_plugins
+from .unit import UnitError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
@@ -35,6 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="PostgreSQL maintenance for multi-tenant databases.",
     )
     parser.add_argument("--version", action="version", version=f"sweeperd {__version__}")
+    parser.add_argument(
+        "--unit",
+        metavar="UNIT",
+        help="run the command as the systemd unit UNIT runs (its user, credentials and config), "
+        "in a transient unit: for check-config, status, sweep and discover beside the service",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -135,20 +142,64 @@ def _positive_int(text: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     try:
+        if args.unit:
+            return _in_unit(args, argv)
         code: int = args.func(args)
         return code
     except (ConfigError, PluginError, UsageError) as exc:
         for problem in exc.problems:
-            print(f"sweeperd: {problem}", file=sys.stderr)
+            _error(problem)
         return EXIT_USAGE
-    except (SelectionError, PlanError) as exc:
-        print(f"sweeperd: {exc}", file=sys.stderr)
+    except (SelectionError, PlanError, UnitError) as exc:
+        _error(str(exc))
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("sweeperd: interrupted", file=sys.stderr)
         return 130
+
+
+def _error(problem: str) -> None:
+    # Under systemd the journal stores stderr lines at the unit's default priority (info):
+    # the sd-daemon prefix makes `journalctl -p err` show why the service did not start.
+    from .logs import under_journald
+
+    prefix = "<3>" if under_journald(sys.stderr) else ""
+    print(f"{prefix}sweeperd: {problem}", file=sys.stderr)
+
+
+def _in_unit(args: argparse.Namespace, argv: list[str]) -> int:
+    from .unit import run_as_unit
+
+    if args.command in ("run", "demo"):
+        raise UsageError([f"--unit runs commands beside the service, not {args.command!r}"])
+    return run_as_unit(args.unit, _command_argv(argv, args.command), args.config)
+
+
+def _command_argv(argv: list[str], command: str) -> list[str]:
+    """``argv`` from the command name on, without ``-c``/``--config`` (passed on separately)."""
+    i = argv.index(command)
+    rest, out = argv[i + 1 :], [command]
+    skip = False
+    for arg in rest:
+        if skip:
+            skip = False
+        elif arg in ("-c", "--config"):
+            skip = True
+        elif not arg.startswith("--config=") and not (arg.startswith("-c") and len(arg) > 2):
+            out.append(arg)
+    return out
+
+
+def _preflight(config: Config) -> None:
+    """What would make every connection fail for a reason the process can name now."""
+    from .preflight import os_user_problems
+
+    problems = os_user_problems({n: d.dsn for n, d in config.databases.items()})
+    if problems:
+        raise UsageError([f"{config.path}: {p}" for p in problems])
 
 
 def _load(args: argparse.Namespace) -> tuple[Config, Plugins]:
@@ -200,6 +251,7 @@ def cmd_discover(args: argparse.Namespace) -> int:
     from .logs import setup_logging
 
     config = load_config(resolve_config_path(args.config))
+    _preflight(config)
     setup_logging(config.log)
     if args.database not in config.databases:
         known = ", ".join(sorted(config.databases)) or "none configured"
@@ -217,6 +269,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     path = resolve_config_path(args.config)
     config, plugins = _load(args)
+    _preflight(config)
     _observability(config)
     return run_daemon(path, config, plugins)
 
@@ -226,6 +279,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from .status import collect, render, to_json
 
     config = load_config(resolve_config_path(args.config))
+    _preflight(config)
     setup_logging(config.log)
     if args.sweep is not None and args.sweep not in config.sweeps:
         known = ", ".join(sorted(config.sweeps)) or "none configured"
@@ -247,6 +301,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from .telemetry import telemetry
 
     config, plugins = _load(args)
+    _preflight(config)
     _observability(config)
     report = asyncio.run(
         sweep_once(

@@ -238,9 +238,10 @@ class _ConfigReader(Validator):
             if not isinstance(d, str) or not d:
                 self.error(f"daemon.plugin_dirs[{i}]", "expected a directory path string")
                 continue
-            p = Path(d).expanduser()
             # Relative paths are relative to the config file, not to wherever the daemon started.
-            dirs.append(p if p.is_absolute() else (self.path.parent / p))
+            p = self.expand(d, f"daemon.plugin_dirs[{i}]")
+            if p is not None:
+                dirs.append(p)
         return DaemonConfig(
             timezone=tz or "UTC",
             max_concurrency=self.positive_int(t, "max_concurrency", "daemon", 16),
@@ -274,6 +275,7 @@ class _ConfigReader(Validator):
         allowed = {
             "dsn",
             "dsn_file",
+            "dsn_credential",
             "max_connections",
             "lock_timeout",
             "statement_timeout",
@@ -304,35 +306,66 @@ class _ConfigReader(Validator):
         return out
 
     def dsn(self, t: Mapping[str, Any], where: str) -> str | None:
-        has_dsn, has_file = "dsn" in t, "dsn_file" in t
-        if has_dsn and has_file:
-            self.error(where, "expected either dsn or dsn_file, not both")
+        given = [key for key in ("dsn", "dsn_file", "dsn_credential") if key in t]
+        if len(given) > 1:
+            self.error(where, f"expected one of dsn, dsn_file or dsn_credential, got {given}")
             return None
-        if not has_dsn and not has_file:
+        if not given:
             self.error(
                 f"{where}.dsn",
-                "required: a libpq URI or conninfo (or dsn_file = a file holding one)",
+                "required: a libpq URI or conninfo (or dsn_file = a file holding one, or "
+                "dsn_credential = the name of a systemd credential holding one)",
             )
             return None
-        if has_dsn:
+        if given == ["dsn"]:
             value = self.get(t, "dsn", where, str, None, "a libpq URI or conninfo string")
             if isinstance(value, str):
                 self.check_dsn(value, f"{where}.dsn")
             return value if isinstance(value, str) else None
+        if given == ["dsn_credential"]:
+            key = f"{where}.dsn_credential"
+            name = self.get(t, "dsn_credential", where, str, None, "a systemd credential name")
+            if not isinstance(name, str):
+                return None
+            if name in ("", ".", "..") or "/" in name:
+                self.error(key, f"expected a systemd credential name (no '/'), got {name!r}")
+                return None
+            # $CREDENTIALS_DIRECTORY rather than /run/credentials/<unit>/: the same config
+            # then works for the service and for `sweeperd --unit`'s transient units.
+            directory = os.environ.get("CREDENTIALS_DIRECTORY")
+            if not directory:
+                self.error(
+                    key,
+                    f"expected $CREDENTIALS_DIRECTORY to be set (systemd sets it for a unit "
+                    f"with LoadCredential={name}:<file>); outside the unit, run the command "
+                    f"as `sweeperd --unit <unit> <command>`",
+                )
+                return None
+            return self.read_dsn(Path(directory) / name, key)
         value = self.get(t, "dsn_file", where, str, None, "a path to a file holding the DSN")
         if not isinstance(value, str):
             return None
-        path = Path(value).expanduser()
-        path = path if path.is_absolute() else self.path.parent / path
+        path = self.expand(value, f"{where}.dsn_file")
+        return None if path is None else self.read_dsn(path, f"{where}.dsn_file")
+
+    def expand(self, value: str, key: str) -> Path | None:
+        """``~``/``~user`` expanded and relative to the config file, or None (reported)."""
+        try:
+            path = Path(value).expanduser()
+        except RuntimeError as exc:  # ~no_such_user, or no home directory for ~
+            self.error(key, f"expected a path whose ~ can be expanded, got {value!r} ({exc})")
+            return None
+        return path if path.is_absolute() else self.path.parent / path
+
+    def read_dsn(self, path: Path, key: str) -> str | None:
         try:
             # A systemd credential or a secrets mount: DSN and password stay out of the TOML.
             dsn = path.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            self.error(
-                f"{where}.dsn_file", f"expected a readable file, {path}: {exc.strerror or exc}"
-            )
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            self.error(key, f"expected a readable file, {path}: {reason}")
             return None
-        self.check_dsn(dsn, f"{where}.dsn_file")
+        self.check_dsn(dsn, key)
         return dsn
 
     def check_dsn(self, dsn: str, where: str) -> None:

@@ -58,7 +58,8 @@ class Host(Protocol):
 
     def sweep_started(self, name: str, items: int) -> None: ...
 
-    def sweep_finished(self, name: str, report: SweepReport | None) -> None: ...
+    def sweep_finished(self, name: str, report: SweepReport | None) -> None:
+        """The sweep's task is done (``running`` is False); ``report`` is its last run's."""
 
     async def record(self, report: SweepReport, snapshot: Snapshot) -> None: ...
 
@@ -151,12 +152,18 @@ class SweepController:
             self._catch_up.add(database)  # after the current run, by _loop
             return
         self._catch_up.add(database)
-        self.current = asyncio.create_task(
-            self._loop(None), name=f"sweeperd sweep {self.name} (catch-up)"
+        self._track(
+            asyncio.create_task(self._loop(None), name=f"sweeperd sweep {self.name} (catch-up)")
         )
 
     def _start(self, firing: dt.datetime) -> None:
-        self.current = asyncio.create_task(self._loop(firing), name=f"sweeperd sweep {self.name}")
+        self._track(asyncio.create_task(self._loop(firing), name=f"sweeperd sweep {self.name}"))
+
+    def _track(self, task: asyncio.Task[None]) -> None:
+        self.current = task
+        # Once the task is done, not when the runner returns: history is still being written
+        # then, and the host's STATUS would say "running" until the next event.
+        task.add_done_callback(lambda _task: self.host.sweep_finished(self.name, self.last_report))
 
     async def _loop(self, firing: dt.datetime | None) -> None:
         next_firing: dt.datetime | None = firing
@@ -249,7 +256,6 @@ class SweepController:
                 )
             except asyncio.CancelledError:
                 log.warning("sweep cancelled", sweep=self.name)
-                self.host.sweep_finished(self.name, report)
                 raise
             except Exception as exc:
                 # Tenant discovery failing (database down), a plan error: this run fails, the
@@ -258,7 +264,6 @@ class SweepController:
             finally:
                 self._stop = None
             self.last_report = report
-            self.host.sweep_finished(self.name, report)
             if report is not None:
                 await self.host.record(report, snapshot)
 

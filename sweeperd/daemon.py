@@ -6,6 +6,12 @@ Signal handlers only set events; the main loop acts on them (Patroni's pattern):
   running, logs every problem once, and still sends ``READY=1`` with a STATUS saying so.
 * SIGTERM/SIGINT: ``STOPPING=1``, no new operations, wait ``drain_timeout`` for the running ones,
   cancel the rest on the server, close the pools, exit 0. A second signal cancels at once.
+* SIGQUIT: the same stop without the drain: running operations are cancelled on the server at
+  once. A second ``systemctl stop`` joins the pending stop job and sends nothing, so "stop now"
+  must be a signal of its own: ``systemctl kill -s SIGQUIT sweeperd``.
+
+STATUS= is recomputed every second and sent when it changes: idle or running which sweeps, the
+databases being retried, the next firing (to the second) and the last result.
 
 Databases fail alone: one that cannot be reached at start (or after a reload, or at the start of
 a sweep) is reported in STATUS and the log, its items fail with the reason, and it is retried in
@@ -64,9 +70,9 @@ class Daemon:
         self._reload_requested = asyncio.Event()
         self._stop_requested = asyncio.Event()
         self._force_stop = asyncio.Event()
+        self._force_reason = "daemon stopping: second stop signal"
         self._stopping = False
         self._retiring: set[asyncio.Task[None]] = set()
-        self._last_status = ""
         self.history = History(config.history)
         self._claims = Claims(self.history.instance)
         self.reconnector = Reconnector(self._database_up)
@@ -118,7 +124,9 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, self._reload_requested.set)
         for signo in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signo, self._on_stop_signal)
+        loop.add_signal_handler(signal.SIGQUIT, self._on_stop_now)
         watchdog = asyncio.create_task(self.notifier.watchdog(), name="sweeperd watchdog")
+        ticker: asyncio.Task[None] | None = None
         try:
             config, plugins = self._initial
             databases, unreachable = await open_databases(
@@ -132,6 +140,7 @@ class Daemon:
                 self.reconnector.watch(databases[name])
             self.scheduler.start(config)
             self.notifier.ready(self._status())
+            ticker = asyncio.create_task(self._status_ticker(), name="sweeperd status")
             log.info(
                 "sweeperd ready",
                 sweeps=sorted(config.sweeps),
@@ -144,13 +153,20 @@ class Daemon:
             return EXIT_OK
         finally:
             watchdog.cancel()
-            for signo in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+            if ticker is not None:
+                ticker.cancel()
+            for signo in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
                 loop.remove_signal_handler(signo)
             self.notifier.close()
 
     def _on_stop_signal(self) -> None:
         if self._stop_requested.is_set():
             self._force_stop.set()  # the second SIGTERM: no more waiting
+        self._stop_requested.set()
+
+    def _on_stop_now(self) -> None:
+        self._force_reason = "daemon stopping: stop now (SIGQUIT)"
+        self._force_stop.set()
         self._stop_requested.set()
 
     async def _main_loop(self) -> None:
@@ -270,7 +286,7 @@ class Daemon:
             forced.cancel()
             if not drained.done():
                 reason = (
-                    "daemon stopping: second stop signal"
+                    self._force_reason
                     if self._force_stop.is_set()
                     else "daemon stopping: drain timeout expired"
                 )
@@ -310,14 +326,19 @@ class Daemon:
         return "; ".join(parts)
 
     def _update_status(self) -> None:
-        status = self._status()
-        if status != self._last_status and not self._stopping:
-            self._last_status = status
-            self.notifier.status(status)
+        if not self._stopping:
+            self.notifier.status(self._status())  # sent only if it differs from the last one
+
+    async def _status_ticker(self) -> None:
+        # Events update STATUS at once; the tick keeps what time alone changes true (the next
+        # firing once it has passed, a firing skipped while a sweep runs).
+        while True:
+            await asyncio.sleep(1.0)
+            self._update_status()
 
 
 def _short_time(when: dt.datetime) -> str:
-    return when.strftime("%Y-%m-%d %H:%M %Z")
+    return when.strftime("%Y-%m-%d %H:%M:%S %Z")
 
 
 async def _close(databases: Iterable[Database]) -> None:

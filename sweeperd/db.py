@@ -43,6 +43,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from .config import DatabaseConfig
 from .model import timed_transaction
 from .pool import Budget, Pool, PoolBusy, PoolClosed
+from .preflight import peer_hint
 from .telemetry import telemetry
 
 log = structlog.get_logger("sweeperd.db")
@@ -323,7 +324,8 @@ class Database:
                 f" (a connection pooler refused it: set [databases.{self.name}] pooler = "
                 '"transaction" or "session" to match its pool_mode)'
             )
-        return text
+        hint = peer_hint(text)
+        return f"{text} ({hint})" if hint else text
 
     async def _learn_options(self, kwargs: dict[str, Any]) -> None:
         """pooler "none": libpq's own options (DSN, PGOPTIONS or a service file), since passing

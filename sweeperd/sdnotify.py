@@ -32,6 +32,7 @@ class Notifier:
         elif address.startswith("/"):
             self.address = address
         self._socket: socket.socket | None = None
+        self._status: str | None = None  # the last STATUS= systemd has
         self.watchdog_interval = _watchdog_interval(env)
 
     @property
@@ -52,6 +53,7 @@ class Notifier:
                 self._socket = socket.socket(socket.AF_UNIX, kind)
             self._socket.sendto(payload, self.address)
         except BlockingIOError:
+            self._status = None  # whatever systemd shows now, resend the next one
             if fields[0].startswith("STATUS="):
                 return False
             log.warning(
@@ -61,7 +63,11 @@ class Notifier:
         except OSError as exc:
             # systemd being gone must not take the daemon down; it is worth a log line though.
             log.warning("sd_notify failed", error=str(exc))
+            self._status = None
             return False
+        for f in fields:
+            if f.startswith("STATUS="):
+                self._status = f.removeprefix("STATUS=")
         return True
 
     def ready(self, status: str) -> None:
@@ -74,7 +80,9 @@ class Notifier:
         self.notify("STOPPING=1", f"STATUS={status}")
 
     def status(self, status: str) -> None:
-        self.notify(f"STATUS={status}")
+        """``STATUS=``, unless it is what systemd already shows (however it was last sent)."""
+        if status != self._status:
+            self.notify(f"STATUS={status}")
 
     def close(self) -> None:
         if self._socket is not None:
