@@ -56,7 +56,8 @@ def _busctl(*args: str) -> Any:
 def unit_properties(unit: str) -> dict[str, Any]:
     """The service properties :func:`transient_argv` copies, read from systemd over D-Bus."""
     name = unit if "." in unit else f"{unit}.service"
-    path = _busctl("call", _SYSTEMD, "/org/freedesktop/systemd1", f"{_SYSTEMD}.Manager", "LoadUnit", "s", name)[0]
+    manager = ("/org/freedesktop/systemd1", f"{_SYSTEMD}.Manager")
+    path = _busctl("call", _SYSTEMD, *manager, "LoadUnit", "s", name)[0]
     state = _busctl("get-property", _SYSTEMD, path, f"{_SYSTEMD}.Unit", "LoadState")
     if state != "loaded":
         raise UnitError(f"unit {name} is {state} (is it installed? systemctl daemon-reload?)")
