@@ -180,7 +180,9 @@ def _in_unit(args: argparse.Namespace, argv: list[str]) -> int:
 
 def _command_argv(argv: list[str], command: str) -> list[str]:
     """``argv`` from the command name on, without ``-c``/``--config`` (passed on separately)."""
-    i = argv.index(command)
+    i = 0
+    while argv[i] != command:  # global options come first: skip --unit's value too
+        i += 2 if argv[i] == "--unit" else 1
     rest, out = argv[i + 1 :], [command]
     skip = False
     for arg in rest:
@@ -209,6 +211,7 @@ def _load(args: argparse.Namespace) -> tuple[Config, Plugins]:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     config, plugins = _load(args)
+    _preflight(config)
     n_sweeps, n_tenants = len(config.sweeps), len(config.tenants)
     print(
         f"{config.path}: OK ({len(config.databases)} databases, {n_tenants} tenants, "
@@ -291,7 +294,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         json.dump(to_json(runs, last_ok, unreachable), sys.stdout)
         sys.stdout.write("\n")
     else:
-        print(render(runs, last_ok, unreachable, config.history.enabled, args.failed))
+        enabled = config.history.enabled
+        n = len(config.databases)
+        print(render(runs, last_ok, unreachable, enabled, args.failed, databases=n))
     return EXIT_UNREACHABLE if unreachable else EXIT_OK
 
 

@@ -121,14 +121,23 @@ def render(
     unreachable: dict[str, str],
     enabled: bool,
     failed_only: bool = False,
+    databases: int | None = None,
 ) -> str:
+    """The text ``sweeperd status`` prints; ``databases`` is how many are configured."""
     lines: list[str] = []
     if not enabled:
         lines.append("note: [history] enabled = false: nothing new is recorded")
     for name, reason in sorted(unreachable.items()):
         lines.append(f"database {name} unreachable: {reason}")
     if not runs:
-        lines.append("no runs with failures" if failed_only and last_ok else "no runs recorded yet")
+        if failed_only and last_ok:
+            lines.append("no runs with failures")
+        elif unreachable and databases is not None and len(unreachable) >= databases:
+            lines.append("no run history could be read (no database answered)")
+        elif unreachable:
+            lines.append("no runs recorded yet in the databases that answered")
+        else:
+            lines.append("no runs recorded yet")
     for r in sorted(runs, key=lambda r: (r.sweep, r.database, r.trigger != "schedule")):
         c = r.counts
         took = (r.finished_at - r.started_at).total_seconds()

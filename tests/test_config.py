@@ -738,7 +738,7 @@ def test_invalid_dsn_syntax(tmp_path: Path, dsn: str) -> None:
 def test_dsn_and_dsn_file_both(tmp_path: Path) -> None:
     (tmp_path / "dsn").write_text("host=/nonexistent\n")
     single_problem(tmp_path, make_config(database=DSN + '\ndsn_file = "dsn"'),
-                   "databases.main", "dsn or dsn_file, not both")
+                   "databases.main", "one of dsn, dsn_file or dsn_credential", "'dsn_file'")
 
 
 def test_dsn_file_is_read_relative_to_the_config_file(
@@ -785,6 +785,68 @@ def test_dsn_file_unreadable(tmp_path: Path) -> None:
                        "databases.main.dsn_file", "readable file")
     finally:
         secret.chmod(0o600)
+
+
+# -- dsn_credential: $CREDENTIALS_DIRECTORY/<name>, the same for the unit and `--unit` ---------
+
+
+def test_dsn_credential_reads_the_credentials_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    creds = tmp_path / "run-u7.service"
+    creds.mkdir()
+    secret = f"host=/nonexistent dbname=app password={PASSWORD}"
+    (creds / "main-dsn").write_text(secret + "\n", encoding="utf-8")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    config = load_ok(tmp_path, make_config(database='dsn_credential = "main-dsn"'))
+    assert config.databases["main"].dsn == secret
+
+
+def test_dsn_credential_outside_a_unit_says_how_to_run_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    single_problem(tmp_path, make_config(database='dsn_credential = "main-dsn"'),
+                   "databases.main.dsn_credential", "$CREDENTIALS_DIRECTORY",
+                   "LoadCredential=main-dsn:", "sweeperd --unit")
+
+
+def test_dsn_credential_missing_from_the_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    single_problem(tmp_path, make_config(database='dsn_credential = "other"'),
+                   "databases.main.dsn_credential", "readable file", str(tmp_path / "other"))
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "../etc/passwd"])
+def test_dsn_credential_must_be_a_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    single_problem(tmp_path, make_config(database=f"dsn_credential = {toml_str(name)}"),
+                   "databases.main.dsn_credential", "credential name")
+
+
+def test_dsn_credential_and_dsn_both(tmp_path: Path) -> None:
+    single_problem(tmp_path, make_config(database=DSN + '\ndsn_credential = "x"'),
+                   "databases.main", "one of dsn, dsn_file or dsn_credential")
+
+
+# -- ~user in paths ---------------------------------------------------------------------------
+
+
+def test_paths_with_a_tilde_that_cannot_expand_are_problems(tmp_path: Path) -> None:
+    text = make_config(
+        daemon='plugin_dirs = ["~no_such_user_sweeperd/x", "ok"]',
+        database='dsn_file = "~no_such_user_sweeperd/dsn"',
+    )
+    path, problems = problems_for(tmp_path, text)
+    assert len(problems) == 2, problems
+    assert_problem(problems_at(problems, path, "daemon.plugin_dirs[0]")[0], path,
+                   "daemon.plugin_dirs[0]", "~ can be expanded", "~no_such_user_sweeperd/x")
+    assert_problem(problems_at(problems, path, "databases.main.dsn_file")[0], path,
+                   "databases.main.dsn_file", "~ can be expanded")
 
 
 def test_dsn_file_with_invalid_dsn(tmp_path: Path) -> None:

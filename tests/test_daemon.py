@@ -17,6 +17,7 @@ import datetime as dt
 import itertools
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -715,6 +716,58 @@ def test_second_sigterm_cancels_at_once(
     assert run.finished is None
     cancelling = daemon.events("cancelling running operations")
     assert len(cancelling) == 1 and "second stop signal" in cancelling[0]["reason"]
+    no_traceback(daemon)
+
+
+def test_sigquit_stops_now_without_the_drain(
+    tmp_path: Path, db: str, start_daemon: Callable[..., Daemon]
+) -> None:
+    # A second `systemctl stop` joins the pending stop job and sends no signal: "stop now" is
+    # `systemctl kill -s SIGQUIT sweeperd`, as the first signal or during a drain.
+    config = write_daemon_config(
+        tmp_path, db, sweeps={"s": {"interval": "1s"}}, seconds=30, drain="60s"
+    )
+    daemon = start_daemon(config)
+    daemon.ready()
+    wait_until(lambda: active_naps(db), 15, "the operation to run")
+    sent = daemon.send(signal.SIGQUIT)
+    assert daemon.wait_exit(STOP_SLACK) == 0
+    assert time.monotonic() - sent < STOP_SLACK
+    wait_for_no_backends(db)
+    (run,) = runs(db)
+    assert run.finished is None  # cancelled on the server
+    cancelling = daemon.events("cancelling running operations")
+    assert len(cancelling) == 1 and "stop now (SIGQUIT)" in cancelling[0]["reason"]
+    assert daemon.notify.lifecycle() == ["READY=1", "STOPPING=1"]
+    no_traceback(daemon)
+
+
+# -- STATUS= ------------------------------------------------------------------------------------
+
+
+def test_status_is_idle_with_the_last_result_after_each_run_and_the_next_firing_to_the_second(
+    tmp_path: Path, db: str, start_daemon: Callable[..., Daemon]
+) -> None:
+    config = write_daemon_config(tmp_path, db, sweeps={"often": {"interval": "3s"}}, seconds=0.2)
+    daemon = start_daemon(config)
+    daemon.ready()
+
+    def statuses() -> list[str]:
+        return [fields(m)["STATUS"] for m in daemon.notify.drain() if "STATUS" in fields(m)]
+
+    running = wait_until(
+        lambda: [s for s in statuses() if s.startswith("running often")], 15, "running often"
+    )
+    # After the run (its history written, its task done) systemd must hear "idle", not keep
+    # showing "running" until the next event.
+    idle = wait_until(
+        lambda: [s for s in statuses() if s.startswith("idle") and "last often: 1 ok" in s],
+        15,
+        f"an idle STATUS after the run; got {statuses()}",
+    )
+    assert running and idle
+    assert re.search(r"next often \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", idle[0]), idle
+    assert daemon.stop() == 0
     no_traceback(daemon)
 
 

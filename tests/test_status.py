@@ -467,3 +467,6 @@ def test_an_unreachable_database_exits_3_and_is_named(
     only_gone = write_setup(tmp_path, {"gone": UNREACHABLE_DSN}, tenants={}, name="gone.toml")
     out = status(only_gone, expect=EXIT_UNREACHABLE)
     line_with(out, "gone", "unreachable")
+    # Nothing could be read: that is not "no runs recorded yet".
+    assert "no runs recorded yet" not in out
+    line_with(out, "no run history could be read")

@@ -65,9 +65,13 @@ def test_unit_exposure_is_two_or_lower(tmp_path: Path) -> None:
 def test_unit_has_the_service_contract() -> None:
     d = directives(UNIT.read_text())
     assert d["Type"] == ["notify"]
-    assert d["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    # The shell's builtin kill: /bin/kill (procps) is missing from minimal images.
+    assert d["ExecReload"] == ['/bin/sh -c "kill -HUP $MAINPID"']
     assert d["ExecStart"][0].split()[1] == "run"
     assert d["Restart"] == ["on-failure"]
+    # A configuration error (exit 2) is not retried every RestartSec forever.
+    assert d["RestartPreventExitStatus"] == ["2"]
+    assert d["Documentation"] == ["file:///usr/share/doc/sweeperd/README.md"]
     assert int(d["WatchdogSec"][0]) > 0
     # Longer than the default drain_timeout (30 s), so the drain is never cut short by SIGKILL.
     assert int(d["TimeoutStopSec"][0]) > 30
