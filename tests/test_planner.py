@@ -23,10 +23,16 @@ async def _noop(ctx: Any) -> None:
     return None
 
 
-def op(name: str, *tables: str, phase: int = Phase.DEFAULT, scope: str = "tenant",
-       after: Sequence[str] = ()) -> Operation:
-    return Operation(name=name, run=_noop, tables=tables, phase=phase,
-                     scope=scope, after=tuple(after))  # type: ignore[arg-type]
+def op(
+    name: str,
+    *tables: str,
+    phase: int = Phase.DEFAULT,
+    scope: str = "tenant",
+    after: Sequence[str] = (),
+) -> Operation:
+    return Operation(
+        name=name, run=_noop, tables=tables, phase=phase, scope=scope, after=tuple(after)
+    )  # type: ignore[arg-type]
 
 
 def ops(*operations: Operation) -> dict[str, Operation]:
@@ -46,12 +52,17 @@ TENANTS = [
 ]
 
 
-def config(sweeps: Mapping[str, Mapping[str, Any]] | None = None,
-           databases: Mapping[str, Any] | None = None) -> Config:
+def config(
+    sweeps: Mapping[str, Mapping[str, Any]] | None = None,
+    databases: Mapping[str, Any] | None = None,
+) -> Config:
     doc: dict[str, Any] = {
         "databases": dict(databases if databases is not None else DATABASES),
-        "tenants": [{"name": t.name, "database": t.database, "schema": t.schema} for t in TENANTS
-                    if t.database in (databases if databases is not None else DATABASES)],
+        "tenants": [
+            {"name": t.name, "database": t.database, "schema": t.schema}
+            for t in TENANTS
+            if t.database in (databases if databases is not None else DATABASES)
+        ],
         "sweeps": {name: {"cron": "0 3 * * *", **sw} for name, sw in (sweeps or {}).items()},
     }
     return parse_config(doc, Path("t.toml"))
@@ -68,17 +79,25 @@ OPERATIONS = ops(
 )
 
 SWEEPS = {
-    "nightly": {"operations": ["retention.*", "vacuum.*"], "tenants": ["*"],
-                "per_tenant_concurrency": 3, "timeout": "2h"},
-    "hourly": {"operations": ["cache.*", "retention.notifications"], "tenants": ["acme", "g*"],
-               "per_tenant_concurrency": 2},
+    "nightly": {
+        "operations": ["retention.*", "vacuum.*"],
+        "tenants": ["*"],
+        "per_tenant_concurrency": 3,
+        "timeout": "2h",
+    },
+    "hourly": {
+        "operations": ["cache.*", "retention.notifications"],
+        "tenants": ["acme", "g*"],
+        "per_tenant_concurrency": 2,
+    },
 }
 
 
 def keys(plan: Plan) -> list[tuple[str | None, str, str]]:
     """(tenant or None, database, operation) per item, in plan order."""
-    return [(it.tenant.name if it.tenant else None, it.database, it.operation.name)
-            for it in plan.items]
+    return [
+        (it.tenant.name if it.tenant else None, it.database, it.operation.name) for it in plan.items
+    ]
 
 
 def tenant_pairs(plan: Plan) -> set[tuple[str, str]]:
@@ -90,8 +109,9 @@ def database_pairs(plan: Plan) -> set[tuple[str, str]]:
 
 
 def by_key(plan: Plan) -> dict[tuple[str | None, str], WorkItem]:
-    return {(it.tenant.name if it.tenant else it.database, it.operation.name): it
-            for it in plan.items}
+    return {
+        (it.tenant.name if it.tenant else it.database, it.operation.name): it for it in plan.items
+    }
 
 
 def ancestors(plan: Plan, item: WorkItem) -> set[int]:
@@ -145,8 +165,10 @@ def test_sweep_selects_operations_and_tenants_by_glob() -> None:
     assert_well_formed(plan)
     assert plan.sweep == "hourly"
     assert tenant_pairs(plan) == {
-        ("acme", "cache.purge"), ("acme", "retention.notifications"),
-        ("globex", "cache.purge"), ("globex", "retention.notifications"),
+        ("acme", "cache.purge"),
+        ("acme", "retention.notifications"),
+        ("globex", "cache.purge"),
+        ("globex", "retention.notifications"),
     }
     assert database_pairs(plan) == set()
     assert plan.per_tenant_concurrency == 2
@@ -159,8 +181,11 @@ def test_sweep_with_all_tenants_and_database_scope_operations() -> None:
     tenant_ops = {"retention.notifications", "vacuum.notifications", "vacuum.reports"}
     assert tenant_pairs(plan) == {(t.name, o) for t in TENANTS for o in tenant_ops}
     # Without --tenant: once per configured database (even one without tenants).
-    assert database_pairs(plan) == {("main", "retention.sessions"), ("other", "retention.sessions"),
-                                    ("empty", "retention.sessions")}
+    assert database_pairs(plan) == {
+        ("main", "retention.sessions"),
+        ("other", "retention.sessions"),
+        ("empty", "retention.sessions"),
+    }
     assert sum(1 for k in keys(plan) if k[2] == "retention.sessions") == 3
     assert plan.per_tenant_concurrency == 3
     assert plan.timeout == 7200.0
@@ -194,8 +219,14 @@ def test_only_narrowing_intersects_with_the_sweep() -> None:
     plan = make_plan(cfg, OPERATIONS, TENANTS, sweep="nightly", only_globs=["cache.*"])
     assert plan.items == ()
 
-    plan = make_plan(cfg, OPERATIONS, TENANTS, sweep="nightly", only_globs=["retention.s*"],
-                     tenant_globs=["globex"])
+    plan = make_plan(
+        cfg,
+        OPERATIONS,
+        TENANTS,
+        sweep="nightly",
+        only_globs=["retention.s*"],
+        tenant_globs=["globex"],
+    )
     assert keys(plan) == [(None, "main", "retention.sessions")]
 
 
@@ -280,15 +311,18 @@ def plan_for(operations: Iterable[Operation], tenants: Sequence[Tenant] = TENANT
 
 def test_same_table_same_tenant_is_chained_by_phase_then_position() -> None:
     # Declared in the "wrong" order: vacuum first, prune last.
-    plan = plan_for([
-        op("vacuum.t", "t", phase=Phase.MAINTAIN),
-        op("app.first", "t"),
-        op("app.second", "t"),
-        op("retention.t", "t", phase=Phase.PRUNE),
-    ])
+    plan = plan_for(
+        [
+            op("vacuum.t", "t", phase=Phase.MAINTAIN),
+            op("app.first", "t"),
+            op("app.second", "t"),
+            op("retention.t", "t", phase=Phase.PRUNE),
+        ]
+    )
     it = by_key(plan)
-    prune, first, second, vacuum = (it[("acme", n)] for n in
-                                    ("retention.t", "app.first", "app.second", "vacuum.t"))
+    prune, first, second, vacuum = (
+        it[("acme", n)] for n in ("retention.t", "app.first", "app.second", "vacuum.t")
+    )
     assert prune.deps == []
     assert first.deps == [prune.index]
     assert second.deps == [first.index]
@@ -296,18 +330,22 @@ def test_same_table_same_tenant_is_chained_by_phase_then_position() -> None:
 
 
 def test_different_tables_have_no_dependencies() -> None:
-    plan = plan_for([
-        op("retention.a", "a", phase=Phase.PRUNE),
-        op("vacuum.b", "b", phase=Phase.MAINTAIN),
-        op("app.c", "c"),
-        op("app.none"),
-    ])
+    plan = plan_for(
+        [
+            op("retention.a", "a", phase=Phase.PRUNE),
+            op("vacuum.b", "b", phase=Phase.MAINTAIN),
+            op("app.c", "c"),
+            op("app.none"),
+        ]
+    )
     assert all(item.deps == [] for item in plan.items)
 
 
 def test_different_tenants_have_no_dependencies() -> None:
-    plan = plan_for([op("retention.t", "t", phase=Phase.PRUNE),
-                     op("vacuum.t", "t", phase=Phase.MAINTAIN)], tenants=TENANTS)
+    plan = plan_for(
+        [op("retention.t", "t", phase=Phase.PRUNE), op("vacuum.t", "t", phase=Phase.MAINTAIN)],
+        tenants=TENANTS,
+    )
     for item in plan.items:
         assert item.tenant is not None
         assert all(plan.items[d].tenant == item.tenant for d in item.deps)
@@ -319,37 +357,44 @@ def test_different_tenants_have_no_dependencies() -> None:
 
 def test_tenants_sharing_a_schema_name_in_different_databases_are_independent() -> None:
     tenants = [Tenant("a", "main", "app"), Tenant("b", "other", "app")]
-    plan = plan_for([op("retention.t", "t", phase=Phase.PRUNE),
-                     op("vacuum.t", "t", phase=Phase.MAINTAIN)], tenants=tenants)
+    plan = plan_for(
+        [op("retention.t", "t", phase=Phase.PRUNE), op("vacuum.t", "t", phase=Phase.MAINTAIN)],
+        tenants=tenants,
+    )
     for item in plan.items:
         assert all(plan.items[d].tenant == item.tenant for d in item.deps)
 
 
 def test_an_operation_on_several_tables_waits_for_each() -> None:
-    plan = plan_for([
-        op("retention.a", "a", phase=Phase.PRUNE),
-        op("retention.b", "b", phase=Phase.PRUNE),
-        op("app.ab", "a", "b"),
-        op("vacuum.a", "a", phase=Phase.MAINTAIN),
-        op("vacuum.c", "c", phase=Phase.MAINTAIN),
-    ])
+    plan = plan_for(
+        [
+            op("retention.a", "a", phase=Phase.PRUNE),
+            op("retention.b", "b", phase=Phase.PRUNE),
+            op("app.ab", "a", "b"),
+            op("vacuum.a", "a", phase=Phase.MAINTAIN),
+            op("vacuum.c", "c", phase=Phase.MAINTAIN),
+        ]
+    )
     it = by_key(plan)
-    assert it[("acme", "app.ab")].deps == sorted([it[("acme", "retention.a")].index,
-                                                  it[("acme", "retention.b")].index])
+    assert it[("acme", "app.ab")].deps == sorted(
+        [it[("acme", "retention.a")].index, it[("acme", "retention.b")].index]
+    )
     assert it[("acme", "vacuum.a")].deps == [it[("acme", "app.ab")].index]
     assert it[("acme", "vacuum.c")].deps == []
 
 
 def test_all_tables_waits_for_everything_before_and_blocks_everything_after() -> None:
-    plan = plan_for([
-        op("retention.a", "a", phase=Phase.PRUNE),
-        op("retention.b", "b", phase=Phase.PRUNE),
-        op("app.everything", ALL_TABLES),
-        op("vacuum.a", "a", phase=Phase.MAINTAIN),
-        op("vacuum.c", "c", phase=Phase.MAINTAIN),
-        op("app.late_everything", ALL_TABLES, phase=Phase.MAINTAIN + 1),
-        op("app.unrelated_tenant_free"),
-    ])
+    plan = plan_for(
+        [
+            op("retention.a", "a", phase=Phase.PRUNE),
+            op("retention.b", "b", phase=Phase.PRUNE),
+            op("app.everything", ALL_TABLES),
+            op("vacuum.a", "a", phase=Phase.MAINTAIN),
+            op("vacuum.c", "c", phase=Phase.MAINTAIN),
+            op("app.late_everything", ALL_TABLES, phase=Phase.MAINTAIN + 1),
+            op("app.unrelated_tenant_free"),
+        ]
+    )
     it = by_key(plan)
     star = it[("acme", "app.everything")]
     late = it[("acme", "app.late_everything")]
@@ -360,18 +405,22 @@ def test_all_tables_waits_for_everything_before_and_blocks_everything_after() ->
         assert star.index in ancestors(plan, plan.items[i]), plan.items[i].operation.name
     assert before | after | {star.index} <= ancestors(plan, late)
     # "*" is per tenant, not global.
-    plan2 = plan_for([op("app.everything", ALL_TABLES), op("vacuum.a", "a", phase=Phase.MAINTAIN)],
-                     tenants=TENANTS)
+    plan2 = plan_for(
+        [op("app.everything", ALL_TABLES), op("vacuum.a", "a", phase=Phase.MAINTAIN)],
+        tenants=TENANTS,
+    )
     for item in plan2.items:
         assert all(plan2.items[d].tenant == item.tenant for d in item.deps)
 
 
 def test_all_tables_in_an_early_phase_still_precedes_later_phases() -> None:
-    plan = plan_for([
-        op("vacuum.a", "a", phase=Phase.MAINTAIN),
-        op("app.everything", ALL_TABLES, phase=Phase.PRUNE),
-        op("retention.b", "b", phase=Phase.PRUNE),
-    ])
+    plan = plan_for(
+        [
+            op("vacuum.a", "a", phase=Phase.MAINTAIN),
+            op("app.everything", ALL_TABLES, phase=Phase.PRUNE),
+            op("retention.b", "b", phase=Phase.PRUNE),
+        ]
+    )
     it = by_key(plan)
     star = it[("acme", "app.everything")]
     assert star.deps == []
@@ -380,41 +429,51 @@ def test_all_tables_in_an_early_phase_still_precedes_later_phases() -> None:
 
 
 def test_database_scope_items_are_chained_per_database() -> None:
-    plan = plan_for([
-        op("vacuum.sessions", "public.sessions", phase=Phase.MAINTAIN, scope="database"),
-        op("retention.sessions", "public.sessions", phase=Phase.PRUNE, scope="database"),
-        op("retention.audit", "public.audit", phase=Phase.PRUNE, scope="database"),
-    ])
+    plan = plan_for(
+        [
+            op("vacuum.sessions", "public.sessions", phase=Phase.MAINTAIN, scope="database"),
+            op("retention.sessions", "public.sessions", phase=Phase.PRUNE, scope="database"),
+            op("retention.audit", "public.audit", phase=Phase.PRUNE, scope="database"),
+        ]
+    )
     it = by_key(plan)
     for db in DATABASES:
-        vac, ret, audit = (it[(db, n)] for n in
-                           ("vacuum.sessions", "retention.sessions", "retention.audit"))
+        vac, ret, audit = (
+            it[(db, n)] for n in ("vacuum.sessions", "retention.sessions", "retention.audit")
+        )
         assert vac.deps == [ret.index]
         assert ret.deps == []
         assert audit.deps == []
 
 
 def test_after_waits_for_the_named_operations_of_the_same_tenant() -> None:
-    plan = plan_for([
-        op("vacuum.a", "a", phase=Phase.MAINTAIN),
-        op("vacuum.b", "b", phase=Phase.MAINTAIN),
-        op("cache.purge", "c"),
-        op("report.summary", after=["vacuum.*"]),
-    ], tenants=TENANTS[:2])
+    plan = plan_for(
+        [
+            op("vacuum.a", "a", phase=Phase.MAINTAIN),
+            op("vacuum.b", "b", phase=Phase.MAINTAIN),
+            op("cache.purge", "c"),
+            op("report.summary", after=["vacuum.*"]),
+        ],
+        tenants=TENANTS[:2],
+    )
     for item in plan.items:
         if item.operation.name != "report.summary":
             continue
         assert item.tenant is not None
-        assert sorted((plan.items[d].tenant.name, plan.items[d].operation.name)  # type: ignore[union-attr]
-                      for d in item.deps) == [(item.tenant.name, "vacuum.a"),
-                                              (item.tenant.name, "vacuum.b")]
+        assert sorted(
+            (plan.items[d].tenant.name, plan.items[d].operation.name)  # type: ignore[union-attr]
+            for d in item.deps
+        ) == [(item.tenant.name, "vacuum.a"), (item.tenant.name, "vacuum.b")]
 
 
 def test_database_scope_after_waits_for_every_tenant_of_that_database_only() -> None:
-    plan = plan_for([
-        op("vacuum.a", "a", phase=Phase.MAINTAIN),
-        op("stats.refresh", "public.stats", scope="database", after=["vacuum.*"]),
-    ], tenants=TENANTS)
+    plan = plan_for(
+        [
+            op("vacuum.a", "a", phase=Phase.MAINTAIN),
+            op("stats.refresh", "public.stats", scope="database", after=["vacuum.*"]),
+        ],
+        tenants=TENANTS,
+    )
     it = by_key(plan)
     for db in ("main", "other"):
         expected = {it[(t.name, "vacuum.a")].index for t in TENANTS if t.database == db}
@@ -424,12 +483,17 @@ def test_database_scope_after_waits_for_every_tenant_of_that_database_only() -> 
 
 def test_contradictory_after_is_a_plan_error_not_a_hang() -> None:
     with pytest.raises(PlanError):
-        make_plan(config({}), ops(op("p.x", after=["p.y"]), op("p.y", after=["p.x"])),
-                  TENANTS[:1])
+        make_plan(config({}), ops(op("p.x", after=["p.y"]), op("p.y", after=["p.x"])), TENANTS[:1])
     # "after" against the phase order on a shared table is a cycle too.
     with pytest.raises(PlanError):
-        make_plan(config({}), ops(op("retention.t", "t", phase=Phase.PRUNE, after=["vacuum.t"]),
-                                  op("vacuum.t", "t", phase=Phase.MAINTAIN)), TENANTS[:1])
+        make_plan(
+            config({}),
+            ops(
+                op("retention.t", "t", phase=Phase.PRUNE, after=["vacuum.t"]),
+                op("vacuum.t", "t", phase=Phase.MAINTAIN),
+            ),
+            TENANTS[:1],
+        )
 
 
 # -- property: never a cycle, and every conflicting pair is ordered by phase -----------------------
@@ -456,8 +520,9 @@ def _conflict(a: Operation, b: Operation) -> bool:
 
 @settings(max_examples=300, deadline=None)
 @given(operations=random_operations(), n_tenants=st.integers(min_value=1, max_value=3))
-def test_dependencies_never_cycle_and_order_every_conflict(operations: list[Operation],
-                                                           n_tenants: int) -> None:
+def test_dependencies_never_cycle_and_order_every_conflict(
+    operations: list[Operation], n_tenants: int
+) -> None:
     plan = plan_for(operations, tenants=TENANTS[:n_tenants])
     closure = {item.index: ancestors(plan, item) for item in plan.items}
     for x in plan.items:
@@ -473,4 +538,5 @@ def test_dependencies_never_cycle_and_order_every_conflict(operations: list[Oper
             first, second = sorted((x, y), key=lambda i: (i.operation.phase, i.index))
             assert first.index in closure[second.index], (
                 f"{second.operation.name} {second.operation.tables} does not wait for "
-                f"{first.operation.name} {first.operation.tables}")
+                f"{first.operation.name} {first.operation.tables}"
+            )

@@ -24,7 +24,7 @@ from sweeperd.config import Config, ConfigError, load_config
 from sweeperd.plugins import PluginError, Plugins, load_plugins
 
 # The DESIGN.md "Plugin API" example, verbatim.
-DESIGN_EXAMPLE = '''\
+DESIGN_EXAMPLE = """\
 import sweeperd
 
 async def purge(ctx: sweeperd.Context) -> int | None:      # returns rows affected, or None
@@ -35,7 +35,7 @@ async def purge(ctx: sweeperd.Context) -> int | None:      # returns rows affect
 @sweeperd.hookimpl
 def sweeperd_operations(config):
     return [sweeperd.Operation(name="myapp.purge_done_jobs", run=purge, tables=("jobs",))]
-'''
+"""
 
 DROP_IN_PREFIX = "_sweeperd_plugin_"
 
@@ -95,8 +95,9 @@ def make_config(tmp_path: Path, *, plugin_dirs: list[str] | None = None, extra: 
 
 def load_drop_ins(tmp_path: Path, extra: str = "", directory: str = "plugins.d") -> Plugins:
     """Load with the drop-in directory ``tmp_path/plugins.d``, ignoring installed entry points."""
-    return load_plugins(make_config(tmp_path, plugin_dirs=[directory], extra=extra),
-                        entry_points=False)
+    return load_plugins(
+        make_config(tmp_path, plugin_dirs=[directory], extra=extra), entry_points=False
+    )
 
 
 def plugin_problems(tmp_path: Path, extra: str = "") -> list[str]:
@@ -118,15 +119,24 @@ def bundled_module_names() -> set[str]:
     return names
 
 
-def make_distribution(root: Path, module: str, body: str, *, entry_name: str = "myep",
-                      dist: str = "mydist", version: str = "1.2.3") -> None:
+def make_distribution(
+    root: Path,
+    module: str,
+    body: str,
+    *,
+    entry_name: str = "myep",
+    dist: str = "mydist",
+    version: str = "1.2.3",
+) -> None:
     """A minimal installed distribution on ``root`` declaring a ``sweeperd`` entry point."""
     info = root / f"{dist}-{version}.dist-info"
     info.mkdir()
     (info / "METADATA").write_text(
-        f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n", encoding="utf-8")
+        f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n", encoding="utf-8"
+    )
     (info / "entry_points.txt").write_text(
-        f"[sweeperd]\n{entry_name} = {module}\n", encoding="utf-8")
+        f"[sweeperd]\n{entry_name} = {module}\n", encoding="utf-8"
+    )
     (root / f"{module}.py").write_text(plugin_source(body), encoding="utf-8")
 
 
@@ -171,8 +181,9 @@ def test_drop_in_registers_under_its_file_name(tmp_path: Path) -> None:
 
 
 def test_drop_in_version_comes_from_dunder_version(tmp_path: Path) -> None:
-    write_plugin(tmp_path / "plugins.d", "versioned", op_plugin("versioned.x",
-                                                                extra="__version__ = '4.5'\n"))
+    write_plugin(
+        tmp_path / "plugins.d", "versioned", op_plugin("versioned.x", extra="__version__ = '4.5'\n")
+    )
     write_plugin(tmp_path / "plugins.d", "unversioned", op_plugin("unversioned.x"))
     infos = {info.name: info for info in load_drop_ins(tmp_path).infos}
     assert infos["versioned"].version == "4.5"
@@ -211,9 +222,13 @@ def test_design_md_example_purges_done_jobs_in_the_tenant_schema(
         conn = await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True)
         async with conn:
             ctx = sweeperd.Context(
-                conn=conn, operation=op,
+                conn=conn,
+                operation=op,
                 tenant=sweeperd.Tenant(name="a", database="main", schema="tenant a"),
-                database="main", dry_run=False, settings={}, log=structlog.get_logger(),
+                database="main",
+                dry_run=False,
+                settings={},
+                log=structlog.get_logger(),
             )
             return await op.run(ctx)
 
@@ -238,20 +253,26 @@ def test_per_plugin_settings(tmp_path: Path) -> None:
         """
     for name in ("alpha", "beta", "gamma"):
         write_plugin(tmp_path / "plugins.d", name, body)
-    plugins = load_drop_ins(tmp_path, extra="""
+    plugins = load_drop_ins(
+        tmp_path,
+        extra="""
         [plugins.alpha]
         label = "A"
 
         [plugins.beta]
         label = "B"
-        """)
+        """,
+    )
     assert plugins.operations["alpha.op"].description == "A"
     assert plugins.operations["beta.op"].description == "B"
     assert plugins.operations["gamma.op"].description == "<none>"
 
 
 def test_hook_receives_config_and_settings_by_name(tmp_path: Path) -> None:
-    write_plugin(tmp_path / "plugins.d", "both", """
+    write_plugin(
+        tmp_path / "plugins.d",
+        "both",
+        """
         import sweeperd
         from sweeperd.config import Config
 
@@ -263,11 +284,15 @@ def test_hook_receives_config_and_settings_by_name(tmp_path: Path) -> None:
             assert isinstance(config, Config)
             return [sweeperd.Operation(name="both.op", run=run,
                                        description=f"{settings['n']} {sorted(config.databases)}")]
-        """)
-    plugins = load_drop_ins(tmp_path, extra="""
+        """,
+    )
+    plugins = load_drop_ins(
+        tmp_path,
+        extra="""
         [plugins.both]
         n = 7
-        """)
+        """,
+    )
     assert plugins.operations["both.op"].description == "7 ['main']"
 
 
@@ -383,8 +408,9 @@ def test_entry_points_can_be_disabled(tmp_path: Path, monkeypatch: pytest.Monkey
 def test_broken_entry_point_is_reported_with_cause(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    make_distribution(tmp_path, "mydist_broken", "import mydist_nonexistent_dependency\n",
-                      entry_name="brokenep")
+    make_distribution(
+        tmp_path, "mydist_broken", "import mydist_nonexistent_dependency\n", entry_name="brokenep"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     importlib.invalidate_caches()
     with pytest.raises(PluginError) as excinfo:
@@ -432,11 +458,15 @@ def test_syntax_error_names_plugin_and_cause(tmp_path: Path) -> None:
 
 
 def test_exception_at_import_names_plugin_and_cause(tmp_path: Path) -> None:
-    write_plugin(tmp_path / "plugins.d", "explodes", """
+    write_plugin(
+        tmp_path / "plugins.d",
+        "explodes",
+        """
         import sweeperd
 
         raise RuntimeError("kaboom at import")
-        """)
+        """,
+    )
     [problem] = plugin_problems(tmp_path)
     assert "'explodes'" in problem
     assert "RuntimeError: kaboom at import" in problem
@@ -461,8 +491,9 @@ def test_several_broken_plugins_are_all_reported_at_once(tmp_path: Path) -> None
 def test_load_errors_of_all_sources_reported_together(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    make_distribution(tmp_path, "mydist_broken2", "raise ImportError('ep is broken')\n",
-                      entry_name="brokenep2")
+    make_distribution(
+        tmp_path, "mydist_broken2", "raise ImportError('ep is broken')\n", entry_name="brokenep2"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     importlib.invalidate_caches()
     write_plugin(tmp_path / "plugins.d", "brokendrop", "raise OSError('drop-in is broken')\n")
@@ -478,8 +509,9 @@ def test_load_errors_of_all_sources_reported_together(
 def test_multi_line_exception_message_stays_one_problem_line(tmp_path: Path) -> None:
     """Contract: one line per problem. Exception messages can span lines (psycopg errors,
     ImportErrors of C extensions); the problem must still be one line."""
-    write_plugin(tmp_path / "plugins.d", "multiline",
-                 "raise RuntimeError('first line\\nsecond line')\n")
+    write_plugin(
+        tmp_path / "plugins.d", "multiline", "raise RuntimeError('first line\\nsecond line')\n"
+    )
     [problem] = plugin_problems(tmp_path)
     assert "'multiline'" in problem
     assert "first line" in problem and "second line" in problem
@@ -490,26 +522,34 @@ def test_multi_line_exception_message_stays_one_problem_line(tmp_path: Path) -> 
 
 
 def test_misspelled_hook_fails_naming_the_plugin(tmp_path: Path) -> None:
-    write_plugin(tmp_path / "plugins.d", "typo", """
+    write_plugin(
+        tmp_path / "plugins.d",
+        "typo",
+        """
         import sweeperd
 
         @sweeperd.hookimpl
         def sweeperd_operation(config):
             return []
-        """)
+        """,
+    )
     [problem] = plugin_problems(tmp_path)
     assert "'typo'" in problem
     assert "sweeperd_operation" in problem
 
 
 def test_misspelled_hook_reported_together_with_load_errors(tmp_path: Path) -> None:
-    write_plugin(tmp_path / "plugins.d", "typo2", """
+    write_plugin(
+        tmp_path / "plugins.d",
+        "typo2",
+        """
         import sweeperd
 
         @sweeperd.hookimpl
         def sweeperd_validate_setting(settings):
             return []
-        """)
+        """,
+    )
     write_plugin(tmp_path / "plugins.d", "wontload", "import sweeperd_no_such_module_w\n")
     problems = plugin_problems(tmp_path)
     joined = "\n".join(problems)
@@ -520,13 +560,17 @@ def test_misspelled_hook_reported_together_with_load_errors(tmp_path: Path) -> N
 
 def test_every_misspelled_hook_is_reported_at_once(tmp_path: Path) -> None:
     for name in ("typo_a", "typo_b"):
-        write_plugin(tmp_path / "plugins.d", name, """
+        write_plugin(
+            tmp_path / "plugins.d",
+            name,
+            """
             import sweeperd
 
             @sweeperd.hookimpl
             def sweeperd_operation(config):
                 return []
-            """)
+            """,
+        )
     problems = plugin_problems(tmp_path)
     joined = "\n".join(problems)
     assert "'typo_a'" in joined
@@ -534,13 +578,17 @@ def test_every_misspelled_hook_is_reported_at_once(tmp_path: Path) -> None:
 
 
 def test_hookimpl_with_unknown_argument_is_an_error(tmp_path: Path) -> None:
-    write_plugin(tmp_path / "plugins.d", "badarg", """
+    write_plugin(
+        tmp_path / "plugins.d",
+        "badarg",
+        """
         import sweeperd
 
         @sweeperd.hookimpl
         def sweeperd_operations(settings, tenant):
             return []
-        """)
+        """,
+    )
     [problem] = plugin_problems(tmp_path)
     assert "'badarg'" in problem
     assert "tenant" in problem
@@ -559,20 +607,27 @@ def test_same_operation_name_from_two_plugins_names_both(tmp_path: Path) -> None
 
 
 def test_non_operation_returned_is_an_error(tmp_path: Path) -> None:
-    write_plugin(tmp_path / "plugins.d", "wrongtype", """
+    write_plugin(
+        tmp_path / "plugins.d",
+        "wrongtype",
+        """
         import sweeperd
 
         @sweeperd.hookimpl
         def sweeperd_operations():
             return [{"name": "wrongtype.op"}]
-        """)
+        """,
+    )
     [problem] = plugin_problems(tmp_path)
     assert "'wrongtype'" in problem
     assert "Operation" in problem
 
 
 def test_single_operation_instead_of_a_list_is_an_error(tmp_path: Path) -> None:
-    write_plugin(tmp_path / "plugins.d", "notalist", """
+    write_plugin(
+        tmp_path / "plugins.d",
+        "notalist",
+        """
         import sweeperd
 
         async def run(ctx):
@@ -581,40 +636,53 @@ def test_single_operation_instead_of_a_list_is_an_error(tmp_path: Path) -> None:
         @sweeperd.hookimpl
         def sweeperd_operations():
             return sweeperd.Operation(name="notalist.op", run=run)
-        """)
+        """,
+    )
     [problem] = plugin_problems(tmp_path)
     assert "'notalist'" in problem
     assert "list" in problem
 
 
 def test_returning_none_contributes_nothing(tmp_path: Path) -> None:
-    write_plugin(tmp_path / "plugins.d", "quiet", """
+    write_plugin(
+        tmp_path / "plugins.d",
+        "quiet",
+        """
         import sweeperd
 
         @sweeperd.hookimpl
         def sweeperd_operations():
             return None
-        """)
+        """,
+    )
     plugins = load_drop_ins(tmp_path)
     assert "quiet" in {info.name for info in plugins.infos}
     assert plugins.by_plugin()["quiet"] == []
 
 
 def test_raising_operations_hook_names_the_plugin(tmp_path: Path) -> None:
-    write_plugin(tmp_path / "plugins.d", "raiser", """
+    write_plugin(
+        tmp_path / "plugins.d",
+        "raiser",
+        """
         import sweeperd
 
         @sweeperd.hookimpl
         def sweeperd_operations(settings):
             raise KeyError("rules")
-        """)
-    write_plugin(tmp_path / "plugins.d", "raiser2", """
+        """,
+    )
+    write_plugin(
+        tmp_path / "plugins.d",
+        "raiser2",
+        """
         import sweeperd
 
         @sweeperd.hookimpl
         def sweeperd_operations(settings):
             return [sweeperd.Operation(name="raiser2", run=None)]
-        """)
+        """,
+    )
     problems = plugin_problems(tmp_path)
     assert len(problems) == 2
     joined = "\n".join(problems)
@@ -625,13 +693,17 @@ def test_raising_operations_hook_names_the_plugin(tmp_path: Path) -> None:
 
 
 def test_raising_validate_settings_hook_names_the_plugin(tmp_path: Path) -> None:
-    write_plugin(tmp_path / "plugins.d", "vraiser", """
+    write_plugin(
+        tmp_path / "plugins.d",
+        "vraiser",
+        """
         import sweeperd
 
         @sweeperd.hookimpl
         def sweeperd_validate_settings(settings):
             raise TypeError("validator bug")
-        """)
+        """,
+    )
     with pytest.raises((ConfigError, PluginError)) as excinfo:
         load_drop_ins(tmp_path)
     [problem] = excinfo.value.problems
@@ -657,8 +729,9 @@ def test_operation_rejects_unknown_scope() -> None:
 def test_database_scope_needs_qualified_tables() -> None:
     with pytest.raises(ValueError, match="schema-qualified"):
         sweeperd.Operation(name="x.y", run=_noop, tables=("sessions",), scope="database")
-    ok = sweeperd.Operation(name="x.y", run=_noop, tables=("public.sessions", sweeperd.ALL_TABLES),
-                            scope="database")
+    ok = sweeperd.Operation(
+        name="x.y", run=_noop, tables=("public.sessions", sweeperd.ALL_TABLES), scope="database"
+    )
     assert ok.tables == ("public.sessions", "*")
 
 
@@ -671,10 +744,13 @@ def test_operation_tables_normalised_to_a_tuple() -> None:
 
 
 def test_settings_for_an_unknown_plugin_are_a_config_error(tmp_path: Path) -> None:
-    config = make_config(tmp_path, extra="""
+    config = make_config(
+        tmp_path,
+        extra="""
         [plugins.unknown]
         x = 1
-        """)
+        """,
+    )
     with pytest.raises(ConfigError) as excinfo:
         load_plugins(config, entry_points=False)
     [problem] = excinfo.value.problems
@@ -683,7 +759,10 @@ def test_settings_for_an_unknown_plugin_are_a_config_error(tmp_path: Path) -> No
 
 
 def test_validate_settings_problems_name_the_full_key(tmp_path: Path) -> None:
-    write_plugin(tmp_path / "plugins.d", "strict", """
+    write_plugin(
+        tmp_path / "plugins.d",
+        "strict",
+        """
         import sweeperd
 
         @sweeperd.hookimpl
@@ -695,7 +774,8 @@ def test_validate_settings_problems_name_the_full_key(tmp_path: Path) -> None:
         @sweeperd.hookimpl
         def sweeperd_operations(settings):
             raise AssertionError("must not be called when validation failed")
-        """)
+        """,
+    )
     config_extra = """
         [[plugins.strict.rules]]
         table = 42
@@ -719,7 +799,9 @@ def test_validate_settings_gets_own_settings_and_all_problems_reported(tmp_path:
     write_plugin(tmp_path / "plugins.d", "v_one", body)
     write_plugin(tmp_path / "plugins.d", "v_two", body)
     with pytest.raises(ConfigError) as excinfo:
-        load_drop_ins(tmp_path, extra="""
+        load_drop_ins(
+            tmp_path,
+            extra="""
             [plugins.v_one]
             a = 1
 
@@ -728,7 +810,8 @@ def test_validate_settings_gets_own_settings_and_all_problems_reported(tmp_path:
 
             [plugins.nobody]
             c = 3
-            """)
+            """,
+        )
     problems = excinfo.value.problems
     assert len(problems) == 3
     joined = "\n".join(problems)
@@ -739,17 +822,24 @@ def test_validate_settings_gets_own_settings_and_all_problems_reported(tmp_path:
 
 
 def test_valid_settings_pass(tmp_path: Path) -> None:
-    write_plugin(tmp_path / "plugins.d", "lenient", """
+    write_plugin(
+        tmp_path / "plugins.d",
+        "lenient",
+        """
         import sweeperd
 
         @sweeperd.hookimpl
         def sweeperd_validate_settings(settings):
             return [] if settings.get("ok") else [("ok", "expected true")]
-        """)
-    plugins = load_drop_ins(tmp_path, extra="""
+        """,
+    )
+    plugins = load_drop_ins(
+        tmp_path,
+        extra="""
         [plugins.lenient]
         ok = true
-        """)
+        """,
+    )
     assert "lenient" in {info.name for info in plugins.infos}
 
 
@@ -759,30 +849,42 @@ def test_valid_settings_pass(tmp_path: Path) -> None:
 def test_cli_plugins_lists_plugins_sources_and_operations(tmp_path: Path) -> None:
     nap = write_plugin(tmp_path / "plugins.d", "nap", op_plugin("nap.sleep", "nap.snore"))
     (tmp_path / "plugins.d" / "myapp.py").write_text(DESIGN_EXAMPLE, encoding="utf-8")
-    write_plugin(tmp_path / "plugins.d", "empty", """
+    write_plugin(
+        tmp_path / "plugins.d",
+        "empty",
+        """
         import sweeperd
 
         @sweeperd.hookimpl
         def sweeperd_operations():
             return []
-        """)
-    path = write_config(tmp_path, """
+        """,
+    )
+    path = write_config(
+        tmp_path,
+        """
         [daemon]
         plugin_dirs = ["plugins.d"]
 
         [databases.main]
         dsn = "postgresql:///nothing_connects"
-        """)
+        """,
+    )
     proc = support.run_cli("plugins", "-c", str(path))
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     lines = out.splitlines()
 
     def block(plugin: str) -> list[str]:
-        start = next(i for i, line in enumerate(lines) if line.startswith(f"{plugin} ")
-                     or line.startswith(f"{plugin}\t") or line == plugin)
-        end = next((i for i in range(start + 1, len(lines))
-                    if lines[i] and not lines[i][0].isspace()), len(lines))
+        start = next(
+            i
+            for i, line in enumerate(lines)
+            if line.startswith(f"{plugin} ") or line.startswith(f"{plugin}\t") or line == plugin
+        )
+        end = next(
+            (i for i in range(start + 1, len(lines)) if lines[i] and not lines[i][0].isspace()),
+            len(lines),
+        )
         return lines[start:end]
 
     nap_block = block("nap")
@@ -802,32 +904,42 @@ def test_cli_plugins_with_broken_plugins_exits_2_one_line_per_problem(tmp_path: 
     write_plugin(tmp_path / "plugins.d", "cli_broken_a", "import sweeperd_no_such_module_cli\n")
     write_plugin(tmp_path / "plugins.d", "cli_broken_b", "def f(:\n")
     write_plugin(tmp_path / "plugins.d", "cli_fine", op_plugin("cli_fine.op"))
-    path = write_config(tmp_path, """
+    path = write_config(
+        tmp_path,
+        """
         [daemon]
         plugin_dirs = ["plugins.d"]
 
         [databases.main]
         dsn = "postgresql:///nothing_connects"
-        """)
+        """,
+    )
     proc = support.run_cli("plugins", "-c", str(path))
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 2, proc.stderr
-    assert any("cli_broken_a" in line and "ModuleNotFoundError" in line
-               and "sweeperd_no_such_module_cli" in line for line in lines)
+    assert any(
+        "cli_broken_a" in line
+        and "ModuleNotFoundError" in line
+        and "sweeperd_no_such_module_cli" in line
+        for line in lines
+    )
     assert any("cli_broken_b" in line and "SyntaxError" in line for line in lines)
     assert proc.stdout == ""
 
 
 def test_cli_plugins_with_unknown_settings_table_exits_2(tmp_path: Path) -> None:
-    path = write_config(tmp_path, """
+    path = write_config(
+        tmp_path,
+        """
         [databases.main]
         dsn = "postgresql:///nothing_connects"
 
         [plugins.unknown]
         x = 1
-        """)
+        """,
+    )
     proc = support.run_cli("plugins", "-c", str(path))
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
@@ -836,13 +948,16 @@ def test_cli_plugins_with_unknown_settings_table_exits_2(tmp_path: Path) -> None
 
 
 def test_cli_plugins_with_missing_plugin_dir_exits_2(tmp_path: Path) -> None:
-    path = write_config(tmp_path, """
+    path = write_config(
+        tmp_path,
+        """
         [daemon]
         plugin_dirs = ["gone.d"]
 
         [databases.main]
         dsn = "postgresql:///nothing_connects"
-        """)
+        """,
+    )
     proc = support.run_cli("plugins", "-c", str(path))
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr

@@ -53,8 +53,9 @@ def config_doc(
     return {
         "history": {"enabled": False},
         "databases": {"main": {"dsn": dsn, "max_connections": 4, "lock_timeout": lock_timeout}},
-        "tenants": [{"name": name, "database": "main", "schema": schema}
-                    for name, schema in tenants],
+        "tenants": [
+            {"name": name, "database": "main", "schema": schema} for name, schema in tenants
+        ],
         "plugins": plugins,
     }
 
@@ -65,8 +66,9 @@ def load(tmp_path: Path, doc: Mapping[str, Any]) -> tuple[Config, Plugins]:
     return config, load_plugins(config, entry_points=False)
 
 
-def sweep(config: Config, plugins: Plugins, *, dry_run: bool = False,
-          only: Sequence[str] = ("vacuum.*",)) -> SweepReport:
+def sweep(
+    config: Config, plugins: Plugins, *, dry_run: bool = False, only: Sequence[str] = ("vacuum.*",)
+) -> SweepReport:
     return asyncio.run(sweep_once(config, plugins, only_globs=list(only), dry_run=dry_run))
 
 
@@ -79,21 +81,29 @@ def connect(dsn: str) -> psycopg.Connection[Any]:
     return psycopg.connect(dsn, autocommit=True)
 
 
-def make_table(dsn: str, schema: str, table: str, *, rows: int, delete: int = 0,
-               update: int = 0) -> None:
+def make_table(
+    dsn: str, schema: str, table: str, *, rows: int, delete: int = 0, update: int = 0
+) -> None:
     """A table of ``rows`` rows of which ``delete`` were deleted and ``update`` updated."""
     ident = sql.Identifier(schema, table)
     with connect(dsn) as conn:
         conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
-        conn.execute(sql.SQL("CREATE TABLE {} (id int PRIMARY KEY, v text)"
-                             " WITH (autovacuum_enabled = false)").format(ident))
-        conn.execute(sql.SQL("INSERT INTO {} SELECT g, 'x' FROM generate_series(1, %s) g")
-                     .format(ident), (rows,))
+        conn.execute(
+            sql.SQL(
+                "CREATE TABLE {} (id int PRIMARY KEY, v text) WITH (autovacuum_enabled = false)"
+            ).format(ident)
+        )
+        conn.execute(
+            sql.SQL("INSERT INTO {} SELECT g, 'x' FROM generate_series(1, %s) g").format(ident),
+            (rows,),
+        )
         if delete:
             conn.execute(sql.SQL("DELETE FROM {} WHERE id <= %s").format(ident), (delete,))
         if update:
-            conn.execute(sql.SQL("UPDATE {} SET v = 'y' WHERE id > %s AND id <= %s")
-                         .format(ident), (rows - update, rows))
+            conn.execute(
+                sql.SQL("UPDATE {} SET v = 'y' WHERE id > %s AND id <= %s").format(ident),
+                (rows - update, rows),
+            )
         conn.execute("SELECT pg_stat_force_next_flush()")
         conn.execute("SELECT 1")  # the flush happens when the backend goes idle
 
@@ -103,7 +113,9 @@ def stats(dsn: str, schema: str, table: str) -> tuple[int, int, int]:
     with connect(dsn) as conn:
         row = conn.execute(
             "SELECT n_dead_tup, n_live_tup, vacuum_count FROM pg_stat_user_tables"
-            " WHERE schemaname = %s AND relname = %s", (schema, table)).fetchone()
+            " WHERE schemaname = %s AND relname = %s",
+            (schema, table),
+        ).fetchone()
     assert row is not None, f"no statistics for {schema}.{table}"
     return int(row[0]), int(row[1]), int(row[2])
 
@@ -115,12 +127,15 @@ def wait_for_dead_tuples(dsn: str, schema: str, table: str, at_least: int) -> in
         while True:
             row = conn.execute(
                 "SELECT n_dead_tup FROM pg_stat_user_tables WHERE schemaname = %s AND relname = %s",
-                (schema, table)).fetchone()
+                (schema, table),
+            ).fetchone()
             if row is not None and row[0] >= at_least:
                 return int(row[0])
             if time.monotonic() > deadline:
-                pytest.fail(f"statistics never showed {at_least} dead tuples in {schema}.{table}"
-                            f" (last: {row})")
+                pytest.fail(
+                    f"statistics never showed {at_least} dead tuples in {schema}.{table}"
+                    f" (last: {row})"
+                )
             time.sleep(0.05)
 
 
@@ -130,8 +145,9 @@ def wait_for_dead_tuples(dsn: str, schema: str, table: str, at_least: int) -> in
 def test_vacuum_removes_dead_tuples(tmp_path: Path, pg_dsn: str) -> None:
     make_table(pg_dsn, "tenant_a", "events", rows=2000, delete=600, update=400)
     before = wait_for_dead_tuples(pg_dsn, "tenant_a", "events", 1000)
-    config, plugins = load(tmp_path, config_doc(pg_dsn, [("a", "tenant_a")],
-                                                vacuum={"tables": ["events"]}))
+    config, plugins = load(
+        tmp_path, config_doc(pg_dsn, [("a", "tenant_a")], vacuum={"tables": ["events"]})
+    )
     report = sweep(config, plugins)
 
     result = result_of(report, "vacuum.events", "a")
@@ -139,8 +155,9 @@ def test_vacuum_removes_dead_tuples(tmp_path: Path, pg_dsn: str) -> None:
     assert result.schema == "tenant_a"
     assert result.details["dead_tuples_before"] >= before > 0
     assert result.details["dead_tuples_after"] < result.details["dead_tuples_before"]
-    assert result.rows == (result.details["dead_tuples_before"]
-                           - result.details["dead_tuples_after"])
+    assert result.rows == (
+        result.details["dead_tuples_before"] - result.details["dead_tuples_after"]
+    )
     dead, live, vacuums = stats(pg_dsn, "tenant_a", "events")
     assert vacuums == 1
     assert dead < before
@@ -150,15 +167,25 @@ def test_vacuum_removes_dead_tuples(tmp_path: Path, pg_dsn: str) -> None:
 def test_vacuum_without_analyze_and_skip_locked(tmp_path: Path, pg_dsn: str) -> None:
     make_table(pg_dsn, "tenant_a", "events", rows=100, delete=50)
     wait_for_dead_tuples(pg_dsn, "tenant_a", "events", 50)
-    config, plugins = load(tmp_path, config_doc(
-        pg_dsn, [("a", "tenant_a")],
-        vacuum={"tables": ["events"], "analyze": False, "skip_locked": False,
-                "buffer_usage_limit": "1MB"}))
+    config, plugins = load(
+        tmp_path,
+        config_doc(
+            pg_dsn,
+            [("a", "tenant_a")],
+            vacuum={
+                "tables": ["events"],
+                "analyze": False,
+                "skip_locked": False,
+                "buffer_usage_limit": "1MB",
+            },
+        ),
+    )
     result = result_of(sweep(config, plugins), "vacuum.events", "a")
     assert result.status == "ok", result.error
     with connect(pg_dsn) as conn:
-        row = conn.execute("SELECT vacuum_count, analyze_count FROM pg_stat_user_tables"
-                           " WHERE relname = 'events'").fetchone()
+        row = conn.execute(
+            "SELECT vacuum_count, analyze_count FROM pg_stat_user_tables WHERE relname = 'events'"
+        ).fetchone()
     assert row == (1, 0)
 
 
@@ -169,9 +196,12 @@ def test_locked_table_is_skipped_not_waited_for(tmp_path: Path, pg_dsn: str) -> 
     make_table(pg_dsn, "tenant_a", "events", rows=100, delete=50)
     make_table(pg_dsn, "tenant_a", "other", rows=100, delete=50)
     # A short lock_timeout: had the vacuum waited for the lock it would fail, not hang.
-    config, plugins = load(tmp_path, config_doc(pg_dsn, [("a", "tenant_a")],
-                                                vacuum={"tables": ["events", "other"]},
-                                                lock_timeout="2s"))
+    config, plugins = load(
+        tmp_path,
+        config_doc(
+            pg_dsn, [("a", "tenant_a")], vacuum={"tables": ["events", "other"]}, lock_timeout="2s"
+        ),
+    )
     with psycopg.connect(pg_dsn) as app:
         app.execute("LOCK TABLE tenant_a.events IN ACCESS EXCLUSIVE MODE")
         report = sweep(config, plugins)
@@ -192,9 +222,15 @@ def test_without_skip_locked_a_locked_table_fails_on_lock_timeout(
     tmp_path: Path, pg_dsn: str
 ) -> None:
     make_table(pg_dsn, "tenant_a", "events", rows=100, delete=50)
-    config, plugins = load(tmp_path, config_doc(pg_dsn, [("a", "tenant_a")],
-                                                vacuum={"tables": ["events"], "skip_locked": False},
-                                                lock_timeout="300ms"))
+    config, plugins = load(
+        tmp_path,
+        config_doc(
+            pg_dsn,
+            [("a", "tenant_a")],
+            vacuum={"tables": ["events"], "skip_locked": False},
+            lock_timeout="300ms",
+        ),
+    )
     with psycopg.connect(pg_dsn) as app:
         app.execute("LOCK TABLE tenant_a.events IN ACCESS EXCLUSIVE MODE")
         report = sweep(config, plugins)
@@ -208,8 +244,10 @@ def test_auto_skips_locked_tables_and_vacuums_the_rest(tmp_path: Path, pg_dsn: s
     for name in ("locked", "free"):
         make_table(pg_dsn, "tenant_a", name, rows=2000, delete=1500)
         wait_for_dead_tuples(pg_dsn, "tenant_a", name, 1500)
-    config, plugins = load(tmp_path, config_doc(pg_dsn, [("a", "tenant_a")],
-                                                vacuum={"tables": "auto"}, lock_timeout="2s"))
+    config, plugins = load(
+        tmp_path,
+        config_doc(pg_dsn, [("a", "tenant_a")], vacuum={"tables": "auto"}, lock_timeout="2s"),
+    )
     with psycopg.connect(pg_dsn) as app:
         app.execute("LOCK TABLE tenant_a.locked IN ACCESS EXCLUSIVE MODE")
         report = sweep(config, plugins)
@@ -227,11 +265,11 @@ def test_auto_skips_locked_tables_and_vacuums_the_rest(tmp_path: Path, pg_dsn: s
 
 def test_auto_vacuums_only_tables_past_the_thresholds(tmp_path: Path, pg_dsn: str) -> None:
     tables = {  # name: (rows, deleted)
-        "many_dead": (1000, 600),   # 600 dead, ratio 0.6: yes
-        "half_dead": (1000, 500),   # 500 dead, ratio 0.5: yes
-        "few_dead": (1000, 10),     # 10 dead: below min_dead_tuples
-        "low_ratio": (1000, 200),   # 200 dead, ratio 0.2: below min_dead_ratio
-        "small": (100, 90),         # ratio 0.9 but only 90 dead
+        "many_dead": (1000, 600),  # 600 dead, ratio 0.6: yes
+        "half_dead": (1000, 500),  # 500 dead, ratio 0.5: yes
+        "few_dead": (1000, 10),  # 10 dead: below min_dead_tuples
+        "low_ratio": (1000, 200),  # 200 dead, ratio 0.2: below min_dead_ratio
+        "small": (100, 90),  # ratio 0.9 but only 90 dead
         "clean": (1000, 0),
     }
     for name, (rows, deleted) in tables.items():
@@ -241,9 +279,14 @@ def test_auto_vacuums_only_tables_past_the_thresholds(tmp_path: Path, pg_dsn: st
         wait_for_dead_tuples(pg_dsn, "tenant_a", name, deleted)
     wait_for_dead_tuples(pg_dsn, "tenant_b", "many_dead", 100)
 
-    config, plugins = load(tmp_path, config_doc(
-        pg_dsn, [("a", "tenant_a"), ("b", "tenant_b")],
-        vacuum={"tables": "auto", "min_dead_tuples": 100, "min_dead_ratio": 0.3}))
+    config, plugins = load(
+        tmp_path,
+        config_doc(
+            pg_dsn,
+            [("a", "tenant_a"), ("b", "tenant_b")],
+            vacuum={"tables": "auto", "min_dead_tuples": 100, "min_dead_ratio": 0.3},
+        ),
+    )
     assert "vacuum.auto" in plugins.operations
     report = sweep(config, plugins)
 
@@ -263,8 +306,9 @@ def test_auto_dry_run_vacuums_nothing(tmp_path: Path, pg_dsn: str) -> None:
     make_table(pg_dsn, "tenant_a", "fine", rows=2000, delete=10)
     wait_for_dead_tuples(pg_dsn, "tenant_a", "bloated", 1200)
     wait_for_dead_tuples(pg_dsn, "tenant_a", "fine", 10)
-    config, plugins = load(tmp_path, config_doc(pg_dsn, [("a", "tenant_a")],
-                                                vacuum={"tables": "auto"}))  # defaults: 1000, 5 %
+    config, plugins = load(
+        tmp_path, config_doc(pg_dsn, [("a", "tenant_a")], vacuum={"tables": "auto"})
+    )  # defaults: 1000, 5 %
     result = result_of(sweep(config, plugins, dry_run=True), "vacuum.auto", "a")
     assert result.status == "dry-run"
     assert result.details["tables"] == ["bloated"]
@@ -275,18 +319,24 @@ def test_auto_dry_run_vacuums_nothing(tmp_path: Path, pg_dsn: str) -> None:
 # -- version gating ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("settings", "version", "expected"), [
-    (Settings(tables=()), 110000, "ANALYZE"),
-    (Settings(tables=()), 120000, "ANALYZE, SKIP_LOCKED"),
-    (Settings(tables=()), 150000, "ANALYZE, SKIP_LOCKED"),
-    (Settings(tables=()), 160000, "ANALYZE, SKIP_LOCKED, SKIP_DATABASE_STATS"),
-    (Settings(tables=(), buffer_usage_limit="256MB"), 150000, "ANALYZE, SKIP_LOCKED"),
-    (Settings(tables=(), buffer_usage_limit="256MB"), 160000,
-     "ANALYZE, SKIP_LOCKED, SKIP_DATABASE_STATS, BUFFER_USAGE_LIMIT '256MB'"),
-    (Settings(tables=(), analyze=False, skip_locked=False), 110000, ""),
-    (Settings(tables=(), analyze=False, skip_locked=False), 180000, "SKIP_DATABASE_STATS"),
-    (Settings(tables=(), analyze=False), 120000, "SKIP_LOCKED"),
-])
+@pytest.mark.parametrize(
+    ("settings", "version", "expected"),
+    [
+        (Settings(tables=()), 110000, "ANALYZE"),
+        (Settings(tables=()), 120000, "ANALYZE, SKIP_LOCKED"),
+        (Settings(tables=()), 150000, "ANALYZE, SKIP_LOCKED"),
+        (Settings(tables=()), 160000, "ANALYZE, SKIP_LOCKED, SKIP_DATABASE_STATS"),
+        (Settings(tables=(), buffer_usage_limit="256MB"), 150000, "ANALYZE, SKIP_LOCKED"),
+        (
+            Settings(tables=(), buffer_usage_limit="256MB"),
+            160000,
+            "ANALYZE, SKIP_LOCKED, SKIP_DATABASE_STATS, BUFFER_USAGE_LIMIT '256MB'",
+        ),
+        (Settings(tables=(), analyze=False, skip_locked=False), 110000, ""),
+        (Settings(tables=(), analyze=False, skip_locked=False), 180000, "SKIP_DATABASE_STATS"),
+        (Settings(tables=(), analyze=False), 120000, "SKIP_LOCKED"),
+    ],
+)
 def test_vacuum_options_by_server_version(
     pg_server: PgServer, settings: Settings, version: int, expected: str
 ) -> None:
@@ -315,8 +365,9 @@ def test_database_stats_runs_after_every_table_vacuum(
     for _name, schema in tenants:
         for table in ("events", "logs"):
             make_table(pg_dsn, schema, table, rows=200, delete=100)
-    config, plugins = load(tmp_path, config_doc(pg_dsn, tenants,
-                                                vacuum={"tables": ["events", "logs"]}))
+    config, plugins = load(
+        tmp_path, config_doc(pg_dsn, tenants, vacuum={"tables": ["events", "logs"]})
+    )
     report = sweep(config, plugins)
 
     stats_result = result_of(report, "vacuum.database_stats", None)
@@ -354,17 +405,36 @@ def test_retention_finishes_before_the_vacuum_of_its_table(
             ident = sql.Identifier(schema, "notifications")
             conn.execute(sql.SQL("ALTER TABLE {} ADD created_at timestamptz").format(ident))
             conn.execute(sql.SQL("CREATE INDEX ON {} (created_at)").format(ident))
-            conn.execute(sql.SQL("INSERT INTO {} SELECT g, 'x', now() - interval '100 days'"
-                                 " FROM generate_series(11, 510) g").format(ident))
-    doc = config_doc(pg_dsn, tenants, vacuum={"tables": ["notifications"]}, rules=[{
-        "name": "notifications", "table": "notifications", "column": "created_at",
-        "older_than": "30d", "batch_size": 100, "pause": "50ms"}])
+            conn.execute(
+                sql.SQL(
+                    "INSERT INTO {} SELECT g, 'x', now() - interval '100 days'"
+                    " FROM generate_series(11, 510) g"
+                ).format(ident)
+            )
+    doc = config_doc(
+        pg_dsn,
+        tenants,
+        vacuum={"tables": ["notifications"]},
+        rules=[
+            {
+                "name": "notifications",
+                "table": "notifications",
+                "column": "created_at",
+                "older_than": "30d",
+                "batch_size": 100,
+                "pause": "50ms",
+            }
+        ],
+    )
     config, plugins = load(tmp_path, doc)
     report = sweep(config, plugins, only=["retention.*", "vacuum.*"])
 
     statuses = {(r.operation, r.tenant): r.status for r in report.results}
-    expected = {(op, name): "ok" for name, _schema in tenants
-                for op in ("retention.notifications", "vacuum.notifications")}
+    expected = {
+        (op, name): "ok"
+        for name, _schema in tenants
+        for op in ("retention.notifications", "vacuum.notifications")
+    }
     expected[("vacuum.database_stats", None)] = database_stats_status(server_version_num)
     assert statuses == expected, [r.error for r in report.results]
     for name, schema in tenants:
@@ -374,8 +444,9 @@ def test_retention_finishes_before_the_vacuum_of_its_table(
         assert retention.finished_at is not None and vacuum.started_at is not None
         assert retention.finished_at <= vacuum.started_at
         with connect(pg_dsn) as conn:
-            assert conn.execute(sql.SQL("SELECT count(*) FROM {}").format(
-                sql.Identifier(schema, "notifications"))).fetchone() == (10,)
+            assert conn.execute(
+                sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(schema, "notifications"))
+            ).fetchone() == (10,)
 
 
 # -- failures, dry run ---------------------------------------------------------------------------
@@ -384,8 +455,10 @@ def test_retention_finishes_before_the_vacuum_of_its_table(
 def test_missing_table_fails_with_undefined_table(tmp_path: Path, pg_dsn: str) -> None:
     make_table(pg_dsn, "tenant_a", "events", rows=10, delete=5)
     make_table(pg_dsn, "tenant_b", "other", rows=10, delete=5)
-    config, plugins = load(tmp_path, config_doc(pg_dsn, [("a", "tenant_a"), ("b", "tenant_b")],
-                                                vacuum={"tables": ["events"]}))
+    config, plugins = load(
+        tmp_path,
+        config_doc(pg_dsn, [("a", "tenant_a"), ("b", "tenant_b")], vacuum={"tables": ["events"]}),
+    )
     report = sweep(config, plugins)
     missing = result_of(report, "vacuum.events", "b")
     assert missing.status == "failed"
@@ -401,12 +474,18 @@ def test_vacuum_refused_for_lack_of_privileges_is_a_failure(
     make_table(pg_dsn, "tenant_a", "events", rows=10, delete=5)
     with throwaway_role(pg_dsn, "vacuum_lowly") as role:
         with connect(pg_dsn) as conn:
-            conn.execute(sql.SQL("GRANT USAGE ON SCHEMA tenant_a TO {}").format(
-                sql.Identifier(role.name)))
-            conn.execute(sql.SQL("GRANT SELECT, DELETE ON tenant_a.events TO {}").format(
-                sql.Identifier(role.name)))
-        config, plugins = load(tmp_path, config_doc(role.dsn(pg_dsn), [("a", "tenant_a")],
-                                                    vacuum={"tables": ["events"]}))
+            conn.execute(
+                sql.SQL("GRANT USAGE ON SCHEMA tenant_a TO {}").format(sql.Identifier(role.name))
+            )
+            conn.execute(
+                sql.SQL("GRANT SELECT, DELETE ON tenant_a.events TO {}").format(
+                    sql.Identifier(role.name)
+                )
+            )
+        config, plugins = load(
+            tmp_path,
+            config_doc(role.dsn(pg_dsn), [("a", "tenant_a")], vacuum={"tables": ["events"]}),
+        )
         result = result_of(sweep(config, plugins, only=["vacuum.events"]), "vacuum.events", "a")
     assert result.status == "failed", result.error
     assert result.error is not None
@@ -419,8 +498,9 @@ def test_dry_run_vacuums_nothing_and_reports_dead_tuples(
 ) -> None:
     make_table(pg_dsn, "tenant_a", "events", rows=500, delete=300)
     wait_for_dead_tuples(pg_dsn, "tenant_a", "events", 300)
-    config, plugins = load(tmp_path, config_doc(pg_dsn, [("a", "tenant_a")],
-                                                vacuum={"tables": ["events"]}))
+    config, plugins = load(
+        tmp_path, config_doc(pg_dsn, [("a", "tenant_a")], vacuum={"tables": ["events"]})
+    )
     report = sweep(config, plugins, dry_run=True)
 
     result = result_of(report, "vacuum.events", "a")
@@ -434,29 +514,33 @@ def test_dry_run_vacuums_nothing_and_reports_dead_tuples(
         assert stats_result.error == DATABASE_STATS_SKIP_REASON
     assert stats(pg_dsn, "tenant_a", "events") == (300, 200, 0)
     with connect(pg_dsn) as conn:
-        row = conn.execute("SELECT last_vacuum, last_analyze FROM pg_stat_user_tables"
-                           " WHERE relname = 'events'").fetchone()
+        row = conn.execute(
+            "SELECT last_vacuum, last_analyze FROM pg_stat_user_tables WHERE relname = 'events'"
+        ).fetchone()
     assert row == (None, None)
 
 
 # -- settings validation -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("vacuum", "key"), [
-    ({"tables": "events"}, "tables"),
-    ({"tables": 5}, "tables"),
-    ({"tables": ["events", 3]}, "tables"),
-    ({"tables": ["events", ""]}, "tables"),
-    ({"tables": ["events", "events"]}, "tables"),
-    ({"tables": ["events"], "min_dead_ratio": 2}, "min_dead_ratio"),
-    ({"tables": ["events"], "min_dead_ratio": -0.1}, "min_dead_ratio"),
-    ({"tables": "auto", "min_dead_tuples": -1}, "min_dead_tuples"),
-    ({"tables": "auto", "min_dead_tuples": True}, "min_dead_tuples"),
-    ({"tables": ["events"], "tabels": ["x"]}, "tabels"),
-    ({"tables": ["events"], "analyze": "yes"}, "analyze"),
-    ({"tables": ["events"], "skip_locked": 1}, "skip_locked"),
-    ({"tables": ["events"], "buffer_usage_limit": 256}, "buffer_usage_limit"),
-])
+@pytest.mark.parametrize(
+    ("vacuum", "key"),
+    [
+        ({"tables": "events"}, "tables"),
+        ({"tables": 5}, "tables"),
+        ({"tables": ["events", 3]}, "tables"),
+        ({"tables": ["events", ""]}, "tables"),
+        ({"tables": ["events", "events"]}, "tables"),
+        ({"tables": ["events"], "min_dead_ratio": 2}, "min_dead_ratio"),
+        ({"tables": ["events"], "min_dead_ratio": -0.1}, "min_dead_ratio"),
+        ({"tables": "auto", "min_dead_tuples": -1}, "min_dead_tuples"),
+        ({"tables": "auto", "min_dead_tuples": True}, "min_dead_tuples"),
+        ({"tables": ["events"], "tabels": ["x"]}, "tabels"),
+        ({"tables": ["events"], "analyze": "yes"}, "analyze"),
+        ({"tables": ["events"], "skip_locked": 1}, "skip_locked"),
+        ({"tables": ["events"], "buffer_usage_limit": 256}, "buffer_usage_limit"),
+    ],
+)
 def test_invalid_settings_name_the_key(tmp_path: Path, vacuum: dict[str, Any], key: str) -> None:
     path = write_config(tmp_path, tomli_w.dumps(config_doc("dbname=x", [], vacuum=vacuum)))
     with pytest.raises(ConfigError) as excinfo:
@@ -472,5 +556,8 @@ def test_all_vacuum_problems_at_once(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as excinfo:
         load_plugins(load_config(path), entry_points=False)
     keys = {p.split(": ")[1] for p in excinfo.value.problems}
-    assert keys == {"plugins.vacuum.tables", "plugins.vacuum.min_dead_ratio",
-                    "plugins.vacuum.unknown"}
+    assert keys == {
+        "plugins.vacuum.tables",
+        "plugins.vacuum.min_dead_ratio",
+        "plugins.vacuum.unknown",
+    }
