@@ -18,12 +18,18 @@ Each ``[[plugins.retention.rules]]`` entry becomes the operation ``retention.<na
                                   # date: the zone its values are written in
     scope = "database"            # once per database instead; then `schema` is required
 
-How a batch works: ``SELECT ctid … WHERE column < cutoff … LIMIT n FOR UPDATE SKIP LOCKED`` feeds a
-``DELETE … WHERE ctid = ANY(…) AND column < cutoff`` in one statement, in a transaction of its
-own whose ``lock_timeout``/``statement_timeout`` (the rule's, else the database's) are ``SET
-LOCAL``: they hold behind any connection pooler and never outlive the batch. A crash or cancel
-keeps the batches already committed, rows locked by the application are skipped rather than
-waited for, and the cutoff is re-checked at delete time. The
+How a batch works: ``SELECT ctid … WHERE column < cutoff … ORDER BY column LIMIT n FOR UPDATE
+SKIP LOCKED`` feeds a ``DELETE … WHERE ctid = ANY(…) AND column < cutoff`` in one statement, in a
+transaction of its own whose ``lock_timeout``/``statement_timeout`` (the rule's, else the
+database's) are ``SET LOCAL``: they hold behind any connection pooler and never outlive the batch.
+Each batch takes the oldest expired rows (by the cutoff column; among rows with the same value, any
+of them), so ``max_rows`` and a cancelled run remove the oldest. A btree index leading with the
+column lets each batch read just the rows it deletes; without one every batch scans the table and
+sorts all its expired rows (sweeperd warns once, with the ``CREATE INDEX`` that fixes it). A
+partitioned or inherited table is ordered across all its partitions: a batch locks the oldest
+rows of the whole table, then deletes them partition by partition in the same transaction. A crash
+or cancel keeps the batches already committed, rows locked by the application are skipped rather
+than waited for, and the cutoff is re-checked at delete time. The
 cutoff is computed once per run from the server's clock, so rows ageing past it during the run are
 not chased. There is no free-form ``where``: raw SQL in a config file would be an injection hole.
 """
@@ -37,7 +43,7 @@ import re
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import sweeperd
@@ -278,16 +284,8 @@ async def _run(ctx: sweeperd.Context, rule: Rule) -> int:
     cutoff = row[0]
     ctx.details["cutoff"] = cutoff.isoformat()
     conn = ctx.conn
-    filters = sql.SQL(" AND ").join(
-        [sql.SQL("{} < %(cutoff)s").format(param_safe(conn, sql.Identifier(rule.column)))]
-        + [
-            sql.SQL("{} = %({})s").format(param_safe(conn, sql.Identifier(col)), sql.SQL(f"m{i}"))
-            for i, (col, _value) in enumerate(rule.match)
-        ]
-    )
-    params: dict[str, Any] = {"cutoff": cutoff} | {
-        f"m{i}": v for i, (_c, v) in enumerate(rule.match)
-    }
+    filters = _conditions(conn, rule)
+    params: dict[str, Any] = {"cutoff": cutoff} | _match_params(rule)
 
     if ctx.dry_run:
         count = sql.SQL("SELECT count(*) FROM {} WHERE {}").format(
@@ -301,16 +299,74 @@ async def _run(ctx: sweeperd.Context, rule: Rule) -> int:
 
     progress = _Progress(ctx, rule)
     try:
-        for member in members:
-            await _prune(ctx, rule, member, filters, params, progress)
-            if progress.exhausted:
-                break
+        if len(members) == 1:
+            await _prune(ctx, rule, members[0], params, progress)
+        elif members:
+            await _prune_across(ctx, rule, (schema, table), members, params, progress)
     finally:
         if ctx.server_version >= 150000 and progress.deleted:
             # PostgreSQL flushes table statistics up to a second after a transaction; without
             # this the VACUUM that follows may not see the dead tuples it is about to remove.
             await ctx.conn.execute("SELECT pg_catalog.pg_stat_force_next_flush()")
     return progress.deleted
+
+
+def _conditions(conn: Any, rule: Rule) -> sql.Composable:
+    """What makes a row expired: ``column < %(cutoff)s`` and the rule's ``match`` equalities.
+
+    Rendered for a query with parameters (``%`` in names doubled); the values are bound as
+    ``%(cutoff)s`` and ``%(m0)s``, ``%(m1)s``… (:func:`_match_params`).
+    """
+    return sql.SQL(" AND ").join(
+        [sql.SQL("{} < %(cutoff)s").format(param_safe(conn, sql.Identifier(rule.column)))]
+        + [
+            sql.SQL("{} = %({})s").format(param_safe(conn, sql.Identifier(col)), sql.SQL(f"m{i}"))
+            for i, (col, _value) in enumerate(rule.match)
+        ]
+    )
+
+
+def _match_params(rule: Rule) -> dict[str, Any]:
+    return {f"m{i}": value for i, (_col, value) in enumerate(rule.match)}
+
+
+def _oldest_first(conn: Any, rule: Rule) -> sql.Composable:
+    """``ORDER BY column``: a batch takes the oldest expired rows.
+
+    Ascending with PostgreSQL's default NULLS LAST, which a plain btree index on the column
+    yields read forwards (and a ``DESC`` one read backwards), so the scan stops after ``limit``
+    rows instead of sorting every expired one. NULLs never satisfy ``column < cutoff``, so where
+    they sort changes nothing else. No tie-breaker: rows with the same value are equally old, and
+    a second key (ctid, say) would make PostgreSQL sort every run of equal values, the one a bulk
+    import wrote with a single timestamp included.
+    """
+    return sql.SQL("ORDER BY {}").format(param_safe(conn, sql.Identifier(rule.column)))
+
+
+def batch_statement(conn: Any, rule: Rule, table: sql.Identifier) -> sql.Composed:
+    """One batch on one plain table, in one statement (parameters ``cutoff``, ``m<i>``, ``limit``).
+
+    ONLY: a ctid identifies a row within one table. The inner SELECT locks the rows it takes
+    (SKIP LOCKED: the application's locked rows are left for a later run) and the DELETE re-checks
+    the conditions on the rows it finds there.
+    """
+    return sql.SQL(
+        "DELETE FROM ONLY {t} WHERE ctid = ANY(ARRAY("
+        "SELECT ctid FROM ONLY {t} WHERE {f} {o} LIMIT %(limit)s FOR UPDATE SKIP LOCKED)) AND {f}"
+    ).format(t=param_safe(conn, table), f=_conditions(conn, rule), o=_oldest_first(conn, rule))
+
+
+def pick_statement(conn: Any, rule: Rule, root: sql.Identifier) -> sql.Composed:
+    """A batch's rows of a partitioned or inherited table: the oldest of all its tables, locked.
+
+    Parameters ``cutoff``, ``m<i>``, ``limit`` and ``members`` (the oids of the plain tables to
+    prune: a foreign partition's rows, which no DELETE here would remove, are never taken). With an
+    index on every partition PostgreSQL merges their index scans in order (Merge Append).
+    """
+    return sql.SQL(
+        "SELECT tableoid, ctid FROM {t} WHERE {f} AND tableoid = ANY(%(members)s::oid[]) {o}"
+        " LIMIT %(limit)s FOR UPDATE SKIP LOCKED"
+    ).format(t=param_safe(conn, root), f=_conditions(conn, rule), o=_oldest_first(conn, rule))
 
 
 class _Progress:
@@ -345,17 +401,12 @@ class _Progress:
 async def _prune(
     ctx: sweeperd.Context,
     rule: Rule,
-    member: tuple[str, str],
-    filters: sql.Composable,
+    member: _Member,
     params: dict[str, Any],
     progress: _Progress,
 ) -> None:
-    """Delete in batches from one plain table (ONLY: a ctid identifies a row within one table)."""
-    ident = param_safe(ctx.conn, sql.Identifier(*member))
-    delete = sql.SQL(
-        "DELETE FROM ONLY {t} WHERE ctid = ANY(ARRAY("
-        "SELECT ctid FROM ONLY {t} WHERE {f} LIMIT %(limit)s FOR UPDATE SKIP LOCKED)) AND {f}"
-    ).format(t=ident, f=filters)
+    """Delete in batches from a plain table (or the only partition of a partitioned one)."""
+    delete = batch_statement(ctx.conn, rule, sql.Identifier(member.schema, member.name))
     while True:
         limit = progress.next_limit()
         if limit <= 0:
@@ -364,6 +415,49 @@ async def _prune(
             cur = await ctx.conn.execute(delete, params | {"limit": limit})
         progress.add(cur.rowcount)
         if cur.rowcount < limit or progress.exhausted:
+            return  # a short batch: nothing older than the cutoff is left (or it is all locked)
+        if rule.pause:
+            await asyncio.sleep(rule.pause)
+
+
+async def _prune_across(
+    ctx: sweeperd.Context,
+    rule: Rule,
+    root: tuple[str, str],
+    members: list[_Member],
+    params: dict[str, Any],
+    progress: _Progress,
+) -> None:
+    """Delete in batches from a partitioned or inherited table, oldest first across its tables.
+
+    Pruning one table after the other would take the oldest rows of whichever came first; so
+    each batch locks the oldest rows of the whole table, then deletes them table by table (ONLY:
+    a ctid identifies a row within one table), all in the batch's one transaction.
+    """
+    pick = pick_statement(ctx.conn, rule, sql.Identifier(*root))
+    deletes = {
+        m.oid: sql.SQL("DELETE FROM ONLY {} WHERE ctid = ANY(%(ctids)s::tid[]) AND {}").format(
+            param_safe(ctx.conn, sql.Identifier(m.schema, m.name)), _conditions(ctx.conn, rule)
+        )
+        for m in members
+    }
+    oids = [m.oid for m in members]
+    while True:
+        limit = progress.next_limit()
+        if limit <= 0:
+            return
+        deleted = 0
+        async with _transaction(ctx, rule):
+            cur = await ctx.conn.execute(pick, params | {"limit": limit, "members": oids})
+            picked = await cur.fetchall()
+            by_table: dict[int, list[str]] = {}
+            for oid, ctid in picked:
+                by_table.setdefault(oid, []).append(ctid)
+            for oid, ctids in by_table.items():
+                cur = await ctx.conn.execute(deletes[oid], params | {"ctids": ctids})
+                deleted += cur.rowcount
+        progress.add(deleted)
+        if len(picked) < limit or progress.exhausted:
             return  # a short batch: nothing older than the cutoff is left (or it is all locked)
         if rule.pause:
             await asyncio.sleep(rule.pause)
@@ -383,6 +477,20 @@ def _transaction(ctx: sweeperd.Context, rule: Rule) -> contextlib.AbstractAsyncC
     return ctx.transaction(lock_timeout=rule.lock_timeout, statement_timeout=rule.statement_timeout)
 
 
+class _Member(NamedTuple):
+    """A plain table holding rows of the rule's table (the table itself, a partition, a child)."""
+
+    oid: int
+    schema: str
+    name: str
+
+
+# Per plain table of the tree: whether an index can hand a batch its oldest rows in order, so that
+# the scan stops after `limit` rows. That takes a btree (the only kind with an order PostgreSQL
+# can scan) that is valid (not a failed or unfinished CREATE INDEX CONCURRENTLY), not partial (a
+# batch's rows need not satisfy its predicate), leading with the column itself (not an expression
+# of it), in an order whose forward or backward scan is ascending with NULLs last (indoption 0:
+# ASC NULLS LAST, 3: DESC NULLS FIRST).
 _MEMBERS = """
     WITH RECURSIVE root AS (
         SELECT c.oid, c.relkind FROM pg_catalog.pg_class c
@@ -393,23 +501,28 @@ _MEMBERS = """
         UNION ALL
         SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN tree ON i.inhparent = tree.oid
     )
-    SELECT (SELECT relkind FROM root), n.nspname, c.relname,
+    SELECT (SELECT relkind FROM root), c.oid, n.nspname, c.relname,
            EXISTS (SELECT 1 FROM pg_catalog.pg_index i
+                     JOIN pg_catalog.pg_class ic ON ic.oid = i.indexrelid
+                     JOIN pg_catalog.pg_am am ON am.oid = ic.relam
                      JOIN pg_catalog.pg_attribute a
                        ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
-                    WHERE i.indrelid = c.oid AND a.attname = %(column)s),
+                    WHERE i.indrelid = c.oid AND a.attname = %(column)s
+                      AND am.amname = 'btree' AND i.indisvalid AND i.indpred IS NULL
+                      AND i.indoption[0] IN (0, 3)),
            (SELECT pg_catalog.format_type(a.atttypid, NULL) FROM pg_catalog.pg_attribute a
              WHERE a.attrelid = (SELECT oid FROM root) AND a.attname = %(column)s
                AND NOT a.attisdropped)
       FROM (SELECT 1) AS one
       LEFT JOIN (tree JOIN pg_catalog.pg_class c ON c.oid = tree.oid AND c.relkind = 'r'
                  JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace) ON true
+     ORDER BY n.nspname, c.relname
 """
 
 
 async def _members(
     ctx: sweeperd.Context, rule: Rule, schema: str, table: str
-) -> tuple[list[tuple[str, str]], str | None] | None:
+) -> tuple[list[_Member], str | None] | None:
     """The plain tables holding the rows (the table itself, or its partitions/children) and the
     cutoff column's type.
 
@@ -424,25 +537,34 @@ async def _members(
         if rule.missing == "skip":
             return None
         # "fail": let PostgreSQL report UndefinedTable (42P01) in its own words.
-        return [(schema, table)], None
-    column_type = rows[0][4]
-    members = [(r[1], r[2]) for r in rows if r[1] is not None]
-    unindexed = [m for m, r in zip(members, rows, strict=False) if not r[3]]
+        return [_Member(0, schema, table)], None
+    column_type = rows[0][5]
+    members = [_Member(r[1], r[2], r[3]) for r in rows if r[1] is not None]
+    unindexed = [m for m, r in zip(members, rows, strict=False) if not r[4]]
     if unindexed and rule.table not in rule.warned:
         rule.warned.add(rule.table)
-        # Partitioned tables take a plain CREATE INDEX (it cascades to every partition).
-        how = (
-            "CREATE INDEX ON {} ({})" if relkind == "p" else "CREATE INDEX CONCURRENTLY ON {} ({})"
-        )
-        statement = (
-            sql.SQL(how)
-            .format(sql.Identifier(schema, table), sql.Identifier(rule.column))
-            .as_string(ctx.conn)
-        )
+        column = sql.Identifier(rule.column)
+        if relkind == "p":
+            # A plain CREATE INDEX on a partitioned table cascades to every partition (and
+            # CONCURRENTLY is refused there).
+            fixes = [
+                sql.SQL("CREATE INDEX ON {} ({})").format(sql.Identifier(schema, table), column)
+            ]
+        else:
+            # On an inheritance parent an index covers the parent only: one per table lacking it.
+            fixes = [
+                sql.SQL("CREATE INDEX CONCURRENTLY ON {} ({})").format(
+                    sql.Identifier(m.schema, m.name), column
+                )
+                for m in unindexed
+            ]
         ctx.log.warning(
-            "no index leads with the retention column: every batch scans the table",
+            # Without an ordered index, LIMIT cannot stop a scan early: to find the oldest rows
+            # PostgreSQL must read and sort every expired one, in every batch.
+            "no index leads with the retention column: every batch scans the table and sorts all"
+            " its expired rows to take the oldest",
             table=f"{schema}.{table}",
             column=rule.column,
-            fix=statement,
+            fix="; ".join(f.as_string(ctx.conn) for f in fixes),
         )
     return members, column_type
