@@ -142,8 +142,8 @@ def _problems(settings: Mapping[str, Any]) -> Iterable[tuple[str, str]]:
         if "older_than" not in rule:
             yield f"{where}.older_than", f"required: {EXPECTATION}"
         for key in ("older_than", "pause", "lock_timeout", "statement_timeout"):
-            if key in rule and not _is_duration(rule[key]):
-                yield f"{where}.{key}", f"expected {EXPECTATION}, got {rule[key]!r}"
+            if key in rule and (problem := _duration_problem(rule[key])):
+                yield f"{where}.{key}", problem
             elif (
                 key in ("lock_timeout", "statement_timeout")
                 and key in rule
@@ -201,14 +201,14 @@ def _is_zone(value: Any) -> bool:
     return True
 
 
-def _is_duration(value: Any) -> bool:
+def _duration_problem(value: Any) -> str | None:
     if not isinstance(value, str):
-        return False
+        return f"expected {EXPECTATION}, got {value!r}"
     try:
         parse_duration(value)
-    except ValueError:
-        return False
-    return True
+    except ValueError as exc:
+        return str(exc)  # the form, or the range (durations.MAX_SECONDS)
+    return None
 
 
 def _rule(raw: Mapping[str, Any]) -> Rule:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from . import __version__
 from .config import Config, ConfigError, load_config, resolve_config_path
 from .planner import PlanError, SelectionError
-from .plugins import PluginError, Plugins, load_plugins
+from .plugins import PluginError, Plugins
 from .unit import UnitError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
@@ -205,8 +205,11 @@ def _preflight(config: Config) -> None:
 
 
 def _load(args: argparse.Namespace) -> tuple[Config, Plugins]:
-    config = load_config(resolve_config_path(args.config))
-    return config, load_plugins(config)
+    """What check-config checks is what run, sweep and a reload build (sweeperd.startup)."""
+    from .startup import prepare
+
+    prepared = prepare(resolve_config_path(args.config))
+    return prepared.config, prepared.plugins
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -259,6 +262,10 @@ def cmd_discover(args: argparse.Namespace) -> int:
     if args.database not in config.databases:
         known = ", ".join(sorted(config.databases)) or "none configured"
         raise UsageError([f"no database named {args.database!r} in {config.path} (known: {known})"])
+    from .like import problem as like_problem
+
+    if bad := like_problem(args.schemas):
+        raise UsageError([f"--schemas: expected a LIKE pattern: {bad}"])
     text, problem = asyncio.run(discover(config, args.database, args.schemas))
     if text is None:
         print(f"sweeperd: database {args.database!r} unreachable: {problem}", file=sys.stderr)

@@ -17,6 +17,7 @@ from types import MappingProxyType
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from . import like
 from .validation import Validator, kind_of
 
 DEFAULT_CONFIG_PATH = Path("/etc/sweeperd/sweeperd.toml")
@@ -205,9 +206,13 @@ class _ConfigReader(Validator):
         sources = self.tenant_sources(doc.get("tenant_sources", []), databases)
         sweeps = self.sweeps(doc.get("sweeps", {}), daemon.timezone)
         plugins = doc.get("plugins", {})
-        if not isinstance(plugins, dict) or not all(isinstance(p, dict) for p in plugins.values()):
-            self.error("plugins", "expected tables [plugins.<name>]")
+        if not isinstance(plugins, dict):
+            self.error("plugins", f"expected tables [plugins.<name>], got {kind_of(plugins)}")
             plugins = {}
+        for name, value in list(plugins.items()):
+            if not isinstance(value, dict):
+                self.error(f"plugins.{name}", f"expected a table of settings, got {kind_of(value)}")
+                plugins = {k: v for k, v in plugins.items() if k != name}
         return Config(
             path=self.path,
             daemon=daemon,
@@ -382,7 +387,7 @@ class _ConfigReader(Validator):
             self.error("tenants", "expected an array of tables [[tenants]]")
             return ()
         out: list[TenantConfig] = []
-        seen: dict[str, int] = {}
+        seen: dict[tuple[str, str], int] = {}
         for i, t in enumerate(raw):
             where = f"tenants[{i}]"
             if not isinstance(t, dict):
@@ -398,13 +403,15 @@ class _ConfigReader(Validator):
                     f"expected one of the [databases] keys "
                     f"({', '.join(sorted(databases)) or 'none defined'}), got {database!r}",
                 )
-            if isinstance(name, str) and name:
-                if name in seen:
+            if isinstance(name, str) and name and isinstance(database, str):
+                # Tenants are (database, name) everywhere: "acme" may be in two databases.
+                if (database, name) in seen:
                     self.error(
                         f"{where}.name",
-                        f"expected a unique tenant name, {name!r} is also tenants[{seen[name]}]",
+                        f"expected a tenant name unique in database {database!r}, {name!r} is "
+                        f"also tenants[{seen[database, name]}]",
                     )
-                seen[name] = i
+                seen[database, name] = i
             if name and database and schema:
                 out.append(TenantConfig(name=name, database=database, schema=schema))
         return tuple(out)
@@ -432,7 +439,11 @@ class _ConfigReader(Validator):
                     f"expected one of the [databases] keys "
                     f"({', '.join(sorted(databases)) or 'none defined'}), got {database!r}",
                 )
-            default_prefix = pattern.split("%", 1)[0] if isinstance(pattern, str) else ""
+            if isinstance(pattern, str) and pattern and (bad := like.problem(pattern)):
+                self.error(f"{where}.schemas", f"expected a LIKE pattern: {bad}")
+                pattern = None
+            # The literal text before the first unescaped %: "tenant\\_%" strips "tenant_".
+            default_prefix = like.prefix(pattern) if isinstance(pattern, str) else ""
             prefix = self.string(t, "prefix", where, default_prefix, "a string", allow_empty=True)
             if database and pattern:
                 out.append(TenantSource(database=database, schemas=pattern, prefix=prefix or ""))

@@ -28,20 +28,21 @@ from pathlib import Path
 
 import structlog
 
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError
 from .controller import Snapshot, SweepController
 from .coordination import Claims
 from .db import Database, describe_error
 from .history import History
 from .limits import Bounds
 from .logs import setup_logging
-from .plugins import PluginError, Plugins, load_plugins
+from .plugins import PluginError, Plugins
 from .pool import Budget
 from .reconnect import Reconnector
 from .report import SweepReport
 from .runner import Runner
 from .schedule import SweepScheduler
 from .sdnotify import Notifier
+from .startup import prepare
 from .sweep import limits_for, open_databases
 from .telemetry import telemetry
 
@@ -51,9 +52,9 @@ EXIT_OK, EXIT_CONFIG = 0, 2
 
 
 def load(path: Path) -> tuple[Config, Plugins]:
-    """Config and plugins, or ConfigError/PluginError with every problem."""
-    config = load_config(path)
-    return config, load_plugins(config)
+    """Config and plugins, or ConfigError/PluginError with every problem (as check-config)."""
+    prepared = prepare(path)
+    return prepared.config, prepared.plugins
 
 
 class Daemon:

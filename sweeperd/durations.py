@@ -24,16 +24,26 @@ _WHOLE = re.compile(r"(?:\d+(?:\.\d+)?" + _UNIT + r")+")
 
 EXPECTATION = 'a duration such as "500ms", "30s", "15m", "2h", "90d" or "1h30m"'
 
+# The longest duration anything accepts. Every consumer can represent it: datetime arithmetic
+# around now (year 9999), APScheduler's triggers and grace times, PostgreSQL intervals and
+# timestamps (a cutoff of now() minus it), timeouts as float seconds. Nothing sensible is longer.
+MAX_SECONDS = 36500 * 86400.0
+MAX_TEXT = "36500d (100 years)"
+
 
 def parse_duration(text: str) -> float:
     """Return the duration in seconds; raise ValueError naming the expected form.
 
     Units must be written (a bare ``"30"`` is ambiguous: seconds? minutes?), so they are required.
+    At most :data:`MAX_SECONDS`.
     """
     compact = text.strip().replace(" ", "")
     if not compact or not _WHOLE.fullmatch(compact):
         raise ValueError(f"expected {EXPECTATION}, got {text!r}")
-    return sum(float(n) * _UNITS[unit] for n, unit in _PART.findall(compact))
+    seconds = sum(float(n) * _UNITS[unit] for n, unit in _PART.findall(compact))
+    if not seconds <= MAX_SECONDS:  # also infinity: "1" followed by 400 zeros
+        raise ValueError(f"expected a duration of at most {MAX_TEXT}, got {text!r}")
+    return seconds
 
 
 def format_duration(seconds: float) -> str:

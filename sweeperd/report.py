@@ -73,12 +73,23 @@ def render_text(report: SweepReport) -> str:
     ]
     for name, reason in sorted(report.unreachable.items()):
         lines.append(f"  database {name} unreachable: {reason}")
+    # Tenants are (database, name): a name found in two databases is shown with its database.
+    dbs_of: dict[str, set[str]] = {}
+    for r in report.results:
+        if r.tenant is not None:
+            dbs_of.setdefault(r.tenant, set()).add(r.database)
+
+    def where(r: Result) -> str:
+        if r.tenant is None:
+            return f"[{r.database}]"
+        return f"{r.tenant} [{r.database}]" if len(dbs_of[r.tenant]) > 1 else r.tenant
+
     if len(report.results) <= MAX_ITEM_LINES:
         rows = [("WHERE", "OPERATION", "STATUS", "ROWS", "TIME")]
         for r in report.results:
             rows.append(
                 (
-                    r.tenant or f"[{r.database}]",
+                    where(r),
                     r.operation,
                     r.status,
                     "" if r.rows is None else str(r.rows),
@@ -111,6 +122,5 @@ def render_text(report: SweepReport) -> str:
         lines.append("")
         lines.append("problems:")
         for r in problems:
-            where = r.tenant if r.tenant is not None else f"[{r.database}]"
-            lines.append(f"  {r.status:<9} {where} {r.operation}: {r.error}")
+            lines.append(f"  {r.status:<9} {where(r)} {r.operation}: {r.error}")
     return "\n".join(lines)

@@ -72,7 +72,15 @@ def nominal_firing(sweep: SweepConfig, timezone: str, now: dt.datetime) -> dt.da
     else:
         trigger = build_trigger(sweep, timezone, with_jitter=False)
         window = dt.timedelta(seconds=sweep.jitter + misfire_grace(sweep) + 1)
-        probe = trigger.get_next_fire_time(None, now - window)
+        # The latest fire time <= now, looking back twice as far each time: a minutely cron
+        # with a grace of days must not walk through every minute of those days.
+        back = dt.timedelta(minutes=1)
+        while True:
+            start = now - min(back, window)
+            probe = trigger.get_next_fire_time(None, start)
+            if (probe is not None and probe <= now) or back >= window:
+                break
+            back *= 2
         while probe is not None and probe <= now:
             candidate = probe
             probe = trigger.get_next_fire_time(probe, probe + dt.timedelta(seconds=1))

@@ -12,6 +12,7 @@ from typing import Any
 
 import structlog
 
+from . import like
 from .config import Config
 from .db import Database, DatabaseUnreachable, describe_error
 from .history import History
@@ -120,18 +121,20 @@ async def resolve_tenants(
                 "tenant discovery failed", database=source.database, error=describe_error(exc)
             )
             continue
+        found, dropped = like.split(found, source.prefix)
+        if dropped:
+            # Said at info, with the count: a pattern whose matches all fail the prefix rule
+            # must not look like a database without tenants.
+            log.info(
+                "schemas match the LIKE pattern but not its prefix; not tenants",
+                database=source.database,
+                pattern=source.schemas,
+                prefix=source.prefix,
+                count=len(dropped),
+                first=dropped[:3],
+            )
         for schema in found:
-            # LIKE's "_" matches any character: "tenant_%" also matches "tenants_archive",
-            # which must not become a tenant (its rows are not a tenant's to prune).
-            if not schema.startswith(source.prefix):
-                log.debug(
-                    "schema matches the LIKE pattern but not its prefix; ignored",
-                    database=source.database,
-                    schema=schema,
-                    prefix=source.prefix,
-                )
-                continue
-            name = schema[len(source.prefix) :] or schema
+            name = like.tenant_name(schema, source.prefix)
             if (source.database, name) in known or (source.database, schema) in schemas:
                 continue
             tenants.append(Tenant(name=name, database=source.database, schema=schema))

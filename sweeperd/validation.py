@@ -117,8 +117,8 @@ class Validator:
             return default
         try:
             seconds = parse_duration(value)
-        except ValueError:
-            self.error(f"{where}.{key}", f"expected {DURATION_EXPECTATION}, got {value!r}")
+        except ValueError as exc:
+            self.error(f"{where}.{key}", str(exc))
             return default
         if seconds == 0 and not allow_zero:
             self.error(f"{where}.{key}", "expected a duration greater than zero")

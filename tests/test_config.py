@@ -279,7 +279,7 @@ def test_problems_across_many_sections(tmp_path: Path) -> None:
 
         [[tenants]]
         name = "acme"
-        database = "main"
+        database = "other"
         schema = "tenant_acme2"
 
         [sweeps.nightly]
@@ -289,10 +289,26 @@ def test_problems_across_many_sections(tmp_path: Path) -> None:
     keys = {line.removeprefix(f"{path}: ").split(": ", 1)[0] for line in problems}
     assert keys == {
         "daemon.timezone", "databases.main.dsn", "databases.main.max_connections",
-        "tenants[0].database", "tenants[1].name", "sweeps.nightly.cron",
+        "tenants[0].database", "tenants[1].database", "tenants[1].name", "sweeps.nightly.cron",
         "sweeps.nightly.operations",
     }, problems
-    assert len(problems) == 7, problems
+    assert len(problems) == 8, problems
+
+
+def test_tenant_names_are_unique_per_database_not_globally(tmp_path: Path) -> None:
+    two_dbs = make_config(
+        database=DSN,
+        tenant=TENANT,
+        tail='[databases.other]\ndsn = "host=/nonexistent dbname=other"\n'
+        '[[tenants]]\nname = "acme"\ndatabase = "other"\nschema = "tenant_acme"\n',
+    )
+    config = load_ok(tmp_path, two_dbs)
+    assert sorted((t.database, t.name) for t in config.tenants) == [
+        ("main", "acme"), ("other", "acme")]
+    twice = make_config(
+        tail='[[tenants]]\nname = "acme"\ndatabase = "main"\nschema = "tenant_acme2"\n')
+    single_problem(tmp_path, twice, "tenants[1].name", "unique in database 'main'",
+                   "tenants[0]")
 
 
 # -- unknown keys ----------------------------------------------------------------------------------
@@ -382,7 +398,7 @@ def test_wrong_types(tmp_path: Path, overrides: dict[str, str], key: str, got: s
         ("sweeps = []\n", "sweeps"),
         ('sweeps = { nightly = "0 3 * * *" }\n', "sweeps.nightly"),
         ("plugins = 1\n", "plugins"),
-        ("plugins = { vacuum = true }\n", "plugins"),
+        ("plugins = { vacuum = true }\n", "plugins.vacuum"),  # names the plugin
     ],
 )
 def test_wrong_section_types(tmp_path: Path, text: str, key: str) -> None:
@@ -1015,3 +1031,59 @@ def test_pooler_and_connect_retry_mistakes_name_the_key(
     tmp_path: Path, line: str, key: str, fragment: str
 ) -> None:
     single_problem(tmp_path, make_config(database=f"{DSN}\n{line}"), key, fragment)
+
+
+# -- durations beyond what the program can hold ---------------------------------------------
+
+
+HUGE = ["1" + "0" * 400 + "s", "99999999999999d", "36501d"]
+
+
+@pytest.mark.parametrize("value", HUGE)
+@pytest.mark.parametrize(
+    ("section", "key"),
+    [
+        ("daemon", "drain_timeout"),
+        ("history", "keep"),
+        ("databases.main", "connect_timeout"),
+        ("databases.main", "connect_retry"),
+        ("databases.main", "lock_timeout"),
+        ("sweeps.nightly", "timeout"),
+        ("sweeps.nightly", "jitter"),
+        ("sweeps.nightly", "misfire_grace_time"),
+        ("sweeps.nightly", "operation_timeout"),
+    ],
+)
+def test_huge_durations_are_one_problem_naming_the_key(
+    tmp_path: Path, section: str, key: str, value: str
+) -> None:
+    bodies = {"daemon": "", "history": "", "databases.main": DSN, "sweeps.nightly": CRON}
+    bodies[section] += f"\n{key} = {toml_str(value)}"
+    text = make_config(daemon=bodies["daemon"], history=bodies["history"],
+                       database=bodies["databases.main"], sweep=bodies["sweeps.nightly"])
+    line = single_problem(tmp_path, text, f"{section}.{key}", "at most")
+    assert "Traceback" not in line
+
+
+@pytest.mark.parametrize("value", HUGE)
+def test_huge_interval_is_a_problem(tmp_path: Path, value: str) -> None:
+    single_problem(tmp_path, make_config(sweep=f"interval = {toml_str(value)}"),
+                   "sweeps.nightly.interval", "at most")
+
+
+# -- LIKE patterns -----------------------------------------------------------------------------
+
+
+def test_a_like_pattern_ending_in_the_escape_character_is_refused(tmp_path: Path) -> None:
+    single_problem(tmp_path, make_config(source="database = \"main\"\nschemas = 'tenant\\'"),
+                   "tenant_sources[0].schemas", "must not end with the escape character")
+
+
+@pytest.mark.parametrize(
+    ("pattern", "prefix"),
+    [("tenant_%", "tenant_"), ("tenant\\_%", "tenant_"), ("t\\%x%", "t%x"), ("a\\\\%", "a\\"),
+     ("%", ""), ("exact", "exact")],
+)
+def test_the_default_prefix_resolves_escapes(tmp_path: Path, pattern: str, prefix: str) -> None:
+    config = load_ok(tmp_path, make_config(source=f"database = \"main\"\nschemas = {toml_str(pattern)}"))
+    assert config.tenant_sources[0].prefix == prefix

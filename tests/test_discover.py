@@ -7,12 +7,10 @@ from pathlib import Path
 
 from support import run_cli, run_sql, toml_str, write_config
 
-from sweeperd.discover import prefix_of, tenants_for
+from sweeperd.discover import tenants_for
 
 
 def test_prefix_and_names() -> None:
-    assert prefix_of("tenant_%") == "tenant_"
-    assert prefix_of("t%x%") == "t"
     found = tenants_for(["tenant_a", "tenants_archive", "tenant_"], "main", "tenant_%")
     assert found == [{"name": "a", "database": "main", "schema": "tenant_a"},
                      {"name": "tenant_", "database": "main", "schema": "tenant_"}]

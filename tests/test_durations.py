@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sweeperd.durations import format_duration, parse_duration
+from sweeperd.durations import MAX_SECONDS, format_duration, parse_duration
 
 
 @pytest.mark.parametrize(
@@ -143,3 +143,19 @@ def test_format_then_parse_is_close_for_fractions(seconds: float) -> None:
     # Sub-second values keep milliseconds; under a minute three significant digits; above
     # a minute whole seconds.
     assert parse_duration(format_duration(seconds)) == pytest.approx(seconds, rel=0.01, abs=0.5)
+
+
+# -- the range: what every consumer (datetimes, APScheduler, PostgreSQL) can hold ---------------
+
+
+@pytest.mark.parametrize(
+    "text", ["1" + "0" * 400 + "s", "99999999999999d", "36501d", "5300w", "1e3s"]
+)
+def test_beyond_the_maximum_or_infinite_is_refused(text: str) -> None:
+    with pytest.raises(ValueError, match="at most 36500d|expected a duration such as"):
+        parse_duration(text)
+
+
+def test_the_maximum_itself_is_accepted() -> None:
+    assert parse_duration("36500d") == MAX_SECONDS
+    assert parse_duration("100w") == 100 * 604800.0

@@ -1,0 +1,75 @@
+"""What ``check-config``, ``run``, ``sweep`` and a reload share: everything built from the
+configuration before the first connection.
+
+One path, so they cannot disagree: if ``check-config`` says OK, ``run`` starts. Validation
+(:mod:`sweeperd.config`, each plugin's ``sweeperd_validate_settings``) says what is wrong with a
+value; the rehearsal then builds what the daemon builds at start and at each firing (triggers and
+their next fire times, the nominal firing, windows, limits, every sweep's plan over the static
+tenants) so that anything validation missed is still one line naming the sweep, never a traceback
+at run time.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import Config, ConfigError, load_config
+from .limits import Bounds
+from .model import Tenant
+from .planner import PlanError, make_plan
+from .plugins import Plugins, load_plugins
+from .schedule import Window, build_trigger, misfire_grace, nominal_firing
+from .sweep import limits_for
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    config: Config
+    plugins: Plugins
+
+
+def prepare(path: Path, *, now: dt.datetime | None = None) -> Prepared:
+    """The validated config, its plugins and operations; ConfigError/PluginError otherwise."""
+    config = load_config(path)
+    plugins = load_plugins(config)
+    problems = rehearse(config, plugins, now=now)
+    if problems:
+        raise ConfigError(problems)
+    return Prepared(config=config, plugins=plugins)
+
+
+def rehearse(config: Config, plugins: Plugins, *, now: dt.datetime | None = None) -> list[str]:
+    """Build what the daemon builds from ``config``; one problem per sweep that cannot be."""
+    now = now or dt.datetime.now(dt.UTC)
+    problems: list[str] = []
+    tz = config.daemon.timezone
+    Bounds(limits_for(config))
+    for name, sweep in config.sweeps.items():
+        try:
+            trigger = build_trigger(sweep, tz)
+            trigger.get_next_fire_time(None, now)
+            nominal_firing(sweep, tz, now)
+            misfire_grace(sweep)
+            if sweep.window:
+                Window(sweep.window, tz).closes_after(now)
+        except Exception as exc:  # a gap in validation: still a line, not a traceback
+            problems.append(
+                f"{config.path}: sweeps.{name}: cannot be scheduled: {type(exc).__name__}: {exc}"
+            )
+    # Each discovered tenant is like any static one to the planner: one stands in per source.
+    tenants = [Tenant(name=t.name, database=t.database, schema=t.schema) for t in config.tenants]
+    for i, source in enumerate(config.tenant_sources):
+        tenants.append(
+            Tenant(name=f"\0source{i}", database=source.database, schema=f"{source.prefix}x")
+        )
+    selections: list[str | None] = [None, *config.sweeps]
+    for selection in selections:
+        try:
+            make_plan(config, plugins.operations, tenants, sweep=selection)
+        except PlanError as exc:
+            where = f"sweeps.{selection}" if selection is not None else "sweeps"
+            problems.append(f"{config.path}: {where}: {exc}")
+            break  # the same cycle in every sweep that selects it: once is enough
+    return problems
