@@ -1085,5 +1085,6 @@ def test_a_like_pattern_ending_in_the_escape_character_is_refused(tmp_path: Path
      ("%", ""), ("exact", "exact")],
 )
 def test_the_default_prefix_resolves_escapes(tmp_path: Path, pattern: str, prefix: str) -> None:
-    config = load_ok(tmp_path, make_config(source=f"database = \"main\"\nschemas = {toml_str(pattern)}"))
+    source = f'database = "main"\nschemas = {toml_str(pattern)}'
+    config = load_ok(tmp_path, make_config(source=source))
     assert config.tenant_sources[0].prefix == prefix
