@@ -1,7 +1,10 @@
-"""Vacuum: ``VACUUM (ANALYZE, SKIP_LOCKED, …)`` of tenant tables, one operation per table.
+r'''Vacuum: ``VACUUM (ANALYZE, SKIP_LOCKED, …)`` of tenant tables, one operation per table.
 
     [plugins.vacuum]
     tables = ["notifications", "sessions"]   # operations vacuum.notifications, vacuum.sessions
+    # tables = ['Events "x"', "a.b"]          # any PostgreSQL name, in the tenant's schema (a
+    #                                         # dot is part of the name): vacuum."Events ""x""",
+    #                                         # vacuum."a.b" (see sweeperd.model.quote_name)
     # tables = "auto"                         # one operation, vacuum.auto: every table of the
     #                                         # tenant schema past the dead-tuple thresholds
     analyze = true
@@ -16,7 +19,12 @@ SKIP_DATABASE_STATS need 16. Like ``vacuumdb``, per-table vacuums skip the datab
 database-scope operation ``vacuum.database_stats`` runs ``VACUUM (ONLY_DATABASE_STATS)`` once per
 database after every vacuum of the sweep. Retention (phase PRUNE) on a table finishes before its
 vacuum (phase MAINTAIN): the core orders operations that share a table.
-"""
+
+A table's operation is ``vacuum.<table>`` with the table spelled by
+:func:`sweeperd.model.quote_name`: plain when it is letters, digits, ``_`` and ``-``, otherwise
+double-quoted like a PostgreSQL identifier. Tables named ``auto`` or ``database_stats`` are
+always quoted (``vacuum."auto"``), so they never collide with this plugin's own operations.
+'''
 
 from __future__ import annotations
 
@@ -27,6 +35,8 @@ from typing import Any
 
 import sweeperd
 from sweeperd import sql
+from sweeperd.model import operation_name, quote_name
+from sweeperd.validation import NAMEDATALEN
 
 _KEYS = {
     "tables",
@@ -37,6 +47,8 @@ _KEYS = {
     "min_dead_ratio",
 }
 LOCK_NOT_AVAILABLE = "55P03"
+# This plugin's own operations: a table of the same name gets a quoted operation name.
+_OWN_OPERATIONS = {"auto", "database_stats"}
 # The statistics functions on the table's oid, not the pg_stat_user_tables view: the view
 # computes some twenty columns for every table of the database on each call.
 _STATS_QUERY = """
@@ -106,12 +118,21 @@ def _problems(settings: Mapping[str, Any]) -> Iterable[tuple[str, str]]:
         if key not in _KEYS:
             yield key, f"unknown key (expected one of: {', '.join(sorted(_KEYS))})"
     tables = settings.get("tables", [])
-    if tables != "auto" and (
-        not isinstance(tables, list) or not all(isinstance(t, str) and t for t in tables)
-    ):
+    if tables != "auto" and not isinstance(tables, list):
         yield "tables", 'expected a list of table names or "auto"'
-    elif isinstance(tables, list) and len(set(tables)) != len(tables):
-        yield "tables", "expected each table once"
+    elif isinstance(tables, list):
+        seen: dict[str, int] = {}
+        for i, table in enumerate(tables):
+            problem = _table_problem(table)
+            if problem is not None:
+                yield f"tables[{i}]", problem
+            elif table in seen:
+                yield (
+                    f"tables[{i}]",
+                    f"expected each table once, {table!r} is also tables[{seen[table]}]",
+                )
+            else:
+                seen[table] = i
     for key in ("analyze", "skip_locked"):
         if key in settings and not isinstance(settings[key], bool):
             yield key, "expected true or false"
@@ -123,6 +144,29 @@ def _problems(settings: Mapping[str, Any]) -> Iterable[tuple[str, str]]:
     ratio = settings.get("min_dead_ratio", 0.0)
     if not isinstance(ratio, int | float) or isinstance(ratio, bool) or not 0 <= ratio <= 1:
         yield "min_dead_ratio", "expected a number between 0 and 1"
+
+
+def _table_problem(table: Any) -> str | None:
+    """What is wrong with one entry of ``tables`` (None: it names a table PostgreSQL can hold).
+
+    Any name PostgreSQL accepts is fine — spaces, quotes, dots, upper case, non-ASCII — since it
+    only ever reaches SQL as an identifier; but the server cannot store a NUL, and it cuts a
+    longer name to its first bytes, which would vacuum (or miss) a different table.
+    """
+    if not isinstance(table, str) or not table:
+        return "expected a table name (a non-empty string)"
+    if "\0" in table:
+        return "expected a table name without NUL characters (PostgreSQL names cannot hold them)"
+    try:
+        size = len(table.encode("utf-8"))
+    except UnicodeEncodeError:
+        return f"expected a table name in valid Unicode, got {table!r}"
+    if size > NAMEDATALEN:
+        return (
+            f"expected a table name of at most {NAMEDATALEN} bytes, got {size} "
+            f"(PostgreSQL would cut it short and vacuum another table): {table!r}"
+        )
+    return None
 
 
 def _settings(raw: Mapping[str, Any]) -> Settings:
@@ -143,14 +187,21 @@ def _table_operation(table: str, s: Settings) -> sweeperd.Operation:
         return await _vacuum(ctx, s, ctx.tenant.schema, table)
 
     return sweeperd.Operation(
-        name=f"vacuum.{table}",
+        name=table_operation_name(table),
         run=run,
         tables=(table,),
         phase=sweeperd.Phase.MAINTAIN,
         db_operation="VACUUM",
         dry_run=True,
-        description=f"VACUUM{' (ANALYZE)' if s.analyze else ''} {table}",
+        description=f"VACUUM{' (ANALYZE)' if s.analyze else ''} {quote_name(table)}",
     )
+
+
+def table_operation_name(table: str) -> str:
+    '''``vacuum.<table>``: ``vacuum.events``, ``vacuum."Events ""x"""``, ``vacuum."auto"``.'''
+    if table in _OWN_OPERATIONS:
+        return f"vacuum.{quote_name(table, always=True)}"
+    return operation_name("vacuum", table)
 
 
 def vacuum_options(s: Settings, server_version: int) -> list[sql.Composable]:
@@ -218,7 +269,9 @@ async def _vacuum(ctx: sweeperd.Context, s: Settings, schema: str, table: str) -
             skipped.append(message or "lock not available")
         elif diag.severity_nonlocalized == "WARNING" and "skipping" in message:
             refused.append(message or "VACUUM skipped the table")
-        elif verbose and (found := _TUPLES.search(message)):
+        # The message quotes the table's name, which may itself read like a "tuples:" line
+        # (a name is anything up to 63 bytes): it is left out before the counts are read.
+        elif verbose and (found := _TUPLES.search(message.replace(f"{schema}.{table}", ""))):
             counts.append((int(found[1]), int(found[2]), int(found[3])))
 
     ctx.conn.add_notice_handler(on_notice)

@@ -2,7 +2,9 @@
 
 Plugins see :class:`Operation`, :class:`Context`, :class:`Tenant`, :class:`Phase` and
 :class:`Skip` (re-exported from :mod:`sweeperd`). The runner produces :class:`Result` objects,
-which the CLI renders as the contract JSON report.
+which the CLI renders as the contract JSON report. Operation names derived from database names
+(``vacuum.<table>``) spell them with :func:`quote_name` / :func:`operation_name`, whose
+docstrings say how such names look and how ``sweep --only`` selects them.
 """
 
 from __future__ import annotations
@@ -29,7 +31,91 @@ STATUSES: tuple[Status, ...] = ("ok", "failed", "skipped", "cancelled", "dry-run
 # tables are only known when they run (e.g. "vacuum every bloated table").
 ALL_TABLES = "*"
 
-_OPERATION_NAME = re.compile(r"[A-Za-z0-9_-]+\.[^\s]+")
+# The plugin part of an operation name, and what a name part may be without quotes.
+_PLUGIN_NAME = r"[A-Za-z0-9_-]+"
+_SIMPLE_PART = re.compile(_PLUGIN_NAME)
+# "<plugin>.<what>": <what> has no whitespace outside double-quoted segments, and every quote
+# opens or closes such a segment ("" inside stands for one quote), so a quoted name cannot run
+# into what follows it. Printability (no control characters) is checked separately.
+_OPERATION_NAME = re.compile(rf'{_PLUGIN_NAME}\.(?:[^\s"]|"(?:[^"]|"")+")+')
+_GLOB_SPECIAL = re.compile(r"([*?\[])")
+
+
+class OperationError(ValueError):
+    """An :class:`Operation` was built with invalid values (a plugin bug, not a settings error)."""
+
+
+def quote_name(name: str, *, always: bool = False) -> str:
+    r'''How a name (a table, a schema, a rule…) is spelled as one part of an operation name.
+
+    - A *simple* name — ASCII letters, digits, ``_`` and ``-`` only — is kept as it is:
+      ``events`` → ``events``, ``Events_2024`` → ``Events_2024``. (PostgreSQL's quote_ident
+      would also quote upper case and ``-``; they stay plain here so that the names existing
+      configs, scripts and history use keep their spelling, and nothing folds the case of an
+      operation name anyway.)
+    - Anything else is double-quoted the way PostgreSQL quotes an identifier, every ``"`` in it
+      doubled: ``Events "x"`` → ``"Events ""x"""``, ``ÜBER tab`` → ``"ÜBER tab"``,
+      ``a.b`` → ``"a.b"``, ``back\`` → ``"back\"`` (a backslash is an ordinary character).
+    - A name with characters that do not print (tab, newline, other control or invisible
+      characters) gets PostgreSQL's Unicode escape form, so an operation name is always one
+      visible line: ``a<TAB>b`` → ``U&"a\0009b"`` (a backslash is then written ``\\``).
+
+    Different names never get the same spelling, and a quoted spelling is never mistaken for
+    two parts: ``vacuum."a.b"`` (table ``a.b``) is not ``vacuum.a.b`` (table ``b`` of schema
+    ``a``). ``always=True`` quotes a simple name too (``"auto"``): for a plugin whose own
+    operation names would otherwise collide with a derived one (``vacuum.auto``).
+    '''
+    if not always and _SIMPLE_PART.fullmatch(name):
+        return name
+    if name.isprintable():
+        return '"' + name.replace('"', '""') + '"'
+    return 'U&"' + "".join(_unicode_escape(ch) for ch in name) + '"'
+
+
+def _unicode_escape(ch: str) -> str:
+    if ch == "\\":
+        return "\\\\"
+    if ch == '"':
+        return '""'
+    if ch.isprintable():
+        return ch
+    code = ord(ch)
+    return f"\\{code:04X}" if code <= 0xFFFF else f"\\+{code:06X}"
+
+
+def operation_name(plugin: str, *parts: str) -> str:
+    r'''The operation name ``<plugin>.<part>[.<part>…]``, each part spelled by :func:`quote_name`.
+
+    ``operation_name("vacuum", "events")`` is ``vacuum.events``;
+    ``operation_name("vacuum", 'Events "x"')`` is ``vacuum."Events ""x"""``; a schema-qualified
+    name is two parts: ``operation_name("retention", "Sales 2024", "orders")`` is
+    ``retention."Sales 2024".orders``, never to be confused with ``retention."Sales 2024.orders"``
+    (one table whose name holds a dot).
+
+    That one spelling is used everywhere: the operation's name in ``sweeperd plugins``, the
+    ``operation`` field of the JSON report (that very string, its quotes JSON-escaped:
+    ``"vacuum.\"Events \"\"x\"\"\""``), logs, traces and metrics, and what ``sweep --only``,
+    a sweep's ``operations`` and ``Operation.after`` match their globs against. The globs are
+    fnmatch-style, so ``--only 'vacuum.*'`` selects every table's vacuum, quoted or not.
+    A pattern that is exactly an operation's name — copied from the report, single-quoted for
+    the shell: ``--only 'vacuum."Events ""x"""'`` — selects that operation and no other, even
+    when the name holds ``*``, ``?`` or ``[`` (``vacuum."x[1] y"`` does not also select
+    ``vacuum."x1 y"``). To match those three characters literally inside a wider glob, write
+    them ``[*]``, ``[?]`` and ``[[]`` (:func:`escape_glob`): ``--only 'vacuum."x[[]*'``.
+    '''
+    if not _SIMPLE_PART.fullmatch(plugin):
+        raise OperationError(f"plugin name {plugin!r} must be letters, digits, '_' or '-'")
+    if not parts:
+        raise OperationError("an operation name needs at least one part after the plugin")
+    return ".".join([plugin, *(quote_name(p) for p in parts)])
+
+
+def escape_glob(name: str) -> str:
+    """A glob that matches exactly ``name`` (``*``, ``?`` and ``[`` bracketed, as fnmatch wants).
+
+    ``escape_glob('vacuum."a*b"')`` is ``vacuum."a[*]b"``: for ``sweep --only`` or ``after``.
+    """
+    return _GLOB_SPECIAL.sub(r"[\1]", name)
 
 
 class Phase(enum.IntEnum):
@@ -65,6 +151,9 @@ class Operation:
     """A cleanup step a plugin contributes.
 
     :param name: ``<plugin>.<what>``, unique across all plugins (selected by glob in sweeps).
+        Build a name from a table or other database name with :func:`operation_name`, which
+        quotes it when needed (``vacuum."a.b"`` for table ``a.b``): a raw name may hold spaces,
+        quotes, dots or control characters, which a plain ``f"vacuum.{table}"`` gets wrong.
     :param run: ``async def run(ctx) -> int | None`` returning rows affected (None: not meaningful).
     :param tables: the tables it touches; relative to the tenant's schema for scope ``tenant``,
         schema-qualified (``"public.sessions"``) for scope ``database``. ``"*"`` means "any table":
@@ -97,17 +186,24 @@ class Operation:
     plugin: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
-        if not _OPERATION_NAME.fullmatch(self.name):
-            raise ValueError(f"operation name {self.name!r} must look like '<plugin>.<what>'")
+        if not isinstance(self.name, str) or not (
+            self.name.isprintable() and _OPERATION_NAME.fullmatch(self.name)
+        ):
+            raise OperationError(
+                f"operation name {self.name!r} must look like '<plugin>.<what>': the plugin in "
+                "letters, digits, '_' or '-', then no control characters, and spaces or '\"' "
+                'only inside a double-quoted part (\'vacuum."Events ""x"""\'; '
+                "sweeperd.model.operation_name builds such names)"
+            )
         if self.scope not in ("tenant", "database"):
-            raise ValueError(f"operation {self.name}: scope must be 'tenant' or 'database'")
+            raise OperationError(f"operation {self.name}: scope must be 'tenant' or 'database'")
         # A bare string would be iterated per character: a classic slip, forgiven here.
         object.__setattr__(self, "tables", _as_tuple(self.tables))
         object.__setattr__(self, "after", _as_tuple(self.after))
         if self.scope == "database":
             for table in self.tables:
                 if table != ALL_TABLES and "." not in table:
-                    raise ValueError(
+                    raise OperationError(
                         f"operation {self.name}: scope 'database' needs schema-qualified tables "
                         f"('public.sessions'), got {table!r}"
                     )

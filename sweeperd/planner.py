@@ -10,12 +10,12 @@ tenant, the dependency graph has no cycles, and items on different tables run co
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
 from .config import Config, SweepConfig
-from .model import ALL_TABLES, Operation, Tenant
+from .model import ALL_TABLES, Operation, Tenant, escape_glob
 
 ALL_SWEEPS = "*"
 
@@ -57,7 +57,22 @@ class Plan:
 
 
 def matches(name: str, globs: Iterable[str]) -> bool:
-    return any(fnmatchcase(name, g) for g in globs)
+    """Whether ``name`` matches one of the fnmatch-style, case-sensitive, anchored ``globs``.
+
+    A glob that is exactly ``name`` matches it even when the name holds ``*``, ``?`` or ``[``
+    (``vacuum."x[1]"``, the name of the vacuum of table ``x[1]``): the name copied from a report
+    must select its operation. :func:`exact_names` keeps such a glob from matching others too.
+    """
+    return any(name == g or fnmatchcase(name, g) for g in globs)
+
+
+def exact_names(globs: Iterable[str], names: Collection[str]) -> tuple[str, ...]:
+    """``globs`` with each one that is exactly one of ``names`` made to match that name only.
+
+    Without this, ``vacuum."x[1] y"`` would also select ``vacuum."x1 y"`` (``[1]`` is a
+    character set to fnmatch), and ``vacuum."a*b"`` every quoted name from ``a`` to ``b``.
+    """
+    return tuple(escape_glob(g) if g in names else g for g in globs)
 
 
 def make_plan(
@@ -80,20 +95,27 @@ def make_plan(
     allowed_dbs = set(database_scope_in) if database_scope_in is not None else None
     sweeps = _sweeps(config, sweep)
     ops = list(operations.values())
+    # A glob that is exactly a name means that name only (model.operation_name says why).
+    only_globs = exact_names(only_globs, operations)
+    tenant_names = {t.name for t in tenants}
+    tenant_globs = exact_names(tenant_globs, tenant_names)
     # Each pair remembers the (first) sweep that selected it: its operation_timeout applies.
     pairs: dict[tuple[str, str, str], tuple[Operation, Tenant, SweepConfig]] = {}
     db_ops: dict[tuple[str, str], tuple[Operation, str, SweepConfig]] = {}
     for sw in sweeps:
         selected_dbs: set[str] = set()  # per sweep: another sweep's tenants must not count
+        sweep_globs = exact_names(sw.operations, operations)
         chosen_ops = [
             op
             for op in ops
-            if matches(op.name, sw.operations) and (not only_globs or matches(op.name, only_globs))
+            if matches(op.name, sweep_globs) and (not only_globs or matches(op.name, only_globs))
         ]
+        sweep_tenants = exact_names(sw.tenants, tenant_names)
         chosen_tenants = [
             t
             for t in tenants
-            if matches(t.name, sw.tenants) and (not tenant_globs or matches(t.name, tenant_globs))
+            if matches(t.name, sweep_tenants)
+            and (not tenant_globs or matches(t.name, tenant_globs))
         ]
         for tenant in chosen_tenants:
             selected_dbs.add(tenant.database)
@@ -208,6 +230,7 @@ def _link_after(items: Sequence[WorkItem]) -> None:
     """Add dependencies from ``Operation.after``: per tenant, or per database for scope database."""
     if not any(item.operation.after for item in items):
         return
+    names = {item.operation.name for item in items}
     by_tenant: dict[tuple[str, str], list[WorkItem]] = defaultdict(list)
     by_database: dict[str, list[WorkItem]] = defaultdict(list)
     for item in items:
@@ -215,7 +238,7 @@ def _link_after(items: Sequence[WorkItem]) -> None:
         if item.tenant is not None:
             by_tenant[(item.database, item.tenant.name)].append(item)
     for item in items:
-        globs = item.operation.after
+        globs = exact_names(item.operation.after, names)
         if not globs:
             continue
         pool = (

@@ -13,7 +13,7 @@ import importlib.util
 import inspect
 import pkgutil
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
@@ -21,9 +21,9 @@ from typing import Any
 
 import pluggy
 
-from . import hookspecs
+from . import hookspecs, model
 from .config import Config
-from .model import Operation
+from .model import Operation, OperationError
 
 PROJECT = "sweeperd"
 BUNDLED_PACKAGE = "sweeperd.bundled"
@@ -238,18 +238,29 @@ def _load_failure(info: PluginInfo, exc: BaseException) -> str:
 def _one_line(exc: BaseException) -> str:
     # One line per problem, whatever the exception text looks like (libpq and C extensions
     # produce multi-line messages).
-    return " ".join(str(exc).split())
+    return _printable(" ".join(str(exc).split()))
 
 
-def _innermost_location(exc: BaseException) -> str:
+def _innermost_location(exc: BaseException, *, skip: frozenset[str] = frozenset()) -> str:
+    """`` [file:line]`` of the innermost frame of ``exc``'s traceback, leaving out ``skip`` files.
+
+    When skipping, frames of generated code (a dataclass's ``__init__``, file ``<string>``) are
+    left out too: they are nothing anyone can open.
+    """
     if isinstance(exc, SyntaxError):
         return ""  # its message already names the file and line; the traceback ends in importlib
+    found = ""
     tb = exc.__traceback__
-    if tb is None:
-        return ""
-    while tb.tb_next is not None:
+    while tb is not None:
+        filename = tb.tb_frame.f_code.co_filename
+        if not skip or (filename not in skip and not filename.startswith("<")):
+            found = f" [{filename}:{tb.tb_lineno}]"
         tb = tb.tb_next
-    return f" [{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}]"
+    return found
+
+
+# An invalid Operation is the plugin's mistake, not model.py's: point at the plugin's line.
+_MODEL_FILES = frozenset({model.__file__})
 
 
 def _call_per_plugin(
@@ -267,13 +278,35 @@ def _call_per_plugin(
         args = [kwargs[a] for a in impl.argnames]
         try:
             results.append((name, impl.function(*args)))
+        except OperationError as exc:
+            # Raised by Operation() inside the hook: usually a setting the plugin turned into
+            # a name without checking it, so name the settings key and the plugin's own line.
+            problems.append(
+                f"{_plugin_key(config, name)}: {hook_name} built an invalid operation: "
+                f"{_one_line(exc)}{_innermost_location(exc, skip=_MODEL_FILES)}"
+            )
         except Exception as exc:
             # A plugin bug must name the plugin, keep the cause, and not become a traceback.
             problems.append(
-                f"plugin {name!r}: {hook_name} raised {type(exc).__name__}: {_one_line(exc)}"
-                f"{_innermost_location(exc)}"
+                f"{_plugin_key(config, name)}: {hook_name} raised {type(exc).__name__}: "
+                f"{_one_line(exc)}{_innermost_location(exc)}"
             )
     return results
+
+
+def _plugin_key(config: Config, name: str) -> str:
+    """Where a plugin's settings live (``<config>: plugins.<name>``): what its problems name."""
+    return f"{config.path}: plugins.{_printable(name)}"
+
+
+def _printable(text: str) -> str:
+    """``text`` with anything that would not print as itself escaped (one problem, one line).
+
+    Settings keys come from TOML, whose quoted keys may hold newlines or control characters.
+    """
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
 
 
 def _validate_settings(pm: pluggy.PluginManager, config: Config) -> list[str]:
@@ -282,35 +315,76 @@ def _validate_settings(pm: pluggy.PluginManager, config: Config) -> list[str]:
         if not pm.has_plugin(name):
             loaded = ", ".join(sorted(n for n, _ in pm.list_name_plugin())) or "none"
             problems.append(
-                f"{config.path}: plugins.{name}: no plugin named {name!r} is loaded "
+                f"{_plugin_key(config, name)}: no plugin named {name!r} is loaded "
                 f"(loaded: {loaded})"
             )
     for name, found in _call_per_plugin(pm, "sweeperd_validate_settings", config, problems):
-        for key, expectation in found or ():
-            problems.append(f"{config.path}: plugins.{name}.{key}: {expectation}")
+        pairs = _problem_pairs(found)
+        if pairs is None:
+            problems.append(
+                f"{_plugin_key(config, name)}: sweeperd_validate_settings returned "
+                f"{_one_line_repr(found)}, expected a list of (key, expectation) pairs"
+            )
+            continue
+        for key, expectation in pairs:
+            problems.append(
+                f"{_plugin_key(config, name)}.{_printable(key)}: {_one_line_text(expectation)}"
+            )
     return problems
+
+
+def _problem_pairs(found: Any) -> list[tuple[str, str]] | None:
+    """The (key, expectation) pairs a validate hook returned; None if it returned something else.
+
+    A malformed return value is the plugin's bug; it must become a problem naming the plugin,
+    not a traceback from unpacking it here.
+    """
+    if found is None:
+        return []
+    if isinstance(found, str | bytes | Mapping) or not isinstance(found, Iterable):
+        return None
+    pairs = list(found)
+    if not all(isinstance(p, tuple | list) and len(p) == 2 for p in pairs):
+        return None
+    return [(str(key), str(expectation)) for key, expectation in pairs]
+
+
+def _one_line_text(text: str) -> str:
+    return _printable(" ".join(text.split()))
+
+
+def _one_line_repr(value: Any) -> str:
+    text = _one_line_text(repr(value))
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _collect_operations(pm: pluggy.PluginManager, config: Config) -> dict[str, Operation]:
     operations: dict[str, Operation] = {}
     problems: list[str] = []
     for name, contributed in _call_per_plugin(pm, "sweeperd_operations", config, problems):
+        where = _plugin_key(config, name)
         if contributed is None:
             continue
         if not isinstance(contributed, Sequence) or isinstance(contributed, str):
-            problems.append(f"plugin {name!r}: sweeperd_operations must return a list of Operation")
+            problems.append(
+                f"{where}: sweeperd_operations must return a list of Operation, "
+                f"got {_one_line_repr(contributed)}"
+            )
             continue
         for op in contributed:
             if not isinstance(op, Operation):
                 problems.append(
-                    f"plugin {name!r}: sweeperd_operations returned {op!r}, "
-                    "expected sweeperd.Operation"
+                    f"{where}: sweeperd_operations returned "
+                    f"{_one_line_repr(op)}, expected sweeperd.Operation"
                 )
                 continue
             if op.name in operations:
+                other = operations[op.name].plugin
                 problems.append(
-                    f"operation {op.name!r} is contributed by both plugin "
-                    f"{operations[op.name].plugin!r} and plugin {name!r}"
+                    f"{where}: sweeperd_operations returned operation {op.name!r} twice"
+                    if other == name
+                    else f"operation {op.name!r} is contributed by both plugin {other!r} "
+                    f"and plugin {name!r}"
                 )
                 continue
             operations[op.name] = replace(op, plugin=name)

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sweeperd.bundled.vacuum import table_operation_name
 
 from sweeperd import ALL_TABLES, Operation, Phase, Tenant
 from sweeperd.config import Config, parse_config
@@ -228,6 +229,70 @@ def test_only_narrowing_intersects_with_the_sweep() -> None:
         tenant_globs=["globex"],
     )
     assert keys(plan) == [(None, "main", "retention.sessions")]
+
+
+# The vacuums of tables with hostile names, named as the vacuum plugin names them.
+HOSTILE_TABLES = [
+    "events",
+    'Events "x"',
+    "ÜBER tab",
+    "a.b",
+    "back\\",
+    "50%_off",
+    "x[1] y",
+    "x1 y",
+    "a*b",
+    "a b",
+    "auto",
+]
+HOSTILE_OPERATIONS = ops(
+    *(op(table_operation_name(t), t, phase=Phase.MAINTAIN) for t in HOSTILE_TABLES),
+    op("vacuum.database_stats", scope="database", phase=Phase.MAINTAIN, after=["vacuum.*"]),
+)
+
+
+def selected(only: Sequence[str], **kw: Any) -> set[str]:
+    plan = make_plan(config(), HOSTILE_OPERATIONS, TENANTS[:1], only_globs=only, **kw)
+    assert_well_formed(plan)
+    return {it.operation.name for it in plan.items}
+
+
+def test_hostile_table_names_are_distinct_operations_all_matched_by_vacuum_star() -> None:
+    assert len(HOSTILE_OPERATIONS) == len(HOSTILE_TABLES) + 1
+    assert selected(["vacuum.*"]) == set(HOSTILE_OPERATIONS)
+
+
+@pytest.mark.parametrize("table", HOSTILE_TABLES)
+def test_only_with_an_operation_name_selects_that_one_table(table: str) -> None:
+    name = table_operation_name(table)
+    assert selected([name]) == {name}
+
+
+def test_only_exact_names_are_not_globs_but_other_patterns_are() -> None:
+    # fnmatch alone would select "x1 y" for "x[1] y" (and not "x[1] y" itself), and "a b" too
+    # for "a*b": an exact name means that operation only.
+    assert selected(['vacuum."x[1] y"']) == {'vacuum."x[1] y"'}
+    assert selected(['vacuum."a*b"']) == {'vacuum."a*b"'}
+    # Patterns that are not names are fnmatch globs; [[] and [*] match the characters.
+    assert selected(['vacuum."x*']) == {'vacuum."x[1] y"', 'vacuum."x1 y"'}
+    assert selected(['vacuum."x[[]*']) == {'vacuum."x[1] y"'}
+    assert selected(['vacuum."a[*]*']) == {'vacuum."a*b"'}
+    assert selected(["vacuum.auto"]) == set()  # the table "auto" is vacuum."auto"
+    assert selected(['vacuum."auto"']) == {'vacuum."auto"'}
+
+
+def test_sweep_operations_and_after_take_exact_names_too() -> None:
+    cfg = config({"s": {"operations": ['vacuum."x[1] y"', "vacuum.database_stats"]}})
+    plan = make_plan(cfg, HOSTILE_OPERATIONS, TENANTS[:1], sweep="s")
+    assert {it.operation.name for it in plan.items} == {'vacuum."x[1] y"', "vacuum.database_stats"}
+    after = ops(
+        op('vacuum."x[1] y"', "x[1] y"),
+        op('vacuum."x1 y"', "x1 y"),
+        op("late.one", "other", after=['vacuum."x[1] y"']),
+    )
+    plan = make_plan(config(), after, TENANTS[:1])
+    items = by_key(plan)
+    assert items[("acme", "late.one")].deps == [items[("acme", 'vacuum."x[1] y"')].index]
 
 
 def test_globs_are_case_sensitive_and_anchored() -> None:

@@ -619,8 +619,8 @@ def test_non_operation_returned_is_an_error(tmp_path: Path) -> None:
         """,
     )
     [problem] = plugin_problems(tmp_path)
-    assert "'wrongtype'" in problem
-    assert "Operation" in problem
+    assert ": plugins.wrongtype: sweeperd_operations returned {'name': 'wrongtype.op'}" in problem
+    assert "expected sweeperd.Operation" in problem
 
 
 def test_single_operation_instead_of_a_list_is_an_error(tmp_path: Path) -> None:
@@ -639,8 +639,7 @@ def test_single_operation_instead_of_a_list_is_an_error(tmp_path: Path) -> None:
         """,
     )
     [problem] = plugin_problems(tmp_path)
-    assert "'notalist'" in problem
-    assert "list" in problem
+    assert ": plugins.notalist: sweeperd_operations must return a list" in problem
 
 
 def test_returning_none_contributes_nothing(tmp_path: Path) -> None:
@@ -683,13 +682,25 @@ def test_raising_operations_hook_names_the_plugin(tmp_path: Path) -> None:
             return [sweeperd.Operation(name="raiser2", run=None)]
         """,
     )
-    problems = plugin_problems(tmp_path)
-    assert len(problems) == 2
-    joined = "\n".join(problems)
-    assert "'raiser'" in joined and "KeyError" in joined and "rules" in joined
-    # An invalid Operation built inside the hook is reported like any other plugin bug.
-    assert "'raiser2'" in joined and "ValueError" in joined
-    assert "Traceback" not in joined
+    config = make_config(tmp_path, plugin_dirs=["plugins.d"])
+    with pytest.raises(PluginError) as excinfo:
+        load_plugins(config, entry_points=False)
+    [raised] = [p for p in excinfo.value.problems if ": plugins.raiser: " in p]
+    [invalid] = [p for p in excinfo.value.problems if ": plugins.raiser2: " in p]
+    assert len(excinfo.value.problems) == 2
+    assert raised.startswith(
+        f"{config.path}: plugins.raiser: sweeperd_operations raised KeyError: 'rules' ["
+    )
+    assert raised.endswith(f"{tmp_path / 'plugins.d' / 'raiser.py'}:5]")
+    # An invalid Operation built inside the hook names the plugin and the plugin's own line,
+    # not the line of sweeperd/model.py that rejected it.
+    assert invalid.startswith(
+        f"{config.path}: plugins.raiser2: sweeperd_operations built an invalid operation: "
+        "operation name 'raiser2' must look like '<plugin>.<what>'"
+    )
+    assert invalid.endswith(f"{tmp_path / 'plugins.d' / 'raiser2.py'}:5]")
+    assert "model.py" not in invalid
+    assert "Traceback" not in raised + invalid
 
 
 def test_raising_validate_settings_hook_names_the_plugin(tmp_path: Path) -> None:
@@ -707,8 +718,9 @@ def test_raising_validate_settings_hook_names_the_plugin(tmp_path: Path) -> None
     with pytest.raises((ConfigError, PluginError)) as excinfo:
         load_drop_ins(tmp_path)
     [problem] = excinfo.value.problems
-    assert "'vraiser'" in problem
-    assert "TypeError: validator bug" in problem
+    assert ": plugins.vraiser: sweeperd_validate_settings raised TypeError: validator bug [" in (
+        problem
+    )
 
 
 async def _noop(ctx: sweeperd.Context) -> int | None:
@@ -719,6 +731,81 @@ async def _noop(ctx: sweeperd.Context) -> int | None:
 def test_operation_rejects_bad_names(name: str) -> None:
     with pytest.raises(ValueError, match="name"):
         sweeperd.Operation(name=name, run=_noop)
+
+
+def test_invalid_operation_from_a_helper_points_at_the_plugin_line(tmp_path: Path) -> None:
+    """Built through sweeperd.model.operation_name, or in a helper function of the plugin: the
+    location is still the plugin's innermost line, never sweeperd's own."""
+    write_plugin(
+        tmp_path / "plugins.d",
+        "helper",
+        """
+        import sweeperd
+        from sweeperd.model import operation_name
+
+        def build(table):
+            return sweeperd.Operation(name=operation_name("bad plugin", table), run=None)
+
+        @sweeperd.hookimpl
+        def sweeperd_operations(settings):
+            return [build(t) for t in settings.get("tables", ["x"])]
+        """,
+    )
+    [problem] = plugin_problems(tmp_path)
+    assert ": plugins.helper: sweeperd_operations built an invalid operation: plugin name " in (
+        problem
+    )
+    assert problem.endswith(f"{tmp_path / 'plugins.d' / 'helper.py'}:5]")
+
+
+def test_same_operation_twice_from_one_plugin_names_the_plugin_once(tmp_path: Path) -> None:
+    write_plugin(tmp_path / "plugins.d", "twice", op_plugin("twice.op", "twice.op"))
+    [problem] = plugin_problems(tmp_path)
+    assert problem.endswith(
+        ": plugins.twice: sweeperd_operations returned operation 'twice.op' twice"
+    )
+
+
+@pytest.mark.parametrize(
+    "returned", ["'rules: expected a list'", "{'rules': 'expected a list'}", "[('rules',)]", "42"]
+)
+def test_malformed_validate_settings_result_is_a_problem_not_a_traceback(
+    tmp_path: Path, returned: str
+) -> None:
+    write_plugin(
+        tmp_path / "plugins.d",
+        "sloppy",
+        f"""
+        import sweeperd
+
+        @sweeperd.hookimpl
+        def sweeperd_validate_settings(settings):
+            return {returned}
+        """,
+    )
+    with pytest.raises(ConfigError) as excinfo:
+        load_drop_ins(tmp_path)
+    [problem] = excinfo.value.problems
+    assert ": plugins.sloppy: sweeperd_validate_settings returned " in problem
+    assert problem.endswith("expected a list of (key, expectation) pairs")
+
+
+def test_settings_key_with_a_line_break_stays_one_problem_line(tmp_path: Path) -> None:
+    write_plugin(
+        tmp_path / "plugins.d",
+        "picky",
+        """
+        import sweeperd
+
+        @sweeperd.hookimpl
+        def sweeperd_validate_settings(settings):
+            return [(key, "unknown key\\nreally") for key in settings]
+        """,
+    )
+    with pytest.raises(ConfigError) as excinfo:
+        load_drop_ins(tmp_path, extra='[plugins.picky]\n"two\\nlines" = 1\n')
+    [problem] = excinfo.value.problems
+    assert problem.endswith(": plugins.picky.two\\nlines: unknown key really")
 
 
 def test_operation_rejects_unknown_scope() -> None:
@@ -963,3 +1050,54 @@ def test_cli_plugins_with_missing_plugin_dir_exits_2(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr
     [line] = proc.stderr.strip().splitlines()
     assert "gone.d" in line
+
+
+def test_cli_plugins_with_raising_operations_hook_exits_2_naming_the_plugin_key(
+    tmp_path: Path,
+) -> None:
+    write_plugin(
+        tmp_path / "plugins.d",
+        "cli_raiser",
+        """
+        import sweeperd
+
+        @sweeperd.hookimpl
+        def sweeperd_operations(settings):
+            raise RuntimeError("first line\\nsecond line")
+        """,
+    )
+    write_plugin(
+        tmp_path / "plugins.d",
+        "cli_invalid",
+        """
+        import sweeperd
+
+        @sweeperd.hookimpl
+        def sweeperd_operations(settings):
+            return [sweeperd.Operation(name="cli_invalid.a\\tb", run=None)]
+        """,
+    )
+    path = write_config(
+        tmp_path,
+        """
+        [daemon]
+        plugin_dirs = ["plugins.d"]
+
+        [databases.main]
+        dsn = "postgresql:///nothing_connects"
+        """,
+    )
+    proc = support.run_cli("plugins", "-c", str(path))
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    lines = sorted(proc.stderr.strip().splitlines())
+    assert len(lines) == 2, proc.stderr
+    invalid, raised = lines
+    assert invalid.startswith(f"sweeperd: {path}: plugins.cli_invalid: sweeperd_operations built")
+    assert "'cli_invalid.a\\tb'" in invalid  # the tab shown escaped, on the same line
+    assert "model.py" not in invalid
+    assert raised.startswith(
+        f"sweeperd: {path}: plugins.cli_raiser: sweeperd_operations raised RuntimeError: "
+        "first line second line ["
+    )
+    assert proc.stdout == ""

@@ -22,11 +22,12 @@ from support import (
     DATABASE_STATS_SKIP_REASON,
     PgServer,
     database_stats_status,
+    run_cli,
     throwaway_role,
     vacuum_refusal_words,
     write_config,
 )
-from sweeperd.bundled.vacuum import Settings, vacuum_options
+from sweeperd.bundled.vacuum import Settings, sweeperd_validate_settings, vacuum_options
 
 from sweeperd.config import Config, ConfigError, load_config
 from sweeperd.model import Result
@@ -84,8 +85,13 @@ def connect(dsn: str) -> psycopg.Connection[Any]:
 def make_table(
     dsn: str, schema: str, table: str, *, rows: int, delete: int = 0, update: int = 0
 ) -> None:
-    """A table of ``rows`` rows of which ``delete`` were deleted and ``update`` updated."""
+    """A table of ``rows`` rows of which ``delete`` were deleted and ``update`` updated.
+
+    The numbers are literals, not parameters: psycopg would read a ``%`` in a quoted name as a
+    placeholder in a statement that has parameters (tests/test_hostile_vacuum.py has such names).
+    """
     ident = sql.Identifier(schema, table)
+    n, deleted, updated_from = sql.Literal(rows), sql.Literal(delete), sql.Literal(rows - update)
     with connect(dsn) as conn:
         conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
         conn.execute(
@@ -94,15 +100,15 @@ def make_table(
             ).format(ident)
         )
         conn.execute(
-            sql.SQL("INSERT INTO {} SELECT g, 'x' FROM generate_series(1, %s) g").format(ident),
-            (rows,),
+            sql.SQL("INSERT INTO {} SELECT g, 'x' FROM generate_series(1, {}) g").format(ident, n)
         )
         if delete:
-            conn.execute(sql.SQL("DELETE FROM {} WHERE id <= %s").format(ident), (delete,))
+            conn.execute(sql.SQL("DELETE FROM {} WHERE id <= {}").format(ident, deleted))
         if update:
             conn.execute(
-                sql.SQL("UPDATE {} SET v = 'y' WHERE id > %s AND id <= %s").format(ident),
-                (rows - update, rows),
+                sql.SQL("UPDATE {} SET v = 'y' WHERE id > {} AND id <= {}").format(
+                    ident, updated_from, n
+                )
             )
         conn.execute("SELECT pg_stat_force_next_flush()")
         conn.execute("SELECT 1")  # the flush happens when the backend goes idle
@@ -528,9 +534,12 @@ def test_dry_run_vacuums_nothing_and_reports_dead_tuples(
     [
         ({"tables": "events"}, "tables"),
         ({"tables": 5}, "tables"),
-        ({"tables": ["events", 3]}, "tables"),
-        ({"tables": ["events", ""]}, "tables"),
-        ({"tables": ["events", "events"]}, "tables"),
+        ({"tables": ["events", 3]}, "tables[1]"),
+        ({"tables": ["events", ""]}, "tables[1]"),
+        ({"tables": ["events", "events"]}, "tables[1]"),
+        ({"tables": ["events", "ok", "x" * 64]}, "tables[2]"),
+        ({"tables": ["é" * 32]}, "tables[0]"),  # 32 characters, but 64 bytes
+        ({"tables": ["nul\0byte"]}, "tables[0]"),
         ({"tables": ["events"], "min_dead_ratio": 2}, "min_dead_ratio"),
         ({"tables": ["events"], "min_dead_ratio": -0.1}, "min_dead_ratio"),
         ({"tables": "auto", "min_dead_tuples": -1}, "min_dead_tuples"),
@@ -548,6 +557,78 @@ def test_invalid_settings_name_the_key(tmp_path: Path, vacuum: dict[str, Any], k
     prefix = f"{path}: plugins.vacuum.{key}: "
     assert any(p.startswith(prefix) for p in excinfo.value.problems), excinfo.value.problems
     assert all("\n" not in p for p in excinfo.value.problems)
+
+
+@pytest.mark.parametrize(
+    ("table", "expected"),
+    [
+        (3, "expected a table name (a non-empty string)"),
+        ("", "expected a table name (a non-empty string)"),
+        ("nul\0byte", "expected a table name without NUL characters"),
+        ("x" * 64, "expected a table name of at most 63 bytes, got 64 (PostgreSQL would cut it"),
+        ("events", "expected each table once, 'events' is also tables[0]"),
+    ],
+)
+def test_invalid_table_name_is_a_problem_at_its_index(
+    tmp_path: Path, table: Any, expected: str
+) -> None:
+    """Not a traceback, nor Operation's complaint from sweeperd/model.py: the key and its index."""
+    doc = config_doc("dbname=x", [], vacuum={"tables": ["events", 'Events "x"', table]})
+    path = write_config(tmp_path, tomli_w.dumps(doc))
+    with pytest.raises(ConfigError) as excinfo:
+        load_plugins(load_config(path), entry_points=False)
+    [problem] = excinfo.value.problems
+    assert problem.startswith(f"{path}: plugins.vacuum.tables[2]: {expected}"), problem
+    assert "model.py" not in problem
+
+
+def test_table_name_that_is_not_valid_unicode_is_a_problem() -> None:
+    # TOML cannot carry a lone surrogate, but a plugin API caller can: no UnicodeEncodeError.
+    [(key, problem)] = sweeperd_validate_settings({"tables": ["ok", "bad\ud800"]})
+    assert key == "tables[1]"
+    assert problem.startswith("expected a table name in valid Unicode")
+
+
+def test_cli_with_an_invalid_table_name_exits_2_one_line_per_problem(tmp_path: Path) -> None:
+    doc = config_doc("dbname=x", [], vacuum={"tables": ["events", "ÜBER tab", "x" * 64, ""]})
+    path = write_config(tmp_path, tomli_w.dumps(doc))
+    proc = run_cli("plugins", "-c", str(path))
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert [line.split(": ")[2] for line in lines] == [
+        "plugins.vacuum.tables[2]",
+        "plugins.vacuum.tables[3]",
+    ], lines
+    assert all(line.startswith(f"sweeperd: {path}: plugins.vacuum.tables[") for line in lines)
+    assert proc.stdout == ""
+
+
+def test_any_table_name_gives_its_own_operation(tmp_path: Path) -> None:
+    tables = {  # table: its operation
+        "events": "vacuum.events",
+        "Events": "vacuum.Events",
+        'Events "x"': 'vacuum."Events ""x"""',
+        "ÜBER tab": 'vacuum."ÜBER tab"',
+        "a.b": 'vacuum."a.b"',
+        "back\\": 'vacuum."back\\"',
+        "50%_off": 'vacuum."50%_off"',
+        "a*b?[c]": 'vacuum."a*b?[c]"',
+        "with\ttab": 'vacuum.U&"with\\0009tab"',
+        'x"; DROP TABLE canary; --': 'vacuum."x""; DROP TABLE canary; --"',
+        "é" * 31 + "z": f'vacuum."{"é" * 31}z"',  # 63 bytes: the longest name PostgreSQL keeps
+        # The plugin's own operation names stay its own: the tables get quoted names.
+        "auto": 'vacuum."auto"',
+        "database_stats": 'vacuum."database_stats"',
+    }
+    _config, plugins = load(tmp_path, config_doc("dbname=x", [], vacuum={"tables": list(tables)}))
+    by_table = {op.tables: op.name for op in plugins.by_plugin()["vacuum"] if op.scope == "tenant"}
+    assert by_table == {(table,): name for table, name in tables.items()}
+    assert plugins.operations["vacuum.database_stats"].scope == "database"
+    assert len(plugins.operations) == len(tables) + 1 + len(plugins.by_plugin()["retention"])
+    assert plugins.operations['vacuum."Events ""x"""'].description == (
+        'VACUUM (ANALYZE) "Events ""x"""'
+    )
 
 
 def test_all_vacuum_problems_at_once(tmp_path: Path) -> None:
