@@ -49,6 +49,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import sweeperd
 from sweeperd import sql
 from sweeperd.durations import EXPECTATION, format_duration, parse_duration
+from sweeperd.validation import toml_key
 
 # Cutoff column types that carry no time zone: their values mean nothing without one.
 _NAIVE_TYPES = ("timestamp without time zone", "date")
@@ -109,7 +110,7 @@ def sweeperd_operations(settings: Mapping[str, Any]) -> list[sweeperd.Operation]
 def _problems(settings: Mapping[str, Any]) -> Iterable[tuple[str, str]]:
     for key in settings:
         if key != "rules":
-            yield key, "unknown key (expected: rules)"
+            yield toml_key(key), "unknown key (expected: rules)"
     rules = settings.get("rules", [])
     if not isinstance(rules, list):
         yield "rules", "expected an array of tables [[plugins.retention.rules]]"
@@ -123,7 +124,7 @@ def _problems(settings: Mapping[str, Any]) -> Iterable[tuple[str, str]]:
         for key in rule:
             if key not in _RULE_KEYS:
                 yield (
-                    f"{where}.{key}",
+                    f"{where}.{toml_key(key)}",
                     f"unknown key (expected one of: {', '.join(sorted(_RULE_KEYS))})",
                 )
         for key in ("name", "table", "column"):
@@ -166,7 +167,8 @@ def _problems(settings: Mapping[str, Any]) -> Iterable[tuple[str, str]]:
         else:
             for column, value in match.items():
                 if not isinstance(value, _SCALARS):
-                    yield f"{where}.match.{column}", "expected a string, number, boolean or date"
+                    key = f"{where}.match.{toml_key(column)}"
+                    yield key, "expected a string, number, boolean or date"
         if "timezone" in rule and not _is_zone(rule["timezone"]):
             yield (
                 f"{where}.timezone",

@@ -36,7 +36,7 @@ from typing import Any
 import sweeperd
 from sweeperd import sql
 from sweeperd.model import operation_name, quote_name
-from sweeperd.validation import NAMEDATALEN
+from sweeperd.validation import NAMEDATALEN, toml_key
 
 _KEYS = {
     "tables",
@@ -116,7 +116,7 @@ def sweeperd_operations(settings: Mapping[str, Any]) -> list[sweeperd.Operation]
 def _problems(settings: Mapping[str, Any]) -> Iterable[tuple[str, str]]:
     for key in settings:
         if key not in _KEYS:
-            yield key, f"unknown key (expected one of: {', '.join(sorted(_KEYS))})"
+            yield toml_key(key), f"unknown key (expected one of: {', '.join(sorted(_KEYS))})"
     tables = settings.get("tables", [])
     if tables != "auto" and not isinstance(tables, list):
         yield "tables", 'expected a list of table names or "auto"'

@@ -167,7 +167,9 @@ def _error(problem: str) -> None:
     from .logs import under_journald
 
     prefix = "<3>" if under_journald(sys.stderr) else ""
-    print(f"{prefix}sweeperd: {problem}", file=sys.stderr)
+    # One problem, one line, whatever a key or value holds (a newline, U+0085, U+2028...).
+    text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in problem)
+    print(f"{prefix}sweeperd: {text}", file=sys.stderr)
 
 
 def _in_unit(args: argparse.Namespace, argv: list[str]) -> int:

@@ -18,7 +18,7 @@ from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from . import like
-from .validation import Validator, kind_of
+from .validation import Validator, kind_of, toml_key
 
 DEFAULT_CONFIG_PATH = Path("/etc/sweeperd/sweeperd.toml")
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
@@ -211,7 +211,8 @@ class _ConfigReader(Validator):
             plugins = {}
         for name, value in list(plugins.items()):
             if not isinstance(value, dict):
-                self.error(f"plugins.{name}", f"expected a table of settings, got {kind_of(value)}")
+                expected = f"expected a table of settings, got {kind_of(value)}"
+                self.error(f"plugins.{toml_key(name)}", expected)
                 plugins = {k: v for k, v in plugins.items() if k != name}
         return Config(
             path=self.path,
@@ -289,7 +290,7 @@ class _ConfigReader(Validator):
             "connect_retry",
         }
         for name, t in raw.items():
-            where = f"databases.{name}"
+            where = f"databases.{toml_key(name)}"
             if not isinstance(t, dict):
                 self.error(where, f"expected a table, got {kind_of(t)}")
                 continue
@@ -469,7 +470,7 @@ class _ConfigReader(Validator):
         }
         out: dict[str, SweepConfig] = {}
         for name, t in raw.items():
-            where = f"sweeps.{name}"
+            where = f"sweeps.{toml_key(name)}"
             if not isinstance(t, dict):
                 self.error(where, f"expected a table, got {kind_of(t)}")
                 continue

@@ -19,6 +19,14 @@ NAMEDATALEN = 63  # PostgreSQL truncates longer identifiers; a truncated schema 
 _WINDOW = re.compile(r"(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})")
 
 _MISSING = object()
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def toml_key(key: str) -> str:
+    """``key`` as TOML writes it in a dotted key path: bare, or quoted (``daemon."my key"``)."""
+    if _BARE_KEY.fullmatch(key):
+        return key
+    return '"' + key.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 class Validator:
@@ -49,7 +57,8 @@ class Validator:
             if key not in allowed:
                 prefix = f"{where}." if where else ""
                 self.error(
-                    f"{prefix}{key}", f"unknown key (expected one of: {', '.join(sorted(allowed))})"
+                    f"{prefix}{toml_key(key)}",
+                    f"unknown key (expected one of: {', '.join(sorted(allowed))})",
                 )
 
     def get(

@@ -647,8 +647,8 @@ def test_empty_log_format_is_one_problem(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "key"),
     [
-        (f"[databases.'bad name']\n{DSN}\n", "databases.bad name"),
-        (f"[sweeps.'night ly']\n{CRON}\n", "sweeps.night ly"),
+        (f"[databases.'bad name']\n{DSN}\n", "databases.\"bad name\""),  # quoted, as TOML writes it
+        (f"[sweeps.'night ly']\n{CRON}\n", "sweeps.\"night ly\""),
     ],
 )
 def test_invalid_section_names(tmp_path: Path, text: str, key: str) -> None:
