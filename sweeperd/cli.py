@@ -167,9 +167,12 @@ def _error(problem: str) -> None:
     from .logs import under_journald
 
     prefix = "<3>" if under_journald(sys.stderr) else ""
-    # One problem, one line, whatever a key or value holds (a newline, U+0085, U+2028...).
-    text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in problem)
-    print(f"{prefix}sweeperd: {text}", file=sys.stderr)
+    print(f"{prefix}sweeperd: {_one_line(problem)}", file=sys.stderr)
+
+
+def _one_line(text: str) -> str:
+    """``text`` with what does not print escaped (a newline, U+0085, U+2028...)."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
 def _in_unit(args: argparse.Namespace, argv: list[str]) -> int:
@@ -236,7 +239,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         if not ops:
             print("    (no operations with the current configuration)")
         for op in ops:
-            tables = ", ".join(op.tables) or "-"
+            # A table name may hold anything, a newline included: one operation, one line.
+            tables = _one_line(", ".join(op.tables)) or "-"
             desc = f"  {op.description}" if op.description else ""
             print(f"    {op.name}  [scope {op.scope}; tables {tables}]{desc}")
     return EXIT_OK
