@@ -694,8 +694,23 @@ def test_sigterm_cancels_what_is_still_running_after_drain_timeout(
     no_traceback(daemon)
 
 
-def test_second_sigterm_cancels_at_once(
-    tmp_path: Path, db: str, start_daemon: Callable[..., Daemon]
+@pytest.mark.parametrize(
+    ("signals", "reason"),
+    [
+        ((signal.SIGTERM, signal.SIGTERM), "second stop signal"),
+        # A second `systemctl stop` joins the pending stop job and sends no signal: "stop now"
+        # is `systemctl kill -s SIGQUIT sweeperd`, during a drain or as the first signal.
+        ((signal.SIGTERM, signal.SIGQUIT), "stop now (SIGQUIT)"),
+        ((signal.SIGQUIT,), "stop now (SIGQUIT)"),
+    ],
+    ids=["second SIGTERM", "SIGQUIT during the drain", "SIGQUIT"],
+)
+def test_stop_now_cancels_at_once(
+    tmp_path: Path,
+    db: str,
+    start_daemon: Callable[..., Daemon],
+    signals: tuple[int, ...],
+    reason: str,
 ) -> None:
     config = write_daemon_config(
         tmp_path, db, sweeps={"s": {"interval": "1s"}}, seconds=30, drain="60s"
@@ -703,41 +718,20 @@ def test_second_sigterm_cancels_at_once(
     daemon = start_daemon(config)
     daemon.ready()
     wait_until(lambda: active_naps(db), 15, "the operation to run")
-    daemon.send(signal.SIGTERM)
-    daemon.notify.expect_first("STOPPING=1", 10)
-    daemon.wait_log("stopping", 10)
-    assert daemon.proc.poll() is None  # draining: the operation may take its 60 s
-    assert active_naps(db)
-    second = daemon.send(signal.SIGTERM)
+    if len(signals) == 2:
+        daemon.send(signals[0])
+        daemon.notify.expect_first("STOPPING=1", 10)
+        daemon.wait_log("stopping", 10)
+        assert daemon.proc.poll() is None  # draining: the operation may take its 60 s
+        assert active_naps(db)
+    last = daemon.send(signals[-1])
     assert daemon.wait_exit(STOP_SLACK) == 0
-    assert time.monotonic() - second < STOP_SLACK
-    wait_for_no_backends(db)
-    (run,) = runs(db)
-    assert run.finished is None
-    cancelling = daemon.events("cancelling running operations")
-    assert len(cancelling) == 1 and "second stop signal" in cancelling[0]["reason"]
-    no_traceback(daemon)
-
-
-def test_sigquit_stops_now_without_the_drain(
-    tmp_path: Path, db: str, start_daemon: Callable[..., Daemon]
-) -> None:
-    # A second `systemctl stop` joins the pending stop job and sends no signal: "stop now" is
-    # `systemctl kill -s SIGQUIT sweeperd`, as the first signal or during a drain.
-    config = write_daemon_config(
-        tmp_path, db, sweeps={"s": {"interval": "1s"}}, seconds=30, drain="60s"
-    )
-    daemon = start_daemon(config)
-    daemon.ready()
-    wait_until(lambda: active_naps(db), 15, "the operation to run")
-    sent = daemon.send(signal.SIGQUIT)
-    assert daemon.wait_exit(STOP_SLACK) == 0
-    assert time.monotonic() - sent < STOP_SLACK
+    assert time.monotonic() - last < STOP_SLACK
     wait_for_no_backends(db)
     (run,) = runs(db)
     assert run.finished is None  # cancelled on the server
     cancelling = daemon.events("cancelling running operations")
-    assert len(cancelling) == 1 and "stop now (SIGQUIT)" in cancelling[0]["reason"]
+    assert len(cancelling) == 1 and reason in cancelling[0]["reason"]
     assert daemon.notify.lifecycle() == ["READY=1", "STOPPING=1"]
     no_traceback(daemon)
 
