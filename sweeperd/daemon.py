@@ -72,6 +72,7 @@ class Daemon:
         self._stop_requested = asyncio.Event()
         self._force_stop = asyncio.Event()
         self._force_reason = "daemon stopping: second stop signal"
+        self._reload_problems = 0  # of the last reload, if it failed: STATUS says so until fixed
         self._stopping = False
         self._retiring: set[asyncio.Task[None]] = set()
         self.history = History(config.history)
@@ -240,6 +241,7 @@ class Daemon:
             unreachable=sorted(unreachable),
             operations=len(plugins.operations),
         )
+        self._reload_problems = 0
         self.notifier.ready(self._status())
         return True
 
@@ -253,10 +255,8 @@ class Daemon:
         problems = list(problems)
         for problem in problems:
             log.error("reload failed; keeping the previous configuration", problem=problem)
-        self.notifier.ready(
-            f"reload failed ({len(problems)} problem(s)); "
-            f"running the previous configuration; {self._status()}"
-        )
+        self._reload_problems = max(1, len(problems))
+        self.notifier.ready(self._status())
         return False
 
     def _retire(self, databases: list[Database]) -> None:
@@ -305,6 +305,11 @@ class Daemon:
     # -- STATUS= --------------------------------------------------------------------------------
     def _status(self) -> str:
         parts = []
+        if self._reload_problems:
+            parts.append(
+                f"reload failed ({self._reload_problems} problem(s)); "
+                "running the previous configuration"
+            )
         running = [c.name for c in self.controllers.values() if c.running]
         parts.append(f"running {', '.join(running)}" if running else "idle")
         if self._snapshot is not None:
@@ -335,7 +340,11 @@ class Daemon:
         # firing once it has passed, a firing skipped while a sweep runs).
         while True:
             await asyncio.sleep(1.0)
-            self._update_status()
+            try:
+                self._update_status()
+            except Exception:
+                # STATUS must not freeze silently (and the daemon must not die of it).
+                log.exception("could not update STATUS")
 
 
 def _short_time(when: dt.datetime) -> str:

@@ -37,7 +37,9 @@ _SIMPLE_PART = re.compile(_PLUGIN_NAME)
 # "<plugin>.<what>": <what> has no whitespace outside double-quoted segments, and every quote
 # opens or closes such a segment ("" inside stands for one quote), so a quoted name cannot run
 # into what follows it. Printability (no control characters) is checked separately.
-_OPERATION_NAME = re.compile(rf'{_PLUGIN_NAME}\.(?:[^\s"]|"(?:[^"]|"")+")+')
+# (?!") makes a quoted part end at its last quote: '"a""a"' is one part, never two, so a name
+# that does not match fails fast instead of backtracking through every split.
+_OPERATION_NAME = re.compile(rf'{_PLUGIN_NAME}\.(?:[^\s"]|"(?:[^"]|"")+"(?!"))+')
 _GLOB_SPECIAL = re.compile(r"([*?\[])")
 
 

@@ -71,6 +71,9 @@ def exact_names(globs: Iterable[str], names: Collection[str]) -> tuple[str, ...]
 
     Without this, ``vacuum."x[1] y"`` would also select ``vacuum."x1 y"`` (``[1]`` is a
     character set to fnmatch), and ``vacuum."a*b"`` every quoted name from ``a`` to ``b``.
+    For operation names only: plugins make them, quoting what is unusual. Never for tenant
+    names, which come from the catalog: a schema ``tenant_*`` would make the glob ``*`` mean
+    that one tenant.
     """
     return tuple(escape_glob(g) if g in names else g for g in globs)
 
@@ -97,8 +100,8 @@ def make_plan(
     ops = list(operations.values())
     # A glob that is exactly a name means that name only (model.operation_name says why).
     only_globs = exact_names(only_globs, operations)
-    tenant_names = {t.name for t in tenants}
-    tenant_globs = exact_names(tenant_globs, tenant_names)
+    # Tenant globs stay globs (a name equal to one also matches, see matches()): tenant names
+    # come from the catalog, and a schema "tenant_*" must not turn "*" into "that one only".
     # Each pair remembers the (first) sweep that selected it: its operation_timeout applies.
     pairs: dict[tuple[str, str, str], tuple[Operation, Tenant, SweepConfig]] = {}
     db_ops: dict[tuple[str, str], tuple[Operation, str, SweepConfig]] = {}
@@ -110,12 +113,10 @@ def make_plan(
             for op in ops
             if matches(op.name, sweep_globs) and (not only_globs or matches(op.name, only_globs))
         ]
-        sweep_tenants = exact_names(sw.tenants, tenant_names)
         chosen_tenants = [
             t
             for t in tenants
-            if matches(t.name, sweep_tenants)
-            and (not tenant_globs or matches(t.name, tenant_globs))
+            if matches(t.name, sw.tenants) and (not tenant_globs or matches(t.name, tenant_globs))
         ]
         for tenant in chosen_tenants:
             selected_dbs.add(tenant.database)

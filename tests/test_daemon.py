@@ -605,6 +605,10 @@ def test_reload_with_a_broken_config_keeps_the_old_one_running(
     wait_until(lambda: len(runs(db)) > seen + 1, 15, "runs to go on after the failed reload")
     assert daemon.proc.poll() is None
     assert {r.sweep for r in runs(db)} == {"s"}
+    # ...and STATUS keeps saying so while it runs (the once-a-second refresh included), until
+    # a reload succeeds.
+    later = [fields(m)["STATUS"] for m in daemon.notify.drain() if "STATUS" in fields(m)]
+    assert later and later[-1].startswith("reload failed"), later
 
     failed = daemon.events("reload failed; keeping the previous configuration")
     problems = [e["problem"] for e in failed]

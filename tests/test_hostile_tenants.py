@@ -29,6 +29,7 @@ HOSTILE = [
     "semi;colon -- comment",
     "é" * 30,  # with the prefix: 62 bytes
     "[glob]*?",
+    "*",  # a glob to some: it must not make a sweep's tenants = ["*"] mean this one only
 ]
 PREFIX = "t_"
 EXPIRED, FRESH = 7, 3
@@ -149,8 +150,11 @@ def test_hostile_tenants_are_swept_and_recorded_exactly(
     doc = json.loads(status.stdout)
     assert doc["runs"] and doc["runs"][0]["counts"]["failed"] == 0
 
-    # An exact hostile name (glob characters and all) selects that tenant only.
-    for name in ("[glob]*?", 'Acme "x"; DROP TABLE public.canary; --', "back\\"):
+    # --tenant with a tenant's exact name selects it, glob characters and all (and what else
+    # the glob matches: fnmatch's [[] [*] [?] spell them literally).
+    for name in ("[glob]*?", 'Acme "x"; DROP TABLE public.canary; --', "back\\", "*"):
         only = sweep(path, "nightly", "--dry-run", "--tenant", name)
-        assert {r["tenant"] for r in only["results"] if r["tenant"]} == {name}
+        assert name in {r["tenant"] for r in only["results"] if r["tenant"]}
+    exact = sweep(path, "nightly", "--dry-run", "--tenant", "[[]glob][*][?]")
+    assert {r["tenant"] for r in exact["results"] if r["tenant"]} == {"[glob]*?"}
     assert_canary_intact(hostile_db)
