@@ -12,6 +12,7 @@ import asyncio
 import json
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from . import __version__
 from .config import Config, ConfigError, load_config, resolve_config_path
@@ -31,9 +32,11 @@ class UsageError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # No abbreviations: --unit passes options on by their exact spelling (--conf would slip by).
     parser = argparse.ArgumentParser(
         prog="sweeperd",
         description="PostgreSQL maintenance for multi-tenant databases.",
+        allow_abbrev=False,
     )
     parser.add_argument("--version", action="version", version=f"sweeperd {__version__}")
     parser.add_argument(
@@ -44,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    def add(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return sub.add_parser(name, allow_abbrev=False, **kwargs)
+
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument(
             "-c",
@@ -53,10 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
         )
         return p
 
-    run = with_config(sub.add_parser("run", help="the daemon, foreground (systemd runs this)"))
+    run = with_config(add("run", help="the daemon, foreground (systemd runs this)"))
     run.set_defaults(func=cmd_run)
 
-    sweep = with_config(sub.add_parser("sweep", help="run one sweep now, in the foreground"))
+    sweep = with_config(add("sweep", help="run one sweep now, in the foreground"))
     sweep.add_argument(
         "sweep",
         nargs="?",
@@ -83,16 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--json", action="store_true", help="print the JSON report on stdout")
     sweep.set_defaults(func=cmd_sweep)
 
-    status = with_config(sub.add_parser("status", help="recent runs from the run history"))
+    status = with_config(add("status", help="recent runs from the run history"))
     status.add_argument("--sweep", metavar="NAME", help="only this sweep")
     status.add_argument("--tenant", metavar="GLOB", help="only failures of matching tenants")
     status.add_argument("--failed", action="store_true", help="only runs with failures")
     status.add_argument("--json", action="store_true", help="print JSON on stdout")
     status.set_defaults(func=cmd_status)
 
-    discover = with_config(
-        sub.add_parser("discover", help="print [[tenants]] TOML for the schemas found")
-    )
+    discover = with_config(add("discover", help="print [[tenants]] TOML for the schemas found"))
     discover.add_argument(
         "--database", required=True, metavar="NAME", help="the [databases.<name>] to look in"
     )
@@ -104,14 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     discover.set_defaults(func=cmd_discover)
 
-    check = with_config(
-        sub.add_parser("check-config", help="validate the configuration (never connects)")
-    )
+    check = with_config(add("check-config", help="validate the configuration (never connects)"))
     check.set_defaults(func=cmd_check_config)
 
-    plugins = with_config(sub.add_parser("plugins", help="list plugins and their operations"))
+    plugins = with_config(add("plugins", help="list plugins and their operations"))
     plugins.set_defaults(func=cmd_plugins)
-    demo = sub.add_parser("demo", help="embedded PostgreSQL, demo tenants, one sweep, a summary")
+    demo = add("demo", help="embedded PostgreSQL, demo tenants, one sweep, a summary")
     demo.add_argument(
         "--tenants",
         type=_positive_int,
@@ -190,9 +192,12 @@ def _command_argv(argv: list[str], command: str) -> list[str]:
         i += 2 if argv[i] == "--unit" else 1
     rest, out = argv[i + 1 :], [command]
     skip = False
-    for arg in rest:
+    for j, arg in enumerate(rest):
         if skip:
             skip = False
+        elif arg == "--":  # positionals only from here: pass them on as they are
+            out += rest[j:]
+            break
         elif arg in ("-c", "--config"):
             skip = True
         elif not arg.startswith("--config=") and not (arg.startswith("-c") and len(arg) > 2):

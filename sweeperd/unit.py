@@ -22,6 +22,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+# What the transient unit copies. Read with one GetAll: a property the running systemd does not
+# have (LoadCredentialEncrypted before 250, Ubuntu 22.04's 249) is simply absent.
 PROPERTIES = (
     "User",
     "Group",
@@ -30,6 +32,7 @@ PROPERTIES = (
     "LoadCredential",
     "LoadCredentialEncrypted",
     "Environment",
+    "EnvironmentFiles",
     "ExecStart",
 )
 
@@ -61,9 +64,12 @@ def unit_properties(unit: str) -> dict[str, Any]:
     state = _busctl("get-property", _SYSTEMD, path, f"{_SYSTEMD}.Unit", "LoadState")
     if state != "loaded":
         raise UnitError(f"unit {name} is {state} (is it installed? systemctl daemon-reload?)")
-    props = {"Id": name}
+    props_iface = "org.freedesktop.DBus.Properties"
+    every = _busctl("call", _SYSTEMD, path, props_iface, "GetAll", "s", f"{_SYSTEMD}.Service")[0]
+    props: dict[str, Any] = {"Id": name}
     for prop in PROPERTIES:
-        props[prop] = _busctl("get-property", _SYSTEMD, path, f"{_SYSTEMD}.Service", prop)
+        if prop in every:
+            props[prop] = every[prop]["data"]
     return props
 
 
@@ -109,6 +115,9 @@ def transient_argv(
     for prop in ("LoadCredential", "LoadCredentialEncrypted"):
         for ident, source in props.get(prop) or []:
             argv += ["-p", f"{prop}={ident}:{source}"]
+    # Paths only: the secrets in these files and credentials never reach a command line.
+    for path, optional in props.get("EnvironmentFiles") or []:
+        argv += ["-p", f"EnvironmentFile={'-' if optional else ''}{path}"]
     for entry in props.get("Environment") or []:
         argv += ["-E", str(entry)]
     path = str(Path(config).absolute()) if config else _unit_config(props)

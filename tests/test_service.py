@@ -160,6 +160,7 @@ PROPS: dict[str, Any] = {
     "LoadCredential": [["main-dsn", "/etc/sweeperd/credentials/main-dsn"]],
     "LoadCredentialEncrypted": [["other", "/etc/credstore.encrypted/other"]],
     "Environment": ["PYTHONUNBUFFERED=1"],
+    "EnvironmentFiles": [["/etc/default/sweeperd", True], ["/etc/sweeperd/env", False]],
     "ExecStart": [["/opt/sweeperd/bin/sweeperd",
                    ["/opt/sweeperd/bin/sweeperd", "run", "-c", "/etc/sweeperd/sweeperd.toml"],
                    False, 0, 0, 0, 0, 0, 0, 0]],
@@ -177,6 +178,9 @@ def test_transient_unit_has_the_units_user_credentials_executable_and_config() -
     assert "-p LoadCredential=main-dsn:/etc/sweeperd/credentials/main-dsn" in options
     assert "-p LoadCredentialEncrypted=other:/etc/credstore.encrypted/other" in options
     assert "-E PYTHONUNBUFFERED=1" in options
+    # EnvironmentFile= by path (a "-" where the unit ignores a missing one), never its content.
+    assert "-p EnvironmentFile=-/etc/default/sweeperd" in options
+    assert "-p EnvironmentFile=/etc/sweeperd/env" in options
     assert command == "/opt/sweeperd/bin/sweeperd status -c /etc/sweeperd/sweeperd.toml --json"
 
 
@@ -208,10 +212,18 @@ def test_transient_unit_falls_back_to_sweeperd_config_and_this_python() -> None:
         (["--unit", "sweeperd", "sweep", "--config=x.toml", "--dry-run"], ["sweep", "--dry-run"]),
         (["--unit", "sweeperd", "check-config", "-cx.toml"], ["check-config"]),
         (["--unit", "status", "status"], ["status"]),  # a unit named like the command
+        (["--unit", "x", "sweep", "--dry-run", "--", "-c"], ["sweep", "--dry-run", "--", "-c"]),
     ],
 )
 def test_command_argv_drops_the_config_option(argv: list[str], expected: list[str]) -> None:
     assert _command_argv(argv, expected[0]) == expected
+
+
+@pytest.mark.parametrize("argv", [["--uni", "x", "status"], ["check-config", "--conf", "x"]])
+def test_options_are_never_abbreviated(argv: list[str]) -> None:
+    # --unit hands options on by their exact spelling: an abbreviation would slip past it.
+    done = sweeperd(*argv)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
 
 
 @pytest.mark.parametrize("command", ["run", "demo"])
