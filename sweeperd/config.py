@@ -166,6 +166,9 @@ def parse_config(doc: Mapping[str, Any], path: Path) -> Config:
     return config
 
 
+_MAX_DSN_BYTES = 64 * 1024
+
+
 class _ConfigReader(Validator):
     """Reads each section of the document into the typed objects above."""
 
@@ -366,7 +369,17 @@ class _ConfigReader(Validator):
     def read_dsn(self, path: Path, key: str) -> str | None:
         try:
             # A systemd credential or a secrets mount: DSN and password stay out of the TOML.
-            dsn = path.read_text(encoding="utf-8").strip()
+            # A regular file, and a DSN-sized read: a FIFO would block check-config forever,
+            # /dev/zero would eat the memory.
+            if not path.is_file():
+                self.error(key, f"expected a readable file, {path}: not a regular file")
+                return None
+            with path.open("rb") as stream:
+                data = stream.read(_MAX_DSN_BYTES + 1)
+            if len(data) > _MAX_DSN_BYTES:
+                self.error(key, f"expected a DSN of at most {_MAX_DSN_BYTES} bytes in {path}")
+                return None
+            dsn = data.decode("utf-8").strip()
         except (OSError, UnicodeDecodeError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             self.error(key, f"expected a readable file, {path}: {reason}")

@@ -24,6 +24,7 @@ import pluggy
 from . import hookspecs, model
 from .config import Config
 from .model import Operation, OperationError
+from .validation import toml_key
 
 PROJECT = "sweeperd"
 BUNDLED_PACKAGE = "sweeperd.bundled"
@@ -296,7 +297,7 @@ def _call_per_plugin(
 
 def _plugin_key(config: Config, name: str) -> str:
     """Where a plugin's settings live (``<config>: plugins.<name>``): what its problems name."""
-    return f"{config.path}: plugins.{_printable(name)}"
+    return f"{config.path}: plugins.{_printable(toml_key(name))}"
 
 
 def _printable(text: str) -> str:

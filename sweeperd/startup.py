@@ -12,7 +12,9 @@ at run time.
 from __future__ import annotations
 
 import datetime as dt
+import re
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 from .config import Config, ConfigError, load_config
@@ -22,6 +24,12 @@ from .planner import PlanError, make_plan
 from .plugins import Plugins, load_plugins
 from .schedule import Window, build_trigger, misfire_grace, nominal_firing
 from .sweep import limits_for
+
+
+def _a_match(glob: str) -> str:
+    """A name ``glob`` matches (fnmatch): its wildcards filled in, a set by its first member."""
+    name = re.sub(r"\[!?(.)[^\]]*\]", lambda m: m.group(1) if m.group(0)[1] != "!" else "\0", glob)
+    return name.replace("*", "").replace("?", "x") or "x"
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,12 +66,16 @@ def rehearse(config: Config, plugins: Plugins, *, now: dt.datetime | None = None
             problems.append(
                 f"{config.path}: sweeps.{name}: cannot be scheduled: {type(exc).__name__}: {exc}"
             )
-    # Each discovered tenant is like any static one to the planner: one stands in per source.
+    # Discovered tenants are like static ones to the planner: per source, one stands in for
+    # each name a sweep's tenant globs select, so that every sweep plans some tenants.
     tenants = [Tenant(name=t.name, database=t.database, schema=t.schema) for t in config.tenants]
-    for i, source in enumerate(config.tenant_sources):
-        tenants.append(
-            Tenant(name=f"\0source{i}", database=source.database, schema=f"{source.prefix}x")
-        )
+    for source in config.tenant_sources:
+        for sweep in config.sweeps.values():
+            for glob in sweep.tenants:
+                name = _a_match(glob)
+                if fnmatchcase(name, glob):  # best effort: an odd set may find no stand-in
+                    schema = source.prefix + name
+                    tenants.append(Tenant(name=name, database=source.database, schema=schema))
     selections: list[str | None] = [None, *config.sweeps]
     for selection in selections:
         try:

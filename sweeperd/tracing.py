@@ -43,7 +43,7 @@ class SweepTrace:
         self._remaining = Counter(_tenant_key(item) for item in plan.items if item.tenant)
         self._tenant_spans: dict[tuple[str, str], tuple[Span, otel_context.Context]] = {}
         self._tenant_failed: Counter[tuple[str, str]] = Counter()
-        self._counts: Counter[tuple[str, str, str | None]] = Counter()
+        self._counts: Counter[tuple[str, str, tuple[str, str] | None]] = Counter()
         self._rows: Counter[str] = Counter()
         self._dead: Counter[str] = Counter()
         self._flushed_at = time.monotonic()
@@ -152,7 +152,13 @@ class SweepTrace:
     def _record(self, item: WorkItem, result: Result) -> None:
         # Counters are summed here and added in bulk (every few seconds and at the end): one
         # SDK call per (operation, status) instead of one per item. Durations stay per item.
-        key = (result.operation, result.status, result.tenant if self.t.tenant_metrics else None)
+        # A tenant is (database, name): "acme" in two databases is two series.
+        tenant = (
+            (result.database, result.tenant)
+            if self.t.tenant_metrics and result.tenant is not None
+            else None
+        )
+        key = (result.operation, result.status, tenant)
         self._counts[key] += 1
         if result.duration_s is not None:
             self.t.operation_duration.record(result.duration_s, _attrs(key))
@@ -179,11 +185,11 @@ class SweepTrace:
         self._dead.clear()
 
 
-def _attrs(key: tuple[str, str, str | None]) -> dict[str, Any]:
+def _attrs(key: tuple[str, str, tuple[str, str] | None]) -> dict[str, Any]:
     operation, status, tenant = key
     attrs: dict[str, Any] = {"sweeperd.operation": operation, "sweeperd.status": status}
     if tenant is not None:
-        attrs["sweeperd.tenant"] = tenant
+        attrs["sweeperd.database"], attrs["sweeperd.tenant"] = tenant
     return attrs
 
 

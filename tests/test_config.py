@@ -1088,3 +1088,17 @@ def test_the_default_prefix_resolves_escapes(tmp_path: Path, pattern: str, prefi
     source = f'database = "main"\nschemas = {toml_str(pattern)}'
     config = load_ok(tmp_path, make_config(source=source))
     assert config.tenant_sources[0].prefix == prefix
+
+
+@pytest.mark.parametrize("special", ["fifo", "huge"])
+def test_dsn_file_that_is_not_a_small_regular_file(tmp_path: Path, special: str) -> None:
+    # A FIFO would block check-config forever; a huge file (or /dev/zero) would fill memory.
+    target = tmp_path / "dsn"
+    if special == "fifo":
+        os.mkfifo(target)
+        fragment = "not a regular file"
+    else:
+        target.write_bytes(b"x" * (64 * 1024 + 1))
+        fragment = "at most 65536 bytes"
+    single_problem(tmp_path, make_config(database='dsn_file = "dsn"'),
+                   "databases.main.dsn_file", fragment)

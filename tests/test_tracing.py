@@ -701,6 +701,10 @@ def test_tenant_metrics_label_operation_metrics_with_the_tenant(
     }
     tenants = {p.attributes.get("sweeperd.tenant") for p in points["sweeperd.operation.duration"]}
     assert tenants == {"a", "b", None}
+    # A tenant is (database, name): its points say which database, so "acme" in two databases
+    # is two series, not one.
+    labelled = [p for p in points["sweeperd.operations"] if "sweeperd.tenant" in p.attributes]
+    assert labelled and all(p.attributes.get("sweeperd.database") == "main" for p in labelled)
 
 
 def test_tenant_metrics_flag_comes_from_the_configuration(tmp_path: Path) -> None:
