@@ -492,7 +492,8 @@ class _Member(NamedTuple):
 # can scan) that is valid (not a failed or unfinished CREATE INDEX CONCURRENTLY), not partial (a
 # batch's rows need not satisfy its predicate), leading with the column itself (not an expression
 # of it), in an order whose forward or backward scan is ascending with NULLs last (indoption 0:
-# ASC NULLS LAST, 3: DESC NULLS FIRST).
+# ASC NULLS LAST, 3: DESC NULLS FIRST). Key columns before it must be columns of the rule's
+# `match` (fixed values in every batch): (tenant_id, created_at) orders a batch of one tenant_id.
 _MEMBERS = """
     WITH RECURSIVE root AS (
         SELECT c.oid, c.relkind FROM pg_catalog.pg_class c
@@ -507,11 +508,16 @@ _MEMBERS = """
            EXISTS (SELECT 1 FROM pg_catalog.pg_index i
                      JOIN pg_catalog.pg_class ic ON ic.oid = i.indexrelid
                      JOIN pg_catalog.pg_am am ON am.oid = ic.relam
+                     CROSS JOIN LATERAL generate_series(0, i.indnkeyatts - 1) AS k
                      JOIN pg_catalog.pg_attribute a
-                       ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+                       ON a.attrelid = i.indrelid AND a.attnum = i.indkey[k]
                     WHERE i.indrelid = c.oid AND a.attname = %(column)s
                       AND am.amname = 'btree' AND i.indisvalid AND i.indpred IS NULL
-                      AND i.indoption[0] IN (0, 3)),
+                      AND i.indoption[k] IN (0, 3)
+                      AND k = (SELECT count(*) FROM generate_series(0, k - 1) AS j
+                                 JOIN pg_catalog.pg_attribute b
+                                   ON b.attrelid = i.indrelid AND b.attnum = i.indkey[j]
+                                WHERE b.attname = ANY (%(match)s::text[]))),
            (SELECT pg_catalog.format_type(a.atttypid, NULL) FROM pg_catalog.pg_attribute a
              WHERE a.attrelid = (SELECT oid FROM root) AND a.attname = %(column)s
                AND NOT a.attisdropped)
@@ -530,8 +536,9 @@ async def _members(
 
     None if the table is missing and the rule says skip; warns once about a missing index.
     """
+    match = [column for column, _value in rule.match]
     cur = await ctx.conn.execute(
-        _MEMBERS, {"schema": schema, "table": table, "column": rule.column}
+        _MEMBERS, {"schema": schema, "table": table, "column": rule.column, "match": match}
     )
     rows = await cur.fetchall()
     relkind = rows[0][0] if rows else None
@@ -545,7 +552,8 @@ async def _members(
     unindexed = [m for m, r in zip(members, rows, strict=False) if not r[4]]
     if unindexed and rule.table not in rule.warned:
         rule.warned.add(rule.table)
-        column = sql.Identifier(rule.column)
+        # The match columns first: a multi-tenant table wants (tenant_id, created_at).
+        column = sql.SQL(", ").join(sql.Identifier(c) for c in [*match, rule.column])
         if relkind == "p":
             # A plain CREATE INDEX on a partitioned table cascades to every partition (and
             # CONCURRENTLY is refused there).

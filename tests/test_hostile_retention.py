@@ -205,7 +205,9 @@ def test_hostile_names_in_the_missing_index_warning_are_quoted(
             if kind == "partitioned"
             else ("CREATE INDEX CONCURRENTLY ON {} ({})")
         )
-        fix = sql.SQL(how).format(sql.Identifier(schema, table), sql.Identifier(column))
+        # The rule's match column first: the index then orders every batch of its value.
+        columns = sql.SQL(", ").join([sql.Identifier(MATCH_COLUMN), sql.Identifier(column)])
+        fix = sql.SQL(how).format(sql.Identifier(schema, table), columns)
         expected = fix.as_string(conn)
     config, plugins = load(
         tmp_path, config_doc(pg_dsn, tenants(case, "tenant"), rules(case, "tenant"))

@@ -483,6 +483,35 @@ def test_an_index_that_orders_a_batch_does_not_warn(
     assert index_warnings(logs) == []
 
 
+def test_an_index_led_by_the_match_columns_orders_a_batch_and_does_not_warn(
+    tmp_path: Path, pg_dsn: str, logs: list[dict[str, Any]]
+) -> None:
+    # A multi-tenant table filtered by match = {id: …}: (id, created_at) orders every batch of
+    # one id; sweeperd must neither warn nor suggest an index on created_at alone.
+    with connect(pg_dsn) as conn:
+        ident = make_table(conn, index=None)
+        conn.execute(sql.SQL("CREATE INDEX ON {} (id, created_at)").format(ident))
+        fill(conn, ident, expired=10)
+    config, plugins = load(tmp_path, one_tenant(pg_dsn, [rule(match={"id": 3})]))
+    result = only_result(sweep(config, plugins))
+    assert (result.status, result.rows) == ("ok", 1), result.error
+    assert index_warnings(logs) == []
+
+
+def test_without_an_ordering_index_the_fix_puts_the_match_columns_first(
+    tmp_path: Path, pg_dsn: str, logs: list[dict[str, Any]]
+) -> None:
+    with connect(pg_dsn) as conn:
+        ident = make_table(conn, index=None)  # the primary key (id) does not order created_at
+        fill(conn, ident, expired=10)
+    config, plugins = load(tmp_path, one_tenant(pg_dsn, [rule(match={"id": 3})]))
+    assert only_result(sweep(config, plugins)).status == "ok"
+    [warning] = index_warnings(logs)
+    assert warning["fix"] == (
+        'CREATE INDEX CONCURRENTLY ON "tenant_a"."notifications" ("id", "created_at")'
+    )
+
+
 def test_inherited_table_warning_names_each_unindexed_table(
     tmp_path: Path, pg_dsn: str, logs: list[dict[str, Any]]
 ) -> None:
