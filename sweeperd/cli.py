@@ -286,7 +286,13 @@ def cmd_discover(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    import signal
+
     from .daemon import run_daemon
+
+    # "Stop now" before the daemon's own handlers exist (while the config loads): a plain exit,
+    # not SIGQUIT's core dump, which Restart=on-failure would answer with a restart.
+    signal.signal(signal.SIGQUIT, lambda _signo, _frame: sys.exit(EXIT_OK))
 
     path = resolve_config_path(args.config)
     config, plugins = _load(args)
