@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+import weakref
 from collections.abc import Iterable, Mapping
 
 import structlog
@@ -49,7 +50,9 @@ RETURNING tenant
 class Claims:
     def __init__(self, instance: str) -> None:
         self.instance = instance
-        self._ready: set[int] = set()
+        # Databases whose schema exists. Weak: a Database a reload replaced is forgotten with it
+        # (remembering id()s let a new object at a freed address skip creating the schema).
+        self._ready: weakref.WeakSet[Database] = weakref.WeakSet()
         self._unavailable: set[str] = set()
         self._pruned_at: dict[str, float] = {}
 
@@ -98,9 +101,9 @@ class Claims:
         self, database: Database, sweep: str, firing: dt.datetime, names: list[str]
     ) -> set[str]:
         async with database.housekeeping("claim") as conn:
-            if id(database) not in self._ready:
+            if database not in self._ready:
                 await database.ensure_schema(conn, _DDL)
-                self._ready.add(id(database))
+                self._ready.add(database)
             now = time.monotonic()
             if now - self._pruned_at.get(database.name, -PRUNE_EVERY_S) >= PRUNE_EVERY_S:
                 async with database.transaction(conn):

@@ -12,6 +12,7 @@ import os
 import socket
 import time
 import uuid
+import weakref
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -88,7 +89,9 @@ class History:
     def __init__(self, config: HistoryConfig, instance: str | None = None) -> None:
         self.config = config
         self.instance = instance or instance_name()
-        self._ready: set[int] = set()  # id() of Database objects whose schema exists
+        # Databases whose schema exists. Weak: a Database a reload replaced is forgotten with it
+        # (remembering id()s let a new object at a freed address skip creating the schema).
+        self._ready: weakref.WeakSet[Database] = weakref.WeakSet()
         self._pruned_at: dict[str, float] = {}
         self._broken: set[str] = set()  # databases already reported (once) as unwritable
 
@@ -125,9 +128,9 @@ class History:
         how: tuple[str, str | None],
     ) -> None:
         async with database.housekeeping("history") as conn:
-            if id(database) not in self._ready:
+            if database not in self._ready:
                 await database.ensure_schema(conn, _DDL)
-                self._ready.add(id(database))
+                self._ready.add(database)
             counts = _counts(results)
             async with database.transaction(conn):
                 await conn.execute(

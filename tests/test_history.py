@@ -615,3 +615,33 @@ def test_a_manual_partial_run_does_not_hide_the_scheduled_one(pg_dsn: str) -> No
             await database.close()
 
     assert asyncio.run(main()) == [("manual", "--tenant acme", 0), ("schedule", None, 2)]
+
+
+def test_history_and_claims_write_to_every_new_database_object_over_many_reloads(
+    pg_server: Any,
+) -> None:
+    """A reload replaces Database objects; a new one may sit at a freed one's address. Each new
+    database (no schema yet) must still get its schema, its run and its claim: nothing about a
+    Database may outlive it (id()-keyed memory did, and writes failed until a restart)."""
+    from conftest import fresh_database
+
+    from sweeperd.coordination import Claims
+
+    history = History(HistoryConfig(), instance="reloads")
+    claims = Claims("reloads")
+    firing = datetime(2026, 1, 1, tzinfo=UTC)
+
+    async def once(dsn: str) -> None:
+        db = Database(DatabaseConfig(name="main", dsn=dsn, connect_timeout=5.0))
+        await db.open()
+        try:
+            await history.record(make_report(2), {"main": db})
+            owned, failed = await claims.claim({"main": db}, "s", firing, {"main": ["t0"]})
+            assert failed == {} and owned == {"main": {"t0"}}, (owned, failed)
+        finally:
+            await db.close()
+
+    for _ in range(12):
+        with fresh_database(pg_server) as dsn:
+            asyncio.run(once(dsn))
+            assert len(runs(dsn)) == 1, "the run was not written to the new database"
