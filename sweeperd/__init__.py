@@ -7,8 +7,8 @@ and ``sql`` (psycopg's :mod:`psycopg.sql`, for composing queries with safely quo
 from __future__ import annotations
 
 import pluggy
+from psycopg import sql
 
-from .db import sql
 from .model import ALL_TABLES, Context, Operation, Phase, Result, Skip, Tenant
 
 __version__ = "0.1.0"

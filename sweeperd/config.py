@@ -18,6 +18,7 @@ from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from . import like
+from .dsn import check_dsn
 from .validation import Validator, kind_of, toml_key
 
 DEFAULT_CONFIG_PATH = Path("/etc/sweeperd/sweeperd.toml")
@@ -388,8 +389,6 @@ class _ConfigReader(Validator):
         return dsn
 
     def check_dsn(self, dsn: str, where: str) -> None:
-        from .db import check_dsn  # db imports this module; syntax only, never connects
-
         problem = check_dsn(dsn)
         if problem:
             self.error(where, f"expected a libpq URI or conninfo string ({problem})")

@@ -24,8 +24,10 @@ import structlog
 
 from .config import Config
 from .coordination import DATABASE_SCOPE, Claims
-from .db import Database, describe_error
+from .databases import refresh_databases
+from .db import Database
 from .durations import format_duration
+from .errors import describe_error
 from .limits import Stop
 from .model import Status, Tenant
 from .planner import make_plan
@@ -33,7 +35,7 @@ from .plugins import Plugins
 from .report import SweepReport
 from .runner import Runner
 from .schedule import Window, nominal_firing
-from .sweep import refresh_databases, resolve_tenants
+from .tenants import resolve_tenants
 
 log = structlog.get_logger("sweeperd.controller")
 

@@ -20,7 +20,8 @@ from collections.abc import Iterable, Mapping
 
 import structlog
 
-from .db import Database, describe_error, is_insufficient_privilege
+from .db import Database
+from .errors import describe_error, is_insufficient_privilege
 
 log = structlog.get_logger("sweeperd.coordination")
 

@@ -31,9 +31,11 @@ import structlog
 from .config import Config, ConfigError
 from .controller import Snapshot, SweepController
 from .coordination import Claims
-from .db import Database, describe_error
+from .databases import open_databases
+from .db import Database
+from .errors import describe_error
 from .history import History
-from .limits import Bounds
+from .limits import Bounds, Limits
 from .logs import setup_logging
 from .plugins import PluginError, Plugins
 from .pool import Budget
@@ -43,7 +45,6 @@ from .runner import Runner
 from .schedule import SweepScheduler
 from .sdnotify import Notifier
 from .startup import prepare
-from .sweep import limits_for, open_databases
 from .telemetry import telemetry
 
 log = structlog.get_logger("sweeperd.daemon")
@@ -189,7 +190,7 @@ class Daemon:
                 self._reload_failed([describe_error(exc)])
 
     def _install(self, config: Config, plugins: Plugins, databases: dict[str, Database]) -> None:
-        self._bounds = Bounds(limits_for(config), previous=self._bounds)
+        self._bounds = Bounds(Limits.of(config), previous=self._bounds)
         runner = Runner(databases, plugins.pm, config.plugins, self._bounds)
         self._snapshot = Snapshot(config=config, plugins=plugins, runner=runner)
         self.history.config = config.history

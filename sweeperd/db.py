@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -38,27 +37,16 @@ from typing import Any
 import psycopg
 import structlog
 from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.conninfo import conninfo_to_dict
 
 from .config import DatabaseConfig
+from .errors import DatabaseUnreachable, describe_error
 from .model import timed_transaction
 from .pool import Budget, Pool, PoolBusy, PoolClosed
 from .preflight import peer_hint
 from .telemetry import telemetry
 
 log = structlog.get_logger("sweeperd.db")
-
-__all__ = [
-    "Database",
-    "DatabaseUnreachable",
-    "check_dsn",
-    "describe_error",
-    "is_insufficient_privilege",
-    "is_transient",
-    "qualified",
-    "sql",
-    "sqlstate_of",
-]
 
 APPLICATION_NAME = "sweeperd"
 _APP_NAME_BYTES = 63  # NAMEDATALEN - 1: the server truncates beyond this
@@ -113,82 +101,6 @@ _PERMANENT_TEXT = (
     "server does not support ssl",
     "sslmode value",
 )
-
-
-class DatabaseUnreachable(Exception):
-    """A database could not be connected to at all (``sweeperd sweep`` exits 3)."""
-
-    def __init__(self, database: str, reason: str) -> None:
-        super().__init__(f"database {database!r} unreachable: {reason}")
-        self.database = database
-        self.reason = reason
-
-
-def qualified(schema: str, table: str) -> sql.Identifier:
-    """A schema-qualified, safely quoted table name; the only way names reach SQL."""
-    return sql.Identifier(schema, table)
-
-
-def check_dsn(dsn: str) -> str | None:
-    """Return why ``dsn`` is not a valid libpq URI/conninfo, or None (never connects)."""
-    try:
-        conninfo_to_dict(dsn)
-    except psycopg.ProgrammingError as exc:
-        # libpq quotes the fragment it choked on, which may be part of a password: keep its
-        # words, drop every quoted fragment.
-        message = re.sub(r'"[^"]*"', '"…"', str(exc).splitlines()[0])
-        return redact(message)
-    return None
-
-
-def redact_dsn(dsn: str) -> str:
-    """The DSN with any password removed, for messages."""
-    try:
-        params = conninfo_to_dict(dsn)
-    except psycopg.ProgrammingError:
-        return "<unparseable dsn>"
-    params.pop("password", None)
-    return make_conninfo("", **params) or "<defaults from PG* environment>"
-
-
-_PASSWORD_IN_TEXT = re.compile(
-    r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)|(://[^:/@\s]*:)([^@\s]*)(@)", re.IGNORECASE
-)
-
-
-def redact(text: str) -> str:
-    """Blank out anything that looks like a password in free text (error messages)."""
-
-    def repl(m: re.Match[str]) -> str:
-        if m.group(1):
-            return f"{m.group(1)}***"
-        return f"{m.group(3)}***{m.group(5)}"
-
-    return _PASSWORD_IN_TEXT.sub(repl, text)
-
-
-def is_insufficient_privilege(exc: BaseException) -> bool:
-    return isinstance(exc, psycopg.errors.InsufficientPrivilege)
-
-
-def sqlstate_of(exc: BaseException) -> str | None:
-    """The SQLSTATE PostgreSQL reported for ``exc``, if it is a database error that has one."""
-    return exc.sqlstate if isinstance(exc, psycopg.Error) else None
-
-
-def describe_error(exc: BaseException) -> str:
-    """One line for the report: the class, the SQLSTATE where PostgreSQL gave one, the message."""
-    if isinstance(exc, psycopg.Error):
-        state = exc.sqlstate
-        primary = exc.diag.message_primary if state else None
-        message = primary or str(exc) or type(exc).__name__
-        message = " ".join(part.strip() for part in message.splitlines() if part.strip())
-        name = type(exc).__name__
-        return redact(f"{name} (SQLSTATE {state}): {message}" if state else f"{name}: {message}")
-    if isinstance(exc, DatabaseUnreachable):
-        return redact(f"database unreachable: {exc.reason}")
-    text = " ".join(str(exc).split())
-    return redact(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
 
 
 def application_name(label: str) -> str:

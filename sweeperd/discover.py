@@ -7,8 +7,8 @@ import tomli_w
 
 from . import like
 from .config import Config
+from .databases import open_databases
 from .db import Database
-from .sweep import open_databases
 
 log = structlog.get_logger("sweeperd.discover")
 

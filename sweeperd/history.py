@@ -20,9 +20,11 @@ from datetime import timedelta
 from typing import Any
 
 import structlog
+from psycopg import sql
 
 from .config import HistoryConfig
-from .db import Database, describe_error, is_insufficient_privilege, sql
+from .db import Database
+from .errors import describe_error, is_insufficient_privilege
 from .model import Result
 from .report import SweepReport
 

@@ -6,15 +6,27 @@ import asyncio
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .gates import TableGate, TenantGate
 from .model import Status
+
+if TYPE_CHECKING:
+    from .config import Config
 
 
 @dataclass(frozen=True, slots=True)
 class Limits:
     max_concurrency: int
     per_database: Mapping[str, int]
+
+    @classmethod
+    def of(cls, config: Config) -> Limits:
+        """The configuration's: ``[daemon] max_concurrency`` and each database's connections."""
+        return cls(
+            max_concurrency=config.daemon.max_concurrency,
+            per_database={name: db.max_connections for name, db in config.databases.items()},
+        )
 
 
 class Bounds:

@@ -12,7 +12,8 @@ from collections.abc import Callable
 
 import structlog
 
-from .db import Database, DatabaseUnreachable, describe_error
+from .db import Database
+from .errors import DatabaseUnreachable, describe_error
 
 log = structlog.get_logger("sweeperd.reconnect")
 

@@ -28,17 +28,15 @@ import structlog
 from opentelemetry import trace
 from opentelemetry.trace import INVALID_SPAN, Span
 
-from .db import STANDBY, Database, describe_error, sqlstate_of
+from .db import STANDBY, Database
 from .durations import format_duration
+from .errors import describe_error, sqlstate_of
 from .limits import Bounds, Gate, Limits, Stop
 from .model import Context, Result, Skip, Status
 from .planner import Plan, WorkItem
-from .report import SweepReport, summarize
+from .report import SweepReport
 from .telemetry import telemetry
 from .tracing import SweepTrace
-
-# Bounds, Limits, Stop, SweepReport and summarize used to live here; kept importable from here.
-__all__ = ["Bounds", "Gate", "Limits", "Runner", "Stop", "SweepReport", "summarize"]
 
 log = structlog.get_logger("sweeperd.runner")
 

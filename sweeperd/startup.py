@@ -18,12 +18,11 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 
 from .config import Config, ConfigError, load_config
-from .limits import Bounds
+from .limits import Bounds, Limits
 from .model import Tenant
 from .planner import PlanError, make_plan
 from .plugins import Plugins, load_plugins
 from .schedule import Window, build_trigger, misfire_grace, nominal_firing
-from .sweep import limits_for
 
 
 def _a_match(glob: str) -> str:
@@ -53,7 +52,7 @@ def rehearse(config: Config, plugins: Plugins, *, now: dt.datetime | None = None
     now = now or dt.datetime.now(dt.UTC)
     problems: list[str] = []
     tz = config.daemon.timezone
-    Bounds(limits_for(config))
+    Bounds(Limits.of(config))
     for name, sweep in config.sweeps.items():
         try:
             trigger = build_trigger(sweep, tz)

@@ -7,9 +7,9 @@ import datetime as dt
 from typing import Any
 
 from .config import Config
-from .db import describe_error, is_insufficient_privilege
+from .databases import open_databases
+from .errors import describe_error, is_insufficient_privilege
 from .history import StatusRow, latest_runs
-from .sweep import open_databases
 
 
 def glob_to_regex(glob: str) -> str:

@@ -35,13 +35,12 @@ from support import REPO
 
 from sweeperd.cli import main
 from sweeperd.db import Database
-from sweeperd.limits import Bounds
+from sweeperd.limits import Bounds, Limits
 from sweeperd.model import Tenant
 from sweeperd.planner import make_plan
 from sweeperd.runner import Runner
 from sweeperd.schedule import SweepScheduler, Window, nominal_firing
 from sweeperd.startup import prepare
-from sweeperd.sweep import limits_for
 
 SHIPPED = REPO / "config" / "sweeperd.toml"
 BASE: dict[str, Any] = tomllib.loads(SHIPPED.read_text(encoding="utf-8"))
@@ -303,7 +302,7 @@ def build_startup(path: Path) -> None:
         if sweep.window:
             Window(sweep.window, config.daemon.timezone).closes_after(now)
     databases = {name: Database(db) for name, db in config.databases.items()}
-    Runner(databases, plugins.pm, config.plugins, Bounds(limits_for(config)))
+    Runner(databases, plugins.pm, config.plugins, Bounds(Limits.of(config)))
 
     async def schedule() -> None:
         async def fire(_name: str) -> None:

@@ -21,16 +21,9 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from support import run_sql
 
 from sweeperd.config import DatabaseConfig
-from sweeperd.db import (
-    Database,
-    DatabaseUnreachable,
-    application_name,
-    check_dsn,
-    describe_error,
-    qualified,
-    redact,
-    redact_dsn,
-)
+from sweeperd.db import Database, application_name
+from sweeperd.dsn import check_dsn, redact, redact_dsn
+from sweeperd.errors import DatabaseUnreachable, describe_error
 
 T = TypeVar("T")
 
@@ -567,7 +560,7 @@ def test_describe_error_for_other_exceptions() -> None:
     )
 
 
-# -- redact, redact_dsn, check_dsn, qualified ------------------------------------------------------
+# -- redact, redact_dsn, check_dsn -------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -648,11 +641,6 @@ def test_check_dsn_flags_a_malformed_dsn(dsn: str) -> None:
     assert problem
     assert_one_line(problem)
     assert "s3cret" not in problem
-
-
-def test_qualified_quotes_schema_and_table(pg_dsn: str) -> None:
-    with psycopg.connect(pg_dsn) as conn:
-        assert qualified('tenant "x"', "a.b").as_string(conn) == '"tenant ""x"""."a.b"'
 
 
 # -- find_schemas ----------------------------------------------------------------------------------

@@ -13,11 +13,11 @@ from sweeperd import ALL_TABLES, Context, Operation
 from sweeperd.config import parse_config
 from sweeperd.db import Database
 from sweeperd.gates import TableGate, TenantGate
+from sweeperd.limits import Bounds, Limits
 from sweeperd.model import Tenant
 from sweeperd.planner import make_plan
 from sweeperd.plugins import new_plugin_manager
-from sweeperd.runner import Bounds, Runner
-from sweeperd.sweep import limits_for
+from sweeperd.runner import Runner
 
 
 def test_table_gate_excludes_shared_tables_and_any_table() -> None:
@@ -95,7 +95,7 @@ def test_two_sweeps_never_touch_the_same_table_of_a_tenant_at_once(pg_dsn: str) 
         database = Database(config.databases["main"])
         await database.open()
         try:
-            bounds = Bounds(limits_for(config))
+            bounds = Bounds(Limits.of(config))
             runner = Runner({"main": database}, new_plugin_manager(), {}, bounds)
             plans = [make_plan(config, operations, tenants, sweep=name)
                      for name in ("nightly", "hourly")]

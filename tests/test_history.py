@@ -45,7 +45,7 @@ from sweeperd.config import DatabaseConfig, HistoryConfig
 from sweeperd.db import Database
 from sweeperd.history import History
 from sweeperd.model import Result
-from sweeperd.runner import SweepReport
+from sweeperd.report import SweepReport
 
 RUN_COLUMNS = ("run_id", "sweep", "instance", "started_at", "finished_at",
                "ok", "failed", "skipped", "cancelled")
@@ -590,7 +590,7 @@ def test_a_manual_partial_run_does_not_hide_the_scheduled_one(pg_dsn: str) -> No
     from sweeperd.db import Database
     from sweeperd.history import History, latest_runs
     from sweeperd.model import Result
-    from sweeperd.runner import SweepReport
+    from sweeperd.report import SweepReport
 
     def report(at: dt.datetime, tenants: list[str], status: str) -> SweepReport:
         results = [Result(tenant=t, database="main", schema=f"tenant_{t}", operation="x.y",

@@ -32,7 +32,7 @@ from sweeperd import Phase
 from sweeperd.config import Config, ConfigError, load_config
 from sweeperd.model import Result
 from sweeperd.plugins import Plugins, load_plugins
-from sweeperd.runner import SweepReport
+from sweeperd.report import SweepReport
 from sweeperd.sweep import sweep_once
 
 TABLE = "notifications"

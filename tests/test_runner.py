@@ -25,11 +25,13 @@ import sweeperd
 from sweeperd import Context, Operation, Phase
 from sweeperd.config import Config, parse_config
 from sweeperd.db import Database
+from sweeperd.limits import Limits
 from sweeperd.model import Result, Tenant
 from sweeperd.planner import make_plan
 from sweeperd.plugins import Plugins, new_plugin_manager
-from sweeperd.runner import Runner, SweepReport
-from sweeperd.sweep import limits_for, sweep_once
+from sweeperd.report import SweepReport
+from sweeperd.runner import Runner
+from sweeperd.sweep import sweep_once
 
 SWEEP = "x"
 UNREACHABLE_DSN = "host=/nonexistent dbname=x connect_timeout=1"
@@ -678,7 +680,7 @@ def test_application_name_labels_each_operation_and_is_reset_after_the_sweep(
         try:
             tenants = [Tenant("acme", "main", "tenant_acme")]
             plan = make_plan(config, operations, tenants, sweep=SWEEP)
-            runner = Runner({"main": database}, new_plugin_manager(), {}, limits_for(config))
+            runner = Runner({"main": database}, new_plugin_manager(), {}, Limits.of(config))
             report = await runner.run(plan)
             # The sweep is over, the pool still open: its connections are gone (closed when
             # the last sweep using the database ended), labels and all.

@@ -11,8 +11,10 @@ from support import PgServer, run_sql
 
 from sweeperd import Context, Operation
 from sweeperd.config import Config, parse_config
+from sweeperd.databases import open_databases
 from sweeperd.plugins import Plugins, new_plugin_manager
-from sweeperd.sweep import open_databases, resolve_tenants, sweep_once
+from sweeperd.sweep import sweep_once
+from sweeperd.tenants import resolve_tenants
 
 
 def config_for(dsns: dict[str, str], **extra: Any) -> Config:

@@ -50,7 +50,7 @@ import sweeperd.telemetry as telemetry_module
 from sweeperd.config import load_config
 from sweeperd.logs import add_trace_context
 from sweeperd.plugins import load_plugins
-from sweeperd.runner import SweepReport
+from sweeperd.report import SweepReport
 from sweeperd.sweep import sweep_once
 from sweeperd.telemetry import Telemetry
 
