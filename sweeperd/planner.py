@@ -16,15 +16,16 @@ from fnmatch import fnmatchcase
 
 from .config import Config, SweepConfig
 from .model import ALL_TABLES, Operation, Tenant, escape_glob
+from .problems import Problems
 
 ALL_SWEEPS = "*"
 
 
-class SelectionError(Exception):
+class SelectionError(Problems):
     """The requested sweep does not exist (a usage error: exit 2)."""
 
 
-class PlanError(Exception):
+class PlanError(Problems):
     """Operations' ``after`` constraints contradict each other (a plugin bug)."""
 
 

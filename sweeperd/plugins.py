@@ -24,18 +24,15 @@ import pluggy
 from . import hookspecs, model
 from .config import Config
 from .model import Operation, OperationError
+from .problems import Problems
 from .validation import toml_key
 
 PROJECT = "sweeperd"
 BUNDLED_PACKAGE = "sweeperd.bundled"
 
 
-class PluginError(Exception):
+class PluginError(Problems):
     """Plugins could not be loaded or disagree; ``problems`` holds one line each."""
-
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("\n".join(problems))
-        self.problems = problems
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,16 +266,20 @@ def _call_per_plugin(
 ) -> list[tuple[str, Any]]:
     """Call a hook on each plugin with *that plugin's* settings; (plugin name, result) pairs.
 
-    pluggy passes the same arguments to every implementation, but settings are per plugin, so the
-    implementations are called one by one (there are no hook wrappers on these hooks).
+    pluggy passes the same arguments to every implementation, but settings are per plugin: each
+    plugin is called through a hook caller of its own (``pm.subset_hook_caller``, as pytest
+    does), so hook wrappers and call monitoring keep working.
     """
     results: list[tuple[str, Any]] = []
+    plugins = pm.get_plugins()
     for impl in getattr(pm.hook, hook_name).get_hookimpls():
         name = pm.get_name(impl.plugin) or "?"
-        kwargs = {"settings": config.plugin_settings(name), "config": config}
-        args = [kwargs[a] for a in impl.argnames]
+        others = [p for p in plugins if p is not impl.plugin]
+        call = pm.subset_hook_caller(hook_name, remove_plugins=others)
         try:
-            results.append((name, impl.function(*args)))
+            # pluggy leaves a None result out of the list: no result is None, as before.
+            found = call(settings=config.plugin_settings(name), config=config)
+            results.append((name, found[0] if found else None))
         except OperationError as exc:
             # Raised by Operation() inside the hook: usually a setting the plugin turned into
             # a name without checking it, so name the settings key and the plugin's own line.

@@ -9,6 +9,7 @@ from typing import Any
 
 from .durations import format_duration
 from .model import STATUSES, Result
+from .problems import ExitCode
 
 
 @dataclass(slots=True)
@@ -39,12 +40,14 @@ class SweepReport:
             "results": [r.to_json() for r in self.results],
         }
 
-    def exit_code(self) -> int:
-        """0 all succeeded or were skipped by policy; 1 a failure; 3 no database could be
-        reached at all (one unreachable database among reachable ones is a failure: 1)."""
+    def exit_code(self) -> ExitCode:
+        """OK all succeeded or were skipped by policy; FAILED a failure; UNREACHABLE no database
+        could be reached at all (one unreachable among reachable ones is a failure)."""
         if self.unreachable and all(r.database in self.unreachable for r in self.results):
-            return 3
-        return 1 if any(r.status in ("failed", "cancelled") for r in self.results) else 0
+            return ExitCode.UNREACHABLE
+        if any(r.status in ("failed", "cancelled") for r in self.results):
+            return ExitCode.FAILED
+        return ExitCode.OK
 
 
 def summarize(results: Sequence[Result]) -> dict[str, dict[str, int]]:

@@ -22,6 +22,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .problems import Problems
+
 # What the transient unit copies. Read with one GetAll: a property the running systemd does not
 # have (LoadCredentialEncrypted before 250, Ubuntu 22.04's 249) is simply absent.
 PROPERTIES = (
@@ -40,7 +42,7 @@ PROPERTIES = (
 _SYSTEMD = "org.freedesktop.systemd1"
 
 
-class UnitError(Exception):
+class UnitError(Problems):
     """The unit cannot be inspected or run (reported as one line, exit 2)."""
 
 
