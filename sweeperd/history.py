@@ -15,9 +15,7 @@ import uuid
 import weakref
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
 
 import structlog
 from psycopg import sql
@@ -26,7 +24,7 @@ from .config import HistoryConfig
 from .db import Database
 from .errors import describe_error, is_insufficient_privilege
 from .model import Result
-from .report import SweepReport
+from .report import SweepReport, status_counts
 
 log = structlog.get_logger("sweeperd.history")
 
@@ -133,7 +131,7 @@ class History:
             if database not in self._ready:
                 await database.ensure_schema(conn, _DDL)
                 self._ready.add(database)
-            counts = _counts(results)
+            counts = status_counts(results, dry_run_as_ok=True)
             async with database.transaction(conn):
                 await conn.execute(
                     "INSERT INTO sweeperd.runs (run_id, sweep, instance, started_at, finished_at,"
@@ -200,104 +198,3 @@ class History:
             log.error(
                 "cannot write the run history", database=database.name, error=describe_error(exc)
             )
-
-
-def _counts(results: Sequence[Result]) -> dict[str, int]:
-    counts = {"ok": 0, "failed": 0, "skipped": 0, "cancelled": 0}
-    for r in results:
-        key = "ok" if r.status == "dry-run" else r.status
-        counts[key] = counts.get(key, 0) + 1
-    return counts
-
-
-@dataclass(frozen=True, slots=True)
-class StatusRow:
-    database: str
-    sweep: str
-    run_id: str
-    instance: str
-    started_at: Any
-    finished_at: Any
-    counts: dict[str, int]
-    failures: list[dict[str, Any]]
-    trigger: str = "schedule"
-    selection: str | None = None
-
-
-async def latest_runs(
-    database: Database, *, sweep: str | None, tenant_regex: str | None, failed_only: bool
-) -> tuple[list[StatusRow], list[dict[str, Any]]]:
-    """The latest run per sweep with its failures, and each operation's last success."""
-    async with database.housekeeping("status") as conn:
-        cur = await conn.execute("SELECT to_regclass('sweeperd.runs') IS NOT NULL")
-        row = await cur.fetchone()
-        if not row or not row[0]:
-            return [], []
-        cur = await conn.execute(
-            """
-            SELECT DISTINCT ON (sweep, trigger) run_id, sweep, instance, started_at,
-                   finished_at, ok, failed, skipped, cancelled, trigger, selection
-              FROM sweeperd.runs WHERE %(sweep)s::text IS NULL OR sweep = %(sweep)s
-             ORDER BY sweep, trigger DESC, started_at DESC
-            """,
-            {"sweep": sweep},
-        )
-        runs = await cur.fetchall()
-        out: list[StatusRow] = []
-        for (
-            run_id,
-            name,
-            instance,
-            started,
-            finished,
-            ok,
-            failed,
-            skipped,
-            cancelled,
-            trigger,
-            selection,
-        ) in runs:
-            if failed_only and not (failed or cancelled):
-                continue
-            cur = await conn.execute(
-                """
-                SELECT tenant, operation, status, error FROM sweeperd.results
-                 WHERE run_id = %(run)s AND status IN ('failed', 'cancelled')
-                   AND (%(tenant)s::text IS NULL OR tenant ~ %(tenant)s)
-                 ORDER BY operation, tenant
-                """,
-                {"run": run_id, "tenant": tenant_regex},
-            )
-            failures = [
-                dict(zip(("tenant", "operation", "status", "error"), r, strict=True))
-                for r in await cur.fetchall()
-            ]
-            out.append(
-                StatusRow(
-                    database.name,
-                    name,
-                    str(run_id),
-                    instance,
-                    started,
-                    finished,
-                    {"ok": ok, "failed": failed, "skipped": skipped, "cancelled": cancelled},
-                    failures,
-                    trigger,
-                    selection,
-                )
-            )
-        cur = await conn.execute(
-            """
-            SELECT r.operation, max(r.finished_at), count(DISTINCT r.tenant)
-              FROM sweeperd.results r JOIN sweeperd.runs u USING (run_id)
-             WHERE r.status = 'ok' AND (%(sweep)s::text IS NULL OR u.sweep = %(sweep)s)
-               AND (%(tenant)s::text IS NULL OR r.tenant ~ %(tenant)s)
-             GROUP BY r.operation ORDER BY r.operation
-            """,
-            {"sweep": sweep, "tenant": tenant_regex},
-        )
-        last_ok = [
-            {"database": database.name, "operation": op, "last_success": when, "tenants": n}
-            for op, when, n in await cur.fetchall()
-        ]
-        return out, last_ok

@@ -25,10 +25,7 @@ class SweepReport:
         return (self.finished_at - self.started_at).total_seconds()
 
     def counts(self) -> dict[str, int]:
-        counts = {"ok": 0, "failed": 0, "skipped": 0, "cancelled": 0}
-        for r in self.results:
-            counts[r.status] = counts.get(r.status, 0) + 1
-        return counts
+        return status_counts(self.results)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -48,6 +45,16 @@ class SweepReport:
         if any(r.status in ("failed", "cancelled") for r in self.results):
             return ExitCode.FAILED
         return ExitCode.OK
+
+
+def status_counts(results: Sequence[Result], *, dry_run_as_ok: bool = False) -> dict[str, int]:
+    """How many results ended in each status (ok, failed, skipped, cancelled always present;
+    dry-run too if any, unless counted as ok, as the run history stores it)."""
+    counts = {"ok": 0, "failed": 0, "skipped": 0, "cancelled": 0}
+    for r in results:
+        key = "ok" if dry_run_as_ok and r.status == "dry-run" else r.status
+        counts[key] = counts.get(key, 0) + 1
+    return counts
 
 
 def summarize(results: Sequence[Result]) -> dict[str, dict[str, int]]:

@@ -1,15 +1,18 @@
-"""``sweeperd status``: the latest run per sweep, its failures, each operation's last success."""
+"""``sweeperd status``: the latest run per sweep, its failures, each operation's last success,
+read from the run history that :mod:`sweeperd.history` writes."""
 
 from __future__ import annotations
 
 import asyncio
+import re
 import datetime as dt
+from dataclasses import dataclass
 from typing import Any
 
 from .config import Config
 from .databases import open_databases
+from .db import Database
 from .errors import describe_error, is_insufficient_privilege
-from .history import StatusRow, latest_runs
 
 
 def glob_to_regex(glob: str) -> str:
@@ -58,7 +61,8 @@ async def collect(
 ) -> tuple[list[StatusRow], list[dict[str, Any]], dict[str, str]]:
     databases, unreachable = await open_databases(config, list(config.databases))
     try:
-        pattern = glob_to_regex(tenant) if tenant else None
+        # As sweep --tenant: the glob, or a tenant's exact name (glob characters and all).
+        pattern = f"^{re.escape(tenant)}$|{glob_to_regex(tenant)}" if tenant else None
         outcomes = await asyncio.gather(
             *(
                 latest_runs(db, sweep=sweep, tenant_regex=pattern, failed_only=failed_only)
@@ -168,3 +172,96 @@ def _when(value: Any) -> str:
     if isinstance(value, dt.datetime):
         return value.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     return str(value)
+
+
+@dataclass(frozen=True, slots=True)
+class StatusRow:
+    database: str
+    sweep: str
+    run_id: str
+    instance: str
+    started_at: Any
+    finished_at: Any
+    counts: dict[str, int]
+    failures: list[dict[str, Any]]
+    trigger: str = "schedule"
+    selection: str | None = None
+
+
+async def latest_runs(
+    database: Database, *, sweep: str | None, tenant_regex: str | None, failed_only: bool
+) -> tuple[list[StatusRow], list[dict[str, Any]]]:
+    """The latest run per sweep with its failures, and each operation's last success."""
+    async with database.housekeeping("status") as conn:
+        cur = await conn.execute("SELECT to_regclass('sweeperd.runs') IS NOT NULL")
+        row = await cur.fetchone()
+        if not row or not row[0]:
+            return [], []
+        cur = await conn.execute(
+            """
+            SELECT DISTINCT ON (sweep, trigger) run_id, sweep, instance, started_at,
+                   finished_at, ok, failed, skipped, cancelled, trigger, selection
+              FROM sweeperd.runs WHERE %(sweep)s::text IS NULL OR sweep = %(sweep)s
+             ORDER BY sweep, trigger DESC, started_at DESC
+            """,
+            {"sweep": sweep},
+        )
+        runs = await cur.fetchall()
+        out: list[StatusRow] = []
+        for (
+            run_id,
+            name,
+            instance,
+            started,
+            finished,
+            ok,
+            failed,
+            skipped,
+            cancelled,
+            trigger,
+            selection,
+        ) in runs:
+            if failed_only and not (failed or cancelled):
+                continue
+            cur = await conn.execute(
+                """
+                SELECT tenant, operation, status, error FROM sweeperd.results
+                 WHERE run_id = %(run)s AND status IN ('failed', 'cancelled')
+                   AND (%(tenant)s::text IS NULL OR tenant ~ %(tenant)s)
+                 ORDER BY operation, tenant
+                """,
+                {"run": run_id, "tenant": tenant_regex},
+            )
+            failures = [
+                dict(zip(("tenant", "operation", "status", "error"), r, strict=True))
+                for r in await cur.fetchall()
+            ]
+            out.append(
+                StatusRow(
+                    database.name,
+                    name,
+                    str(run_id),
+                    instance,
+                    started,
+                    finished,
+                    {"ok": ok, "failed": failed, "skipped": skipped, "cancelled": cancelled},
+                    failures,
+                    trigger,
+                    selection,
+                )
+            )
+        cur = await conn.execute(
+            """
+            SELECT r.operation, max(r.finished_at), count(DISTINCT r.tenant)
+              FROM sweeperd.results r JOIN sweeperd.runs u USING (run_id)
+             WHERE r.status = 'ok' AND (%(sweep)s::text IS NULL OR u.sweep = %(sweep)s)
+               AND (%(tenant)s::text IS NULL OR r.tenant ~ %(tenant)s)
+             GROUP BY r.operation ORDER BY r.operation
+            """,
+            {"sweep": sweep, "tenant": tenant_regex},
+        )
+        last_ok = [
+            {"database": database.name, "operation": op, "last_success": when, "tenants": n}
+            for op, when, n in await cur.fetchall()
+        ]
+        return out, last_ok

@@ -588,9 +588,10 @@ def test_a_manual_partial_run_does_not_hide_the_scheduled_one(pg_dsn: str) -> No
 
     from sweeperd.config import DatabaseConfig, HistoryConfig
     from sweeperd.db import Database
-    from sweeperd.history import History, latest_runs
+    from sweeperd.history import History
     from sweeperd.model import Result
     from sweeperd.report import SweepReport
+    from sweeperd.status import latest_runs
 
     def report(at: dt.datetime, tenants: list[str], status: str) -> SweepReport:
         results = [Result(tenant=t, database="main", schema=f"tenant_{t}", operation="x.y",

@@ -157,4 +157,10 @@ def test_hostile_tenants_are_swept_and_recorded_exactly(
         assert name in {r["tenant"] for r in only["results"] if r["tenant"]}
     exact = sweep(path, "nightly", "--dry-run", "--tenant", "[[]glob][*][?]")
     assert {r["tenant"] for r in exact["results"] if r["tenant"]} == {"[glob]*?"}
+    # status --tenant reads the history with the same rule, in SQL.
+    for glob, expected in (("[[]glob][*][?]", 1), ("[glob]*?", 2), ("*", len(HOSTILE))):
+        done = run_cli("status", "-c", str(path), "--json", "--tenant", glob)
+        assert done.returncode == 0, done.stderr
+        counts = {o["operation"]: o["tenants"] for o in json.loads(done.stdout)["last_success"]}
+        assert counts["retention.notifications"] == expected, (glob, counts)
     assert_canary_intact(hostile_db)
