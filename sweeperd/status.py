@@ -4,8 +4,8 @@ read from the run history that :mod:`sweeperd.history` writes."""
 from __future__ import annotations
 
 import asyncio
-import re
 import datetime as dt
+import re
 from dataclasses import dataclass
 from typing import Any
 
