@@ -143,7 +143,15 @@ for line in sys.stdin:
         print(entry["MESSAGE"])' "${1:-7}"
 }
 # journal_has PATTERN [PRIORITY]: a message since the mark matches the extended regex.
-journal_has() { journal_since "${2:-7}" | grep -Eq -- "$1"; }
+journal_has() {
+  local lines
+  lines=$(journal_since "${2:-7}")
+  grep -Eq -- "$1" <<<"$lines" && return 0
+  # Say what was there instead: a failing check must be diagnosable from the CI log alone.
+  printf '         journal since the mark (priority <= %s), last lines:\n' "${2:-7}"
+  tail -n 8 <<<"$lines" | sed 's/^/           | /'
+  return 1
+}
 journal_quiet_at() { [[ -z $(journal_since "$1") ]]; }
 # wait_for SECONDS COMMAND...: until it succeeds.
 wait_for() {
