@@ -4,16 +4,22 @@ Within one sweep the planner already orders operations that share a table. Two s
 once though (a nightly sweep still going when an hourly one fires), and they must not DELETE from
 or VACUUM the same table of the same tenant at the same time, nor together exceed a tenant's
 ``per_tenant_concurrency``. These gates are shared by every sweep of the process.
+
+A :data:`Gate` is the other kind, one sweep's own: asked right before each of its items starts.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 
-from .model import ALL_TABLES
+from .model import ALL_TABLES, Status
+
+# Asked right before an item starts: None to run it, or the status and reason to report instead
+# (the daemon is stopping, the maintenance window has closed).
+Gate = Callable[[], tuple[Status, str] | None]
 
 # (database, schema): schema None holds the schema-qualified tables of database-scope operations.
 Domain = tuple[str, str | None]

@@ -31,10 +31,12 @@ from opentelemetry.trace import INVALID_SPAN, Span
 from .db import STANDBY, Database
 from .durations import format_duration
 from .errors import describe_error, sqlstate_of
-from .limits import Bounds, Gate, Limits, Stop
+from .gates import Gate
+from .limits import Bounds, Limits
 from .model import Context, Result, Skip, Status
 from .planner import Plan, WorkItem
 from .report import SweepReport
+from .stop import Stop
 from .telemetry import telemetry
 from .tracing import SweepTrace
 
