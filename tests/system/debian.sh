@@ -123,24 +123,22 @@ trap 'echo "FAIL  unexpected error (exit $?) at line $LINENO: $BASH_COMMAND" >&2
 psql_app() { inside runuser -u postgres -- psql -X -qAt -d app -c "$1"; }
 unit_show() { inside systemctl show sweeperd -p "$1" --value; }
 unit_is() { [[ $(unit_show "$1") == "$2" ]]; }
-CURSOR=
-# mark_journal: later journal_* calls see only what sweeperd logs from now on.
-mark_journal() {
-  CURSOR=$( (inside journalctl -u sweeperd -n 1 -q --show-cursor -o cat 2>/dev/null || true) \
-    | sed -n 's/^-- cursor: //p')
-}
+MARK=0
+# mark_journal: later journal_* calls see only what sweeperd logs from now on. By time, not by
+# cursor: a cursor whose entry the journal has rotated away makes journalctl show nothing.
+mark_journal() { MARK=$(inside date +%s%6N); }
 # journal_since [PRIORITY]: the messages since the mark, at PRIORITY (0-7) or more urgent.
-# (journalctl -p with --after-cursor shows nothing when the cursor's entry is not at that
-# priority: filter here instead.)
 journal_since() {
-  inside journalctl -u sweeperd --no-pager -q -o json ${CURSOR:+"--after-cursor=$CURSOR"} \
+  inside journalctl -u sweeperd --no-pager -q -o json --since "@$((MARK / 1000000 - 1))" \
     | python3 -c '
 import json, sys
-limit = int(sys.argv[1])
+limit, mark = int(sys.argv[1]), int(sys.argv[2])
 for line in sys.stdin:
     entry = json.loads(line)
+    if int(entry["__REALTIME_TIMESTAMP"]) < mark:
+        continue
     if int(entry.get("PRIORITY", 6)) <= limit and isinstance(entry.get("MESSAGE"), str):
-        print(entry["MESSAGE"])' "${1:-7}"
+        print(entry["MESSAGE"])' "${1:-7}" "$MARK"
 }
 # journal_has PATTERN [PRIORITY]: a message since the mark matches the extended regex.
 journal_has() {
