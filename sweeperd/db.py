@@ -139,7 +139,7 @@ class Database:
         self.server_version = 0
         self.server_address: str | None = None  # host name, address or unix socket directory
         self.server_port: int | None = None
-        self.slot: asyncio.Semaphore | None = None  # the runner's per-database slot
+        self._housekeeping_slot: asyncio.Semaphore | None = None  # see cap_housekeeping()
         self.dbname: str | None = None
         self.user: str | None = None
         self.in_recovery = False  # as of the last refresh()
@@ -455,17 +455,27 @@ class Database:
                 await pool.putconn(conn)
                 raise
 
+    def cap_housekeeping(self, slot: asyncio.Semaphore | None) -> None:
+        """Make :meth:`housekeeping` take a slot of ``slot`` first: the per-database slot that
+        the operations a runner runs here take, so that together they stay within the cap.
+
+        Until then it takes none: nothing runs on a database no runner was given (while it
+        opens, say), so there is nothing to stay within the cap with.
+        """
+        self._housekeeping_slot = slot
+
     @asynccontextmanager
     async def housekeeping(
         self, label: str, *, retry: bool = True, room_timeout: float | None = None
     ) -> AsyncIterator[AsyncConn]:
-        """A connection for sweeperd's own queries, inside the database's concurrency cap.
+        """A connection for sweeperd's own queries, inside the database's concurrency cap
+        (:meth:`cap_housekeeping`).
 
         Without the cap, discovery or a history write could find the pool exhausted by running
         operations and fail a whole sweep on a pool timeout.
         """
         async with (
-            self.slot or contextlib.nullcontext(),
+            self._housekeeping_slot or contextlib.nullcontext(),
             self.connection(label, retry=retry, room_timeout=room_timeout) as conn,
         ):
             yield conn

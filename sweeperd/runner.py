@@ -59,7 +59,7 @@ class Runner:
         self.bounds = bounds if isinstance(bounds, Bounds) else Bounds(bounds)
         for name, database in databases.items():
             # Bookkeeping (discovery, claims, history) counts against the same per-database cap.
-            database.slot = self.bounds.per_database.get(name)
+            database.cap_housekeeping(self.bounds.per_database.get(name))
 
     async def run(
         self,

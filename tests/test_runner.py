@@ -25,7 +25,7 @@ import sweeperd
 from sweeperd import Context, Operation, Phase
 from sweeperd.config import Config, parse_config
 from sweeperd.db import Database
-from sweeperd.limits import Limits
+from sweeperd.limits import Bounds, Limits
 from sweeperd.model import Result, Tenant
 from sweeperd.planner import make_plan
 from sweeperd.plugins import Plugins, new_plugin_manager
@@ -248,6 +248,40 @@ def test_per_tenant_concurrency_is_never_exceeded_and_is_reached(pg_dsn: str) ->
           "overall", sampler.max_overall())
     assert per_tenant == {"t0": 2, "t1": 2, "t2": 2}
     assert sampler.max_overall() == 6
+
+
+def test_bookkeeping_takes_the_database_slot_once_a_runner_runs_the_database(pg_dsn: str) -> None:
+    """Discovery, claims and history (Database.housekeeping) count against the slots the runner's
+    operations take; a database no runner was given yet (being opened) takes none."""
+    config = make_config(pg_dsn, [], max_connections=2)
+
+    async def main() -> tuple[bool, bool]:
+        database = Database(config.databases["main"])
+        await database.open()
+        try:
+            bounds = Bounds(Limits.of(config))
+            slot = bounds.per_database["main"]
+            for _ in range(2):
+                await slot.acquire()  # as if two operations were running
+
+            async def bookkeeping() -> None:
+                async with database.housekeeping("test") as conn:
+                    await conn.execute("SELECT 1")
+
+            await asyncio.wait_for(bookkeeping(), 10)  # no runner yet: no slot taken
+            Runner({"main": database}, new_plugin_manager(), {}, bounds)
+            waiting = asyncio.ensure_future(bookkeeping())
+            await asyncio.sleep(0.2)
+            waited = not waiting.done()
+            slot.release()  # an operation finished
+            await asyncio.wait_for(waiting, 10)
+            return waited, not slot.locked()
+        finally:
+            await database.close()
+
+    waited, given_back = asyncio.run(main())
+    assert waited, "housekeeping ran while every slot of the database was taken"
+    assert given_back, "housekeeping did not give its slot back"
 
 
 # -- ordering: same table serialized, prune before vacuum, different tables concurrent -------------
