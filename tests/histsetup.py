@@ -18,38 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import tomli_w
+from support import install_plugin
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
-PLUGIN = '''\
-import sweeperd
-
-
-async def ok(ctx):
-    cur = await ctx.conn.execute("SELECT length(%s)", (ctx.tenant.name,))
-    return (await cur.fetchone())[0]
-
-
-async def flaky(ctx):
-    if ctx.tenant.name in ctx.settings.get("fail", []):
-        await ctx.conn.execute("SELECT 1/0")
-    await ctx.conn.execute("SELECT 1")
-    return None
-
-
-async def per_db(ctx):
-    cur = await ctx.conn.execute("SELECT 7")
-    return (await cur.fetchone())[0]
-
-
-@sweeperd.hookimpl
-def sweeperd_operations(config):
-    return [
-        sweeperd.Operation(name="hist.ok", run=ok, dry_run=True),
-        sweeperd.Operation(name="hist.flaky", run=flaky),
-        sweeperd.Operation(name="hist.db", run=per_db, scope="database", dry_run=True),
-    ]
-'''
 
 TENANTS = ("acme", "globex", "initech")
 FAILING = "globex"
@@ -79,7 +51,7 @@ def write_setup(
     ``numbered_schemas``, for tenant names that are not identifiers.
     """
     (directory / "plugins.d").mkdir(exist_ok=True)
-    (directory / "plugins.d" / "hist.py").write_text(PLUGIN, encoding="utf-8")
+    install_plugin(directory / "plugins.d", "hist.py")
     if tenants is None:
         tenants = dict.fromkeys(TENANTS, "main")
     doc: dict[str, Any] = {

@@ -132,6 +132,21 @@ def with_secret_password(dsn: str, password: str) -> tuple[str, str | None]:
     return candidate, password
 
 
+PLUGINS = Path(__file__).resolve().parent / "plugins"
+
+
+def install_plugin(directory: Path, source: str, as_name: str | None = None) -> Path:
+    """Copy the test plugin ``tests/plugins/<source>`` into a ``plugin_dirs`` directory.
+
+    The plugin's name (its settings table, its operations' prefix) is the file's stem:
+    ``as_name`` installs it under another file name.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / (as_name or source)
+    target.write_text((PLUGINS / source).read_text(encoding="utf-8"), encoding="utf-8")
+    return target
+
+
 def run_sql(dsn: str, *statements: str) -> None:
     """Run set-up statements in autocommit (test data, roles, schemas)."""
     with psycopg.connect(dsn, autocommit=True) as conn:

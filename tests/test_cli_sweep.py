@@ -26,7 +26,7 @@ from typing import Any
 import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
-from support import run_cli, run_sql, toml_str, write_config
+from support import install_plugin, run_cli, run_sql, toml_str, write_config
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
@@ -41,48 +41,6 @@ TENANTS = ("acme", "globex", "initech")
 JOBS = {"acme": (3, 2), "globex": (1, 4), "initech": (5, 0)}
 EXPIRED_SESSIONS, LIVE_SESSIONS = 7, 2
 
-PLUGIN = '''\
-import sweeperd
-from sweeperd import sql
-
-
-async def purge_done(ctx):
-    if ctx.dry_run:
-        cur = await ctx.conn.execute(
-            sql.SQL("SELECT count(*) FROM {} WHERE done").format(ctx.table("jobs")))
-        return (await cur.fetchone())[0]
-    cur = await ctx.conn.execute(sql.SQL("DELETE FROM {} WHERE done").format(ctx.table("jobs")))
-    return cur.rowcount
-
-
-async def flaky(ctx):
-    await ctx.conn.execute(
-        sql.SQL("INSERT INTO {} (what) VALUES ('flaky ran')").format(ctx.table("audit")))
-    if ctx.tenant.name == "globex":
-        await ctx.conn.execute("SELECT 1/0")
-    return 1
-
-
-async def expire_sessions(ctx):
-    table = ctx.table("public.sessions")
-    if ctx.dry_run:
-        cur = await ctx.conn.execute(
-            sql.SQL("SELECT count(*) FROM {} WHERE expires_at < now()").format(table))
-        return (await cur.fetchone())[0]
-    cur = await ctx.conn.execute(sql.SQL("DELETE FROM {} WHERE expires_at < now()").format(table))
-    return cur.rowcount
-
-
-@sweeperd.hookimpl
-def sweeperd_operations(config):
-    return [
-        sweeperd.Operation(name="jobs.purge_done", run=purge_done, tables=("jobs",),
-                           dry_run=True),
-        sweeperd.Operation(name="jobs.flaky", run=flaky, tables=("audit",)),
-        sweeperd.Operation(name="jobs.expire_sessions", run=expire_sessions, scope="database",
-                           tables=("public.sessions",), dry_run=True),
-    ]
-'''
 
 SWEEPS = """
     [sweeps.nightly]
@@ -121,7 +79,7 @@ def create_data(dsn: str, *, schema_prefix: str = "tenant_") -> None:
 
 def write_plugin(directory: Path) -> None:
     (directory / "plugins.d").mkdir(exist_ok=True)
-    (directory / "plugins.d" / "jobs.py").write_text(PLUGIN, encoding="utf-8")
+    install_plugin(directory / "plugins.d", "jobs.py")
 
 
 def config_text(dsn: str, *, tenants: bool = True, extra: str = "", sweeps: str = SWEEPS,

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import psycopg
-from support import run_sql, throwaway_role, toml_str, write_config
+from support import install_plugin, run_sql, throwaway_role, toml_str, write_config
 
 from sweeperd.config import DatabaseConfig, SweepConfig
 from sweeperd.coordination import DATABASE_SCOPE, Claims
@@ -99,16 +99,6 @@ def test_without_privileges_an_instance_runs_everything(pg_dsn: str) -> None:
         assert asyncio.run(body(role.dsn(pg_dsn))) == {"main": {"a", "b"}}
 
 
-PLUGIN = '''
-import sweeperd
-
-async def record(ctx):
-    await ctx.conn.execute(
-        "INSERT INTO public.runs (tenant, at) VALUES (%s, clock_timestamp())", (ctx.tenant.name,))
-
-def sweeperd_operations(config):
-    return [sweeperd.Operation(name="rec.record", run=record, tables=("x",))]
-'''
 
 
 def test_two_daemons_never_process_a_firing_twice(pg_dsn: str, tmp_path: Path) -> None:
@@ -116,7 +106,7 @@ def test_two_daemons_never_process_a_firing_twice(pg_dsn: str, tmp_path: Path) -
     run_sql(pg_dsn, "CREATE TABLE public.runs (tenant text, at timestamptz)",
             *(f"CREATE SCHEMA tenant_{i}" for i in range(6)))
     (tmp_path / "plugins.d").mkdir()
-    (tmp_path / "plugins.d" / "rec.py").write_text(PLUGIN)
+    install_plugin(tmp_path / "plugins.d", "rec.py")
     config = write_config(tmp_path, f"""
         [daemon]
         plugin_dirs = ["plugins.d"]

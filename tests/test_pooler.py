@@ -20,7 +20,7 @@ from typing import Any
 import psycopg
 import pytest
 from servers import PgBouncer
-from support import run_cli, run_sql, toml_str, write_config
+from support import install_plugin, run_cli, run_sql, toml_str, write_config
 
 from sweeperd.config import DatabaseConfig
 from sweeperd.coordination import Claims
@@ -40,27 +40,6 @@ RULES = [
 PER_TENANT = len(RULES) + 2  # the rules, the timeout probe, vacuum.ev7
 AGES = [a + 0.5 for a in (0, 1, 3, 6, 8, 12, 20, 29, 31, 45, 60, 88, 91, 120, 200, 364, 366, 400)]
 
-PROBE_PLUGIN = textwrap.dedent('''\
-    """Records the timeouts an operation sees, inside ctx.transaction() and outside it."""
-    import sweeperd
-
-
-    async def probe(ctx):
-        async with ctx.transaction():
-            cur = await ctx.conn.execute(
-                "SELECT current_setting('lock_timeout'), current_setting('statement_timeout')")
-            inside = await cur.fetchone()
-            await ctx.conn.execute(
-                "INSERT INTO public.seen (tenant, lock_timeout, statement_timeout) "
-                "VALUES (%s, %s, %s)", (ctx.tenant.name, *inside))
-        return None
-
-
-    @sweeperd.hookimpl
-    def sweeperd_operations(settings):
-        return [sweeperd.Operation(name="probe.timeouts", run=probe, tables=("ev7",),
-                                   after=("retention.*",))]
-    ''')
 
 
 def make_tenants(dsn: str) -> None:
@@ -118,7 +97,7 @@ def config_for(
 ) -> Path:
     plugins_d = directory / "plugins.d"
     plugins_d.mkdir(exist_ok=True)
-    (plugins_d / "probe.py").write_text(PROBE_PLUGIN, encoding="utf-8")
+    install_plugin(plugins_d, "pooler_probe.py", as_name="probe.py")
     rules = "".join(
         f"""
         [[plugins.retention.rules]]

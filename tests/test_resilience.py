@@ -20,7 +20,7 @@ from typing import Any
 
 import psycopg
 from servers import ScratchServer, scratch_server_fixture, standby_of  # noqa: F401
-from support import toml_str, write_config
+from support import install_plugin, toml_str, write_config
 
 from sweeperd.config import load_config
 from sweeperd.daemon import Daemon, load
@@ -29,18 +29,6 @@ from sweeperd.plugins import load_plugins
 
 TENANTS = [f"t{i}" for i in range(6)]
 
-WORK_PLUGIN = textwrap.dedent("""\
-    import sweeperd
-
-    async def work(ctx):
-        await ctx.conn.execute("SELECT pg_sleep(0.05)")
-        return 0
-
-    @sweeperd.hookimpl
-    def sweeperd_operations(settings):
-        return [sweeperd.Operation(name="work.a", run=work, tables=("a",)),
-                sweeperd.Operation(name="work.b", run=work, tables=("b",))]
-    """)
 
 
 def make_schemas(server: ScratchServer) -> None:
@@ -51,7 +39,7 @@ def make_schemas(server: ScratchServer) -> None:
 def config_for(directory: Path, databases: dict[str, str], *, extra: str = "") -> Path:
     plugins_d = directory / "plugins.d"
     plugins_d.mkdir(exist_ok=True)
-    (plugins_d / "work.py").write_text(WORK_PLUGIN, encoding="utf-8")
+    install_plugin(plugins_d, "work.py")
     dbs = "".join(
         f"""
         [databases.{name}]

@@ -7,36 +7,19 @@ sweep's plan, with stand-ins for discovered tenants that each sweep's tenant glo
 
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
 
 import pytest
-from support import run_cli, write_config
+from support import install_plugin, run_cli, write_config
 
 from sweeperd.config import ConfigError
 from sweeperd.startup import prepare
-
-CYCLE_PLUGIN = textwrap.dedent("""\
-    import sweeperd
-
-
-    async def noop(ctx):
-        return None
-
-
-    @sweeperd.hookimpl
-    def sweeperd_operations(settings):
-        return [
-            sweeperd.Operation(name="loop.a", run=noop, tables=("t",), after=("loop.b",)),
-            sweeperd.Operation(name="loop.b", run=noop, tables=("u",), after=("loop.a",)),
-        ]
-    """)
 
 
 @pytest.mark.parametrize("tenants", ["static", "discovered"])
 def test_a_plan_that_cannot_be_built_is_a_config_error(tmp_path: Path, tenants: str) -> None:
     (tmp_path / "plugins.d").mkdir()
-    (tmp_path / "plugins.d" / "loop.py").write_text(CYCLE_PLUGIN, encoding="utf-8")
+    install_plugin(tmp_path / "plugins.d", "loop.py")
     who = (
         '[[tenants]]\nname = "acme1"\ndatabase = "main"\nschema = "tenant_acme1"\n'
         if tenants == "static"

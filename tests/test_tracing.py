@@ -39,6 +39,7 @@ from structlog.testing import capture_logs
 from support import (
     DATABASE_STATS_SKIP_REASON,
     database_stats_status,
+    install_plugin,
     run_cli,
     run_sql,
     toml_str,
@@ -168,44 +169,6 @@ def create_data(dsn: str, tenants: Mapping[str, str] = TENANTS, *,
     run_sql(dsn, *stmts)
 
 
-PROBE_PLUGIN = '''\
-import asyncio
-
-import sweeperd
-
-
-async def nested(ctx):
-    await ctx.conn.execute("SELECT 1")
-    ctx.log.info("probe: after a query")
-
-    async def child(n):
-        await asyncio.sleep(0)
-        ctx.log.info("probe: in a child task", child=n)
-
-    await asyncio.gather(asyncio.create_task(child(1)), child(2))
-    return 0
-
-
-async def nap(ctx):
-    await ctx.conn.execute("SELECT pg_sleep(30)")
-    return None
-
-
-async def leak(ctx):
-    await ctx.conn.execute("SELECT 1")
-    raise RuntimeError("archive unreachable: host=archive user=app password=LeakyPw-42")
-
-
-@sweeperd.hookimpl
-def sweeperd_operations(settings):
-    return [
-        sweeperd.Operation(name="probe.leak", run=leak, tables=("notifications",)),
-        sweeperd.Operation(name="probe.nested", run=nested, tables=("notifications",),
-                           db_operation="SELECT"),
-        sweeperd.Operation(name="probe.nap", run=nap, tables=("notifications",),
-                           db_operation="SELECT"),
-    ]
-'''
 
 
 def write_scenario(
@@ -227,7 +190,7 @@ def write_scenario(
     daemon = ""
     if with_probe:
         (tmp_path / "plugins.d").mkdir(exist_ok=True)
-        (tmp_path / "plugins.d" / "probe.py").write_text(PROBE_PLUGIN, encoding="utf-8")
+        install_plugin(tmp_path / "plugins.d", "tracing_probe.py", as_name="probe.py")
         daemon = '[daemon]\nplugin_dirs = ["plugins.d"]\n\n'
     ops = ", ".join(toml_str(o) for o in operations)
     sweep_timeout = f"timeout = {toml_str(timeout)}\n" if timeout else ""
