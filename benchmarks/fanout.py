@@ -51,8 +51,9 @@ def enable_telemetry() -> None:
 
     tracer_provider = TracerProvider()
     tracer_provider.add_span_processor(BatchSpanProcessor(Drop()))
-    meter_provider = MeterProvider(metric_readers=[InMemoryMetricReader()],
-                                   exemplar_filter=AlwaysOffExemplarFilter())  # as sweeperd
+    meter_provider = MeterProvider(
+        metric_readers=[InMemoryMetricReader()], exemplar_filter=AlwaysOffExemplarFilter()
+    )  # as sweeperd
     import sweeperd.telemetry as t
 
     t._current = Telemetry(tracer_provider.get_tracer("bench"), meter_provider.get_meter("bench"))
@@ -78,18 +79,22 @@ def make_ops(n_ops: int, query: str) -> dict[str, sweeperd.Operation]:
     async def run(ctx: sweeperd.Context) -> None:
         await ctx.conn.execute(query)  # type: ignore[arg-type]
 
-    return {f"bench.op{i}": sweeperd.Operation(name=f"bench.op{i}", run=run, tables=(f"t{i}",))
-            for i in range(n_ops)}
+    return {
+        f"bench.op{i}": sweeperd.Operation(name=f"bench.op{i}", run=run, tables=(f"t{i}",))
+        for i in range(n_ops)
+    }
 
 
-async def run_sweeperd(dsn: str, tenants: int, ops_per_tenant: int, conns: int,
-                       query: str) -> tuple[float, float, int]:
+async def run_sweeperd(
+    dsn: str, tenants: int, ops_per_tenant: int, conns: int, query: str
+) -> tuple[float, float, int]:
     doc: dict[str, Any] = {
         "daemon": {"max_concurrency": conns},
         "history": {"enabled": False},
         "databases": {"main": {"dsn": dsn, "max_connections": conns}},
-        "tenants": [{"name": f"t{i}", "database": "main", "schema": f"tenant_{i}"}
-                    for i in range(tenants)],
+        "tenants": [
+            {"name": f"t{i}", "database": "main", "schema": f"tenant_{i}"} for i in range(tenants)
+        ],
         "sweeps": {"bench": {"interval": "1h", "per_tenant_concurrency": ops_per_tenant}},
     }
     config = parse_config(doc, Path("bench.toml"))
@@ -103,8 +108,9 @@ async def run_sweeperd(dsn: str, tenants: int, ops_per_tenant: int, conns: int,
 
 
 async def run_baseline(dsn: str, n: int, conns: int, query: str) -> tuple[float, float]:
-    async with AsyncConnectionPool(dsn, min_size=conns, max_size=conns,
-                                   kwargs={"autocommit": True}, open=False) as pool:
+    async with AsyncConnectionPool(
+        dsn, min_size=conns, max_size=conns, kwargs={"autocommit": True}, open=False
+    ) as pool:
         await pool.wait()
         sem = asyncio.Semaphore(conns)
 
@@ -126,8 +132,10 @@ def main() -> int:
         ("select1-1000x4@32", 1000, 4, 32, "SELECT 1", 0.0),
         ("select1+telemetry", 1000, 4, 32, "SELECT 1", 0.0),
     ]
-    print(f"{'scenario':<22}{'ops':>6}{'ideal':>8}{'sweeperd':>10}{'/ideal':>8}{'baseline':>10}"
-          f"{'/base':>7}{'cpu/op sw':>11}{'cpu/op base':>12}")
+    print(
+        f"{'scenario':<22}{'ops':>6}{'ideal':>8}{'sweeperd':>10}{'/ideal':>8}{'baseline':>10}"
+        f"{'/base':>7}{'cpu/op sw':>11}{'cpu/op base':>12}"
+    )
     with server_dsn() as dsn:
         with psycopg.connect(dsn) as conn:
             print(f"# {conn.execute('SELECT version()').fetchone()[0]}")  # type: ignore[index]
@@ -138,10 +146,12 @@ def main() -> int:
             ideal = n * seconds / conns
             wall, cpu, bad = asyncio.run(run_sweeperd(dsn, tenants, per_tenant, conns, query))
             base_wall, base_cpu = asyncio.run(run_baseline(dsn, n, conns, query))
-            print(f"{name:<22}{n:>6}{ideal:>8.3f}{wall:>10.3f}"
-                  f"{(wall / ideal if ideal else float('nan')):>8.3f}{base_wall:>10.3f}"
-                  f"{wall / base_wall:>7.2f}{cpu / n * 1000:>9.3f}ms{base_cpu / n * 1000:>10.3f}ms"
-                  + (f"  ({bad} not ok!)" if bad else ""))
+            print(
+                f"{name:<22}{n:>6}{ideal:>8.3f}{wall:>10.3f}"
+                f"{(wall / ideal if ideal else float('nan')):>8.3f}{base_wall:>10.3f}"
+                f"{wall / base_wall:>7.2f}{cpu / n * 1000:>9.3f}ms{base_cpu / n * 1000:>10.3f}ms"
+                + (f"  ({bad} not ok!)" if bad else "")
+            )
     return 0
 
 

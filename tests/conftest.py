@@ -70,8 +70,9 @@ def fresh_database(pg_server: PgServer) -> Iterator[str]:
         yield pg_server.dsn(name)
     finally:
         with psycopg.connect(pg_server.admin_dsn, autocommit=True) as conn:
-            row = conn.execute("SELECT datallowconn FROM pg_database WHERE datname = %s",
-                               (name,)).fetchone()
+            row = conn.execute(
+                "SELECT datallowconn FROM pg_database WHERE datname = %s", (name,)
+            ).fetchone()
             if row is not None and not row[0]:
                 conn.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(ident))
             drop_database(conn, name, superuser=pg_server.superuser)
@@ -101,7 +102,9 @@ def drop_database(conn: psycopg.Connection[Any], name: str, *, superuser: bool) 
         conn.execute(
             "SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity"
             " WHERE datname = %s AND pid <> pg_catalog.pg_backend_pid()"
-            " AND usesysid IS NOT NULL AND pg_catalog.pg_has_role(usesysid, 'USAGE')", (name,))
+            " AND usesysid IS NOT NULL AND pg_catalog.pg_has_role(usesysid, 'USAGE')",
+            (name,),
+        )
         try:
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(ident))
             return

@@ -58,11 +58,18 @@ def write_setup(
         "daemon": {"max_concurrency": 8, "plugin_dirs": ["plugins.d"]},
         "log": {"format": "json", "level": "info"},
         "history": dict(history or {}),
-        "databases": {db: {"dsn": dsn, "max_connections": 4, "connect_timeout": connect_timeout}
-                      for db, dsn in databases.items()},
-        "tenants": [{"name": t, "database": db,
-                     "schema": f"tenant_{i}" if numbered_schemas else f"tenant_{t}"}
-                    for i, (t, db) in enumerate(tenants.items())],
+        "databases": {
+            db: {"dsn": dsn, "max_connections": 4, "connect_timeout": connect_timeout}
+            for db, dsn in databases.items()
+        },
+        "tenants": [
+            {
+                "name": t,
+                "database": db,
+                "schema": f"tenant_{i}" if numbered_schemas else f"tenant_{t}",
+            }
+            for i, (t, db) in enumerate(tenants.items())
+        ],
         "sweeps": {sweep: dict(body) for sweep, body in sweeps.items()},
         "plugins": {"hist": {"fail": list(fail)}},
     }

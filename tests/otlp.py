@@ -44,8 +44,7 @@ class OtlpReceiver:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 if self.headers.get("Content-Encoding") == "gzip":
                     body = gzip.decompress(body)
-                received.append((self.path, {k.lower(): v for k, v in self.headers.items()},
-                                 body))
+                received.append((self.path, {k.lower(): v for k, v in self.headers.items()}, body))
                 reply = ExportTraceServiceResponse().SerializeToString()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/x-protobuf")

@@ -46,17 +46,24 @@ class PgServer:
             row = conn.execute(
                 "SELECT current_setting('server_version_num')::int, current_user,"
                 "       rolsuper, rolcreatedb, rolcreaterole"
-                "  FROM pg_catalog.pg_roles WHERE rolname = current_user").fetchone()
+                "  FROM pg_catalog.pg_roles WHERE rolname = current_user"
+            ).fetchone()
         assert row is not None
         version, user, superuser, createdb, createrole = row
-        missing = [name for name, has in (("CREATEDB", createdb), ("CREATEROLE", createrole))
-                   if not (has or superuser)]
+        missing = [
+            name
+            for name, has in (("CREATEDB", createdb), ("CREATEROLE", createrole))
+            if not (has or superuser)
+        ]
         if missing:
-            pytest.fail(f"the test role {user!r} lacks {' and '.join(missing)}: the suite needs a "
-                        "role with LOGIN CREATEDB CREATEROLE (see README, Run the tests)",
-                        pytrace=False)
-        return cls(admin_dsn=admin_dsn, version=int(version), superuser=bool(superuser),
-                   user=str(user))
+            pytest.fail(
+                f"the test role {user!r} lacks {' and '.join(missing)}: the suite needs a "
+                "role with LOGIN CREATEDB CREATEROLE (see README, Run the tests)",
+                pytrace=False,
+            )
+        return cls(
+            admin_dsn=admin_dsn, version=int(version), superuser=bool(superuser), user=str(user)
+        )
 
     def dsn(self, dbname: str) -> str:
         return make_conninfo(self.admin_dsn, dbname=dbname)
@@ -64,8 +71,9 @@ class PgServer:
     def require_superuser(self, why: str) -> None:
         """Skip the calling test unless the suite's role is a superuser."""
         if not self.superuser:
-            pytest.skip(f"needs a superuser ({why}); the role {self.user!r} of "
-                        "SWEEPERD_TEST_DSN is not one")
+            pytest.skip(
+                f"needs a superuser ({why}); the role {self.user!r} of SWEEPERD_TEST_DSN is not one"
+            )
 
 
 @dataclass(frozen=True)
@@ -100,8 +108,11 @@ def throwaway_role(dsn: str, prefix: str = "r", *, login: bool = True) -> Iterat
     password = secrets.token_hex(12)
     ident = sql.Identifier(name)
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE ROLE {} {} PASSWORD {}").format(
-            ident, sql.SQL("LOGIN" if login else "NOLOGIN"), sql.Literal(password)))
+        conn.execute(
+            sql.SQL("CREATE ROLE {} {} PASSWORD {}").format(
+                ident, sql.SQL("LOGIN" if login else "NOLOGIN"), sql.Literal(password)
+            )
+        )
         conn.execute(sql.SQL("GRANT {} TO CURRENT_USER").format(ident))
     try:
         yield Role(name, password)
@@ -175,7 +186,11 @@ def run_cli(
     full_env.update(env or {})
     return subprocess.run(
         [sys.executable, "-m", "sweeperd", *args],
-        capture_output=True, text=True, env=full_env, timeout=timeout, check=False,
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+        check=False,
     )
 
 

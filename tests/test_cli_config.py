@@ -85,7 +85,9 @@ def test_good_config(tmp_path: Path) -> None:
 
 def test_unreachable_dsn_still_passes(tmp_path: Path) -> None:
     """check-config never connects: a DSN pointing nowhere is fine as long as it parses."""
-    path = write_config(tmp_path, """
+    path = write_config(
+        tmp_path,
+        """
         [databases.main]
         dsn = "host=/nonexistent port=1 dbname=nowhere connect_timeout=1"
 
@@ -94,7 +96,8 @@ def test_unreachable_dsn_still_passes(tmp_path: Path) -> None:
 
         [sweeps.nightly]
         interval = "1h"
-    """)
+    """,
+    )
     result = check_config(path)
     assert result.returncode == EXIT_OK, result.stderr
     assert "OK" in result.stdout
@@ -113,10 +116,15 @@ def test_bad_config_reports_every_problem(tmp_path: Path) -> None:
         assert line.startswith(f"sweeperd: {path}: "), line
         assert "expected" in line, line
     keys = sorted(line.removeprefix(f"sweeperd: {path}: ").split(": ", 1)[0] for line in lines)
-    assert keys == sorted([
-        "colour", "daemon.max_concurrency", "databases.main.lock_timeout",
-        "tenants[0].database", "sweeps.nightly",
-    ])
+    assert keys == sorted(
+        [
+            "colour",
+            "daemon.max_concurrency",
+            "databases.main.lock_timeout",
+            "tenants[0].database",
+            "sweeps.nightly",
+        ]
+    )
 
 
 def test_config_from_environment(tmp_path: Path) -> None:
@@ -166,10 +174,13 @@ def test_unusable_file(tmp_path: Path, content: bytes | None, fragment: str) -> 
 
 
 def test_dsn_file_problem(tmp_path: Path) -> None:
-    path = write_config(tmp_path, """
+    path = write_config(
+        tmp_path,
+        """
         [databases.main]
         dsn_file = "credentials/main-dsn"
-    """)
+    """,
+    )
     result = check_config(path)
     assert result.returncode == EXIT_USAGE
     assert_no_traceback(result)
@@ -179,10 +190,13 @@ def test_dsn_file_problem(tmp_path: Path) -> None:
 
 def test_dsn_file_password_never_printed(tmp_path: Path) -> None:
     (tmp_path / "dsn").write_text("host=/nonexistent password=hunter2-s3cret bogus\n")
-    path = write_config(tmp_path, """
+    path = write_config(
+        tmp_path,
+        """
         [databases.main]
         dsn_file = "dsn"
-    """)
+    """,
+    )
     result = check_config(path)
     assert result.returncode == EXIT_USAGE
     assert "hunter2-s3cret" not in result.stderr + result.stdout
@@ -199,13 +213,16 @@ def test_drop_in_plugin_dir_relative_to_config(tmp_path: Path) -> None:
         "def sweeperd_operations(config):\n"
         "    return [sweeperd.Operation(name='nap.sleep', run=nap)]\n"
     )
-    path = write_config(etc, """
+    path = write_config(
+        etc,
+        """
         [daemon]
         plugin_dirs = ["plugins.d"]
 
         [databases.main]
         dsn = "host=/nonexistent"
-    """)
+    """,
+    )
     result = check_config(path)  # the test process's cwd is not etc/
     assert result.returncode == EXIT_OK, result.stderr
     listing = run_cli("plugins", "-c", str(path))

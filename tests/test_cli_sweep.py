@@ -31,8 +31,18 @@ from support import install_plugin, run_cli, run_sql, toml_str, write_config
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
 REPORT_KEYS = {"sweep", "started_at", "finished_at", "duration_s", "counts", "results"}
-RESULT_KEYS = {"tenant", "database", "schema", "operation", "status", "rows", "started_at",
-               "finished_at", "duration_s", "error"}
+RESULT_KEYS = {
+    "tenant",
+    "database",
+    "schema",
+    "operation",
+    "status",
+    "rows",
+    "started_at",
+    "finished_at",
+    "duration_s",
+    "error",
+}
 COUNT_KEYS = {"ok", "failed", "skipped", "cancelled"}
 STATUSES = {"ok", "failed", "skipped", "cancelled", "dry-run"}
 
@@ -82,8 +92,9 @@ def write_plugin(directory: Path) -> None:
     install_plugin(directory / "plugins.d", "jobs.py")
 
 
-def config_text(dsn: str, *, tenants: bool = True, extra: str = "", sweeps: str = SWEEPS,
-                level: str = "info") -> str:
+def config_text(
+    dsn: str, *, tenants: bool = True, extra: str = "", sweeps: str = SWEEPS, level: str = "info"
+) -> str:
     text = f"""
         [daemon]
         max_concurrency = 4
@@ -119,8 +130,11 @@ def setup(tmp_path: Path, pg_dsn: str) -> tuple[Path, str]:
     return write_config(tmp_path, config_text(pg_dsn)), pg_dsn
 
 
-def sweep(config: Path | None, *args: str, env: dict[str, str] | None = None,
-          ) -> subprocess.CompletedProcess[str]:
+def sweep(
+    config: Path | None,
+    *args: str,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
     cmd = ["sweep", *(["-c", str(config)] if config is not None else []), *args]
     result = run_cli(*cmd, env=env)
     assert_no_traceback(result)
@@ -311,8 +325,9 @@ def test_exit_2_for_a_missing_config_file(tmp_path: Path) -> None:
     assert result.stdout == ""
 
 
-@pytest.mark.parametrize("args", [["--tenant"], ["--only"], ["--tenants", "acme"],
-                                  ["nightly", "extra-positional"]])
+@pytest.mark.parametrize(
+    "args", [["--tenant"], ["--only"], ["--tenants", "acme"], ["nightly", "extra-positional"]]
+)
 def test_exit_2_for_bad_option_usage(setup: tuple[Path, str], args: list[str]) -> None:
     config, dsn = setup
     result = sweep(config, *args)
@@ -382,17 +397,29 @@ def test_an_unreachable_database_does_not_stop_the_others(tmp_path: Path, pg_dsn
 
 def test_tenant_and_only_globs_are_repeatable_and_select(setup: tuple[Path, str]) -> None:
     config, dsn = setup
-    result = sweep(config, "nightly", "--tenant", "acme", "--tenant", "ini*",
-                   "--only", "jobs.purge*", "--only", "jobs.purge_done", "--json")
+    result = sweep(
+        config,
+        "nightly",
+        "--tenant",
+        "acme",
+        "--tenant",
+        "ini*",
+        "--only",
+        "jobs.purge*",
+        "--only",
+        "jobs.purge_done",
+        "--json",
+    )
     assert result.returncode == EXIT_OK, result.stderr
-    assert set(by_key(the_json(result))) == {("acme", "jobs.purge_done"),
-                                             ("initech", "jobs.purge_done")}
+    assert set(by_key(the_json(result))) == {
+        ("acme", "jobs.purge_done"),
+        ("initech", "jobs.purge_done"),
+    }
     assert done_jobs(dsn) == {"acme": 0, "globex": JOBS["globex"][0], "initech": 0}
     assert audit_rows(dsn) == dict.fromkeys(TENANTS, 0)
 
 
-@pytest.mark.parametrize(("flag", "glob"), [("--only", "jobs.purge-typo"),
-                                             ("--tenant", "acmee")])
+@pytest.mark.parametrize(("flag", "glob"), [("--only", "jobs.purge-typo"), ("--tenant", "acmee")])
 def test_a_glob_that_matches_nothing_is_a_usage_error(
     setup: tuple[Path, str], flag: str, glob: str
 ) -> None:
@@ -420,8 +447,7 @@ def test_sweep_name_selects_its_operations_and_tenants(setup: tuple[Path, str]) 
     report = the_json(result)
     assert report["sweep"] == "hourly"
     assert set(by_key(report)) == {("acme", "jobs.purge_done"), (None, "jobs.expire_sessions")}
-    assert done_jobs(dsn) == {"acme": 0, "globex": JOBS["globex"][0],
-                              "initech": JOBS["initech"][0]}
+    assert done_jobs(dsn) == {"acme": 0, "globex": JOBS["globex"][0], "initech": JOBS["initech"][0]}
     assert audit_rows(dsn) == dict.fromkeys(TENANTS, 0)
 
 
@@ -464,8 +490,7 @@ def test_dry_run_changes_nothing_and_reports_what_would_go(setup: tuple[Path, st
     assert results[(None, "jobs.expire_sessions")]["rows"] == EXPIRED_SESSIONS
     assert done_jobs(dsn) == {t: JOBS[t][0] for t in TENANTS}
     assert audit_rows(dsn) == dict.fromkeys(TENANTS, 0)
-    assert scalar(dsn, "SELECT count(*) FROM public.sessions") == \
-        EXPIRED_SESSIONS + LIVE_SESSIONS
+    assert scalar(dsn, "SELECT count(*) FROM public.sessions") == EXPIRED_SESSIONS + LIVE_SESSIONS
 
 
 # -- the human summary, logs, stdout/stderr --------------------------------------------------------
@@ -483,8 +508,11 @@ def test_human_summary_lists_operations_statuses_and_failure_reasons(
     assert "nightly" in out
     for name in ("jobs.purge_done", "jobs.flaky", *TENANTS, "ok", "failed"):
         assert name in out, f"{name!r} missing from:\n{out}"
-    failure_lines = [line for line in out.splitlines()
-                     if "globex" in line and "jobs.flaky" in line and "DivisionByZero" in line]
+    failure_lines = [
+        line
+        for line in out.splitlines()
+        if "globex" in line and "jobs.flaky" in line and "DivisionByZero" in line
+    ]
     assert failure_lines, out
     assert "SQLSTATE 22012" in failure_lines[0]
     assert "division by zero" in failure_lines[0]
@@ -502,8 +530,11 @@ def test_logs_are_json_lines_on_stderr_and_stdout_is_only_the_report(
         assert "event" in record and "level" in record, record
     events = {record["event"] for record in records}
     assert "sweep started" in events and "sweep finished" in events, events
-    failures = [r for r in records if r.get("operation") == "jobs.flaky" and r["level"] in
-                ("warning", "error")]
+    failures = [
+        r
+        for r in records
+        if r.get("operation") == "jobs.flaky" and r["level"] in ("warning", "error")
+    ]
     assert failures, records
     assert failures[0].get("tenant") == "globex"
     assert "22012" in json.dumps(failures[0])
@@ -530,8 +561,9 @@ def test_sweeperd_config_is_honoured_when_c_is_absent(setup: tuple[Path, str]) -
 
 def test_c_wins_over_sweeperd_config(setup: tuple[Path, str], tmp_path: Path) -> None:
     config, _dsn = setup
-    result = sweep(config, "hourly", "--json",
-                   env={"SWEEPERD_CONFIG": str(tmp_path / "does-not-exist.toml")})
+    result = sweep(
+        config, "hourly", "--json", env={"SWEEPERD_CONFIG": str(tmp_path / "does-not-exist.toml")}
+    )
     assert result.returncode == EXIT_OK, result.stderr
 
 
@@ -547,8 +579,12 @@ def test_a_bad_sweeperd_config_path_is_a_usage_error(tmp_path: Path) -> None:
 
 def test_tenant_sources_discover_tenants_by_schema_pattern(tmp_path: Path, pg_dsn: str) -> None:
     create_data(pg_dsn)
-    run_sql(pg_dsn, "CREATE SCHEMA other", "CREATE TABLE other.jobs (id int, done bool)",
-            "INSERT INTO other.jobs VALUES (1, true)")
+    run_sql(
+        pg_dsn,
+        "CREATE SCHEMA other",
+        "CREATE TABLE other.jobs (id int, done bool)",
+        "INSERT INTO other.jobs VALUES (1, true)",
+    )
     write_plugin(tmp_path)
     extra = """
         [[tenant_sources]]

@@ -32,10 +32,12 @@ def test_demo_sweeps_the_demo_tenants_and_cleans_up_its_server() -> None:
     out = result.stdout
     assert f"{TENANTS} tenants" in out, out
     # Retention deleted rows and VACUUM reclaimed dead ones, with no failures.
-    retention = re.search(r"^\s*retention \(deleted\)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s*$", out,
-                          re.MULTILINE)
-    vacuum = re.search(r"^\s*vacuum \(dead rows\)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s*$", out,
-                       re.MULTILINE)
+    retention = re.search(
+        r"^\s*retention \(deleted\)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s*$", out, re.MULTILINE
+    )
+    vacuum = re.search(
+        r"^\s*vacuum \(dead rows\)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s*$", out, re.MULTILINE
+    )
     assert retention and vacuum, out
     r_ok, r_failed, _r_skipped, r_rows = map(int, retention.groups())
     v_ok, v_failed, _v_skipped, v_rows = map(int, vacuum.groups())

@@ -47,10 +47,29 @@ from sweeperd.history import History
 from sweeperd.model import Result
 from sweeperd.report import SweepReport
 
-RUN_COLUMNS = ("run_id", "sweep", "instance", "started_at", "finished_at",
-               "ok", "failed", "skipped", "cancelled")
-RESULT_COLUMNS = ("run_id", "tenant", "schema_name", "operation", "status", "rows",
-                  "started_at", "finished_at", "duration_s", "error")
+RUN_COLUMNS = (
+    "run_id",
+    "sweep",
+    "instance",
+    "started_at",
+    "finished_at",
+    "ok",
+    "failed",
+    "skipped",
+    "cancelled",
+)
+RESULT_COLUMNS = (
+    "run_id",
+    "tenant",
+    "schema_name",
+    "operation",
+    "status",
+    "rows",
+    "started_at",
+    "finished_at",
+    "duration_s",
+    "error",
+)
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -67,8 +86,9 @@ def the_json(result: subprocess.CompletedProcess[str]) -> dict[str, Any]:
     try:
         doc = json.loads(result.stdout)
     except json.JSONDecodeError as exc:
-        raise AssertionError(f"stdout is not one JSON document: {result.stdout!r}\n"
-                             f"{result.stderr}") from exc
+        raise AssertionError(
+            f"stdout is not one JSON document: {result.stdout!r}\n{result.stderr}"
+        ) from exc
     assert isinstance(doc, dict)
     return doc
 
@@ -134,8 +154,9 @@ def by_item(items: Sequence[Mapping[str, Any]]) -> dict[tuple[str | None, str], 
     return out
 
 
-def assert_run_matches_report(run: Mapping[str, Any], report: Mapping[str, Any],
-                              counts: Mapping[str, int] | None = None) -> None:
+def assert_run_matches_report(
+    run: Mapping[str, Any], report: Mapping[str, Any], counts: Mapping[str, int] | None = None
+) -> None:
     assert run["sweep"] == report["sweep"]
     assert run["started_at"] == ts(report["started_at"])
     assert run["finished_at"] == ts(report["finished_at"])
@@ -143,8 +164,9 @@ def assert_run_matches_report(run: Mapping[str, Any], report: Mapping[str, Any],
     assert {k: run[k] for k in ("ok", "failed", "skipped", "cancelled")} == expected
 
 
-def assert_results_match_report(rows: Sequence[Mapping[str, Any]],
-                                items: Sequence[Mapping[str, Any]]) -> None:
+def assert_results_match_report(
+    rows: Sequence[Mapping[str, Any]], items: Sequence[Mapping[str, Any]]
+) -> None:
     recorded, reported = by_item(rows), by_item(items)
     assert set(recorded) == set(reported)
     for key, r in reported.items():
@@ -177,22 +199,40 @@ def test_first_sweep_creates_the_schema_and_tables(tmp_path: Path, pg_dsn: str) 
     assert not has_history_schema(pg_dsn)
     sweep_json(config, "nightly", expect=EXIT_FAILED)
     assert has_history_schema(pg_dsn)
-    tables = {row[0] for row in query(
-        pg_dsn, "SELECT table_name FROM information_schema.tables WHERE table_schema = 'sweeperd'")}
+    tables = {
+        row[0]
+        for row in query(
+            pg_dsn,
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'sweeperd'",
+        )
+    }
     assert tables >= {"runs", "results"}
     for table, columns in (("runs", RUN_COLUMNS), ("results", RESULT_COLUMNS)):
-        found = {row[0] for row in query(
-            pg_dsn, "SELECT column_name FROM information_schema.columns"
-            " WHERE table_schema = 'sweeperd' AND table_name = %s", (table,))}
+        found = {
+            row[0]
+            for row in query(
+                pg_dsn,
+                "SELECT column_name FROM information_schema.columns"
+                " WHERE table_schema = 'sweeperd' AND table_name = %s",
+                (table,),
+            )
+        }
         assert found >= set(columns), (table, found)
     # results → runs, ON DELETE CASCADE (pruning a run prunes its results).
-    assert scalar(pg_dsn, "SELECT confdeltype FROM pg_constraint"
-                          " WHERE conrelid = 'sweeperd.results'::regclass AND contype = 'f'"
-                          " AND confrelid = 'sweeperd.runs'::regclass") == "c"
+    assert (
+        scalar(
+            pg_dsn,
+            "SELECT confdeltype FROM pg_constraint"
+            " WHERE conrelid = 'sweeperd.results'::regclass AND contype = 'f'"
+            " AND confrelid = 'sweeperd.runs'::regclass",
+        )
+        == "c"
+    )
 
 
 def test_one_runs_row_per_sweep_run_with_the_reports_counts_and_times(
-    tmp_path: Path, pg_dsn: str,
+    tmp_path: Path,
+    pg_dsn: str,
 ) -> None:
     config = write_setup(tmp_path, {"main": pg_dsn})
     report = sweep_json(config, "nightly", expect=EXIT_FAILED)
@@ -207,7 +247,8 @@ def test_one_runs_row_per_sweep_run_with_the_reports_counts_and_times(
 
 
 def test_one_results_row_per_item_with_tenant_schema_status_rows_times_error(
-    tmp_path: Path, pg_dsn: str,
+    tmp_path: Path,
+    pg_dsn: str,
 ) -> None:
     config = write_setup(tmp_path, {"main": pg_dsn})
     report = sweep_json(config, expect=EXIT_FAILED)
@@ -220,7 +261,11 @@ def test_one_results_row_per_item_with_tenant_schema_status_rows_times_error(
     for t in TENANTS:
         ok = recorded[(t, "hist.ok")]
         assert (ok["schema_name"], ok["status"], ok["rows"], ok["error"]) == (
-            f"tenant_{t}", "ok", len(t), None)
+            f"tenant_{t}",
+            "ok",
+            len(t),
+            None,
+        )
         assert ok["started_at"] <= ok["finished_at"]
         assert ok["duration_s"] >= 0
     failed = recorded[(FAILING, "hist.flaky")]
@@ -255,24 +300,31 @@ def test_a_sweep_of_every_sweep_is_recorded_as_star(tmp_path: Path, pg_dsn: str)
 
 
 def test_each_database_holds_only_its_own_items(
-    tmp_path: Path, pg_dsn: str, other_dsn: str,
+    tmp_path: Path,
+    pg_dsn: str,
+    other_dsn: str,
 ) -> None:
     config = write_setup(
-        tmp_path, {"main": pg_dsn, "other": other_dsn},
-        tenants={"acme": "main", "globex": "main", "initech": "other"})
+        tmp_path,
+        {"main": pg_dsn, "other": other_dsn},
+        tenants={"acme": "main", "globex": "main", "initech": "other"},
+    )
     report = sweep_json(config, "nightly", expect=EXIT_FAILED)
-    items = {name: [r for r in report["results"] if r["database"] == name]
-             for name in ("main", "other")}
+    items = {
+        name: [r for r in report["results"] if r["database"] == name] for name in ("main", "other")
+    }
     assert len(items["main"]) == 4 and len(items["other"]) == 2
 
     [main_run] = runs(pg_dsn)
     [other_run] = runs(other_dsn)
     # One sweep run: the same run id in both databases, each with its own counts.
     assert main_run["run_id"] == other_run["run_id"]
-    assert_run_matches_report(main_run, report,
-                              {"ok": 3, "failed": 1, "skipped": 0, "cancelled": 0})
-    assert_run_matches_report(other_run, report,
-                              {"ok": 2, "failed": 0, "skipped": 0, "cancelled": 0})
+    assert_run_matches_report(
+        main_run, report, {"ok": 3, "failed": 1, "skipped": 0, "cancelled": 0}
+    )
+    assert_run_matches_report(
+        other_run, report, {"ok": 2, "failed": 0, "skipped": 0, "cancelled": 0}
+    )
     assert_results_match_report(results(pg_dsn), items["main"])
     assert_results_match_report(results(other_dsn), items["other"])
     assert {r["tenant"] for r in results(other_dsn)} == {"initech"}
@@ -310,15 +362,28 @@ class TracedDatabase(Database):
                 conn.pgconn.untrace()  # flushes the trace
 
 
-def make_report(n: int, sweep_name: str = "bulk", *, tenant_prefix: str = "t",
-                finished_at: datetime | None = None) -> SweepReport:
+def make_report(
+    n: int,
+    sweep_name: str = "bulk",
+    *,
+    tenant_prefix: str = "t",
+    finished_at: datetime | None = None,
+) -> SweepReport:
     end = finished_at or datetime.now(UTC)
     start = end - timedelta(seconds=1)
     items = [
-        Result(tenant=f"{tenant_prefix}{i}", database="main", schema=f"tenant_{i}",
-               operation="hist.ok", status="ok" if i % 10 else "failed", rows=i,
-               started_at=start, finished_at=end, duration_s=0.5,
-               error=None if i % 10 else "Boom (SQLSTATE XX000): boom")
+        Result(
+            tenant=f"{tenant_prefix}{i}",
+            database="main",
+            schema=f"tenant_{i}",
+            operation="hist.ok",
+            status="ok" if i % 10 else "failed",
+            rows=i,
+            started_at=start,
+            finished_at=end,
+            duration_s=0.5,
+            error=None if i % 10 else "Boom (SQLSTATE XX000): boom",
+        )
         for i in range(n)
     ]
     return SweepReport(sweep=sweep_name, started_at=start, finished_at=end, results=items)
@@ -326,24 +391,28 @@ def make_report(n: int, sweep_name: str = "bulk", *, tenant_prefix: str = "t",
 
 def round_trips(trace_path: Path) -> int:
     """Completed exchanges with the server: ReadyForQuery messages sent by the backend."""
-    return sum(1 for line in trace_path.read_text().splitlines()
-               if "\tB\t" in line and "\tReadyForQuery" in line)
+    return sum(
+        1
+        for line in trace_path.read_text().splitlines()
+        if "\tB\t" in line and "\tReadyForQuery" in line
+    )
 
 
 def test_record_costs_the_same_round_trips_for_5_and_500_items(
-    tmp_path: Path, pg_dsn: str,
+    tmp_path: Path,
+    pg_dsn: str,
 ) -> None:
     counts: dict[int, int] = {}
 
     async def record(n: int) -> None:
         path = tmp_path / f"trace-{n}.txt"
         with path.open("w") as trace:
-            db = TracedDatabase(DatabaseConfig(name="main", dsn=pg_dsn, connect_timeout=5.0),
-                                trace)
+            db = TracedDatabase(DatabaseConfig(name="main", dsn=pg_dsn, connect_timeout=5.0), trace)
             await db.open()
             try:
                 await History(HistoryConfig(), instance="bulk-test").record(
-                    make_report(n), {"main": db})
+                    make_report(n), {"main": db}
+                )
             finally:
                 await db.close()
         counts[n] = round_trips(path)
@@ -356,8 +425,9 @@ def test_record_costs_the_same_round_trips_for_5_and_500_items(
     # A handful, whatever the size: open's check, the label, the DDL and the write and the
     # hourly prune each in a transaction that SET LOCALs its timeouts (safe behind a pooler).
     assert counts[500] <= 16, counts
-    sizes = sorted(row[0] for row in query(
-        pg_dsn, "SELECT count(*) FROM sweeperd.results GROUP BY run_id"))
+    sizes = sorted(
+        row[0] for row in query(pg_dsn, "SELECT count(*) FROM sweeperd.results GROUP BY run_id")
+    )
     assert sizes == [1, 5, 500]
     assert sorted((r["ok"], r["failed"]) for r in runs(pg_dsn)) == [(0, 1), (4, 1), (450, 50)]
 
@@ -374,13 +444,15 @@ def insert_run(dsn: str, *, age: str, results_n: int = 2, sweep_name: str = "nig
             " ok, failed, skipped, cancelled) VALUES (%(id)s, %(sweep)s, 'old-host:1',"
             " now() - %(age)s::interval - interval '1 minute', now() - %(age)s::interval,"
             " %(n)s, 0, 0, 0)",
-            {"id": run_id, "sweep": sweep_name, "age": age, "n": results_n})
+            {"id": run_id, "sweep": sweep_name, "age": age, "n": results_n},
+        )
         for i in range(results_n):
             conn.execute(
                 "INSERT INTO sweeperd.results (run_id, tenant, schema_name, operation, status,"
                 " rows, started_at, finished_at, duration_s, error) VALUES (%s, %s, %s,"
                 " 'hist.ok', 'ok', 1, now() - %s::interval, now() - %s::interval, 0.1, NULL)",
-                (run_id, f"old{i}", f"tenant_old{i}", age, age))
+                (run_id, f"old{i}", f"tenant_old{i}", age, age),
+            )
     return run_id
 
 
@@ -444,7 +516,9 @@ def test_pruning_happens_at_most_once_an_hour_per_history_object(pg_dsn: str) ->
 
 
 def test_disabled_history_creates_nothing_even_without_create_privilege(
-    tmp_path: Path, pg_dsn: str, limited_role: Role,
+    tmp_path: Path,
+    pg_dsn: str,
+    limited_role: Role,
 ) -> None:
     dsn = limited_role.dsn(pg_dsn)
     config = write_setup(tmp_path, {"main": dsn}, history={"enabled": False}, fail=())
@@ -457,7 +531,9 @@ def test_disabled_history_creates_nothing_even_without_create_privilege(
 
 
 def test_missing_create_privilege_leaves_the_sweep_alone_and_logs_one_grant_hint(
-    tmp_path: Path, pg_dsn: str, limited_role: Role,
+    tmp_path: Path,
+    pg_dsn: str,
+    limited_role: Role,
 ) -> None:
     dsn = limited_role.dsn(pg_dsn)
     config = write_setup(tmp_path, {"main": dsn}, fail=())
@@ -476,13 +552,18 @@ def test_missing_create_privilege_leaves_the_sweep_alone_and_logs_one_grant_hint
     assert f"GRANT CREATE ON DATABASE {dbname_of(pg_dsn)} TO {limited_role.name}" in hint_lines[0]
     assert "InsufficientPrivilege" in hint_lines[0] or "42501" in hint_lines[0]
     # Only that one line about the history: no traceback, no repeated complaint.
-    history_errors = [r for r in log_records(result.stderr)
-                      if r.get("level") == "error" and "history" in json.dumps(r)]
+    history_errors = [
+        r
+        for r in log_records(result.stderr)
+        if r.get("level") == "error" and "history" in json.dumps(r)
+    ]
     assert len(history_errors) == 1, history_errors
 
 
 def test_a_schema_created_for_a_role_without_create_privilege_is_used(
-    tmp_path: Path, pg_dsn: str, limited_role: Role,
+    tmp_path: Path,
+    pg_dsn: str,
+    limited_role: Role,
 ) -> None:
     # The remedy the privilege error suggests: "(or create schema sweeperd for it, ...)".
     run_sql(pg_dsn, f"CREATE SCHEMA sweeperd AUTHORIZATION {limited_role.name}")
@@ -509,8 +590,12 @@ def test_a_dry_run_records_nothing(tmp_path: Path, pg_dsn: str) -> None:
 # -- the daemon ------------------------------------------------------------------------------------
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str,
-               proc: subprocess.Popen[str] | None = None) -> None:
+def wait_until(
+    predicate: Callable[[], bool],
+    timeout: float,
+    what: str,
+    proc: subprocess.Popen[str] | None = None,
+) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if proc is not None and proc.poll() is not None:
@@ -521,21 +606,32 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str,
 
 
 def history_runs_or_empty(dsn: str) -> list[dict[str, Any]]:
-    return runs(dsn) if has_history_schema(dsn) and scalar(
-        dsn, "SELECT to_regclass('sweeperd.results') IS NOT NULL") else []
+    return (
+        runs(dsn)
+        if has_history_schema(dsn)
+        and scalar(dsn, "SELECT to_regclass('sweeperd.results') IS NOT NULL")
+        else []
+    )
 
 
 def test_the_daemon_records_each_sweep_and_status_shows_it(tmp_path: Path, pg_dsn: str) -> None:
-    config = write_setup(tmp_path, {"main": pg_dsn},
-                         sweeps={"often": {"interval": "1s", "operations": ["hist.*"]}})
+    config = write_setup(
+        tmp_path, {"main": pg_dsn}, sweeps={"often": {"interval": "1s", "operations": ["hist.*"]}}
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("SWEEPERD_CONFIG", "NOTIFY_SOCKET")}
     stderr_path = tmp_path / "daemon.stderr"
     with stderr_path.open("w") as stderr:
-        proc = subprocess.Popen([sys.executable, "-m", "sweeperd", "run", "-c", str(config)],
-                                stdout=subprocess.DEVNULL, stderr=stderr, env=env, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sweeperd", "run", "-c", str(config)],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            env=env,
+            text=True,
+        )
         try:
-            wait_until(lambda: len(history_runs_or_empty(pg_dsn)) >= 2, 30,
-                       "two recorded runs", proc)
+            wait_until(
+                lambda: len(history_runs_or_empty(pg_dsn)) >= 2, 30, "two recorded runs", proc
+            )
             before_stop = runs(pg_dsn)  # complete sweeps (a stop may cancel the next one)
         finally:
             proc.send_signal(signal.SIGTERM)
@@ -576,8 +672,11 @@ def test_history_tables_are_plain_sql(tmp_path: Path, pg_dsn: str) -> None:
     """Queryable with SQL: e.g. the failures of the last run, joined to the run."""
     config = write_setup(tmp_path, {"main": pg_dsn})
     sweep_json(config, "nightly", expect=EXIT_FAILED)
-    rows = query(pg_dsn, "SELECT u.sweep, r.tenant, r.operation, r.error FROM sweeperd.runs u"
-                 " JOIN sweeperd.results r USING (run_id) WHERE r.status = 'failed'")
+    rows = query(
+        pg_dsn,
+        "SELECT u.sweep, r.tenant, r.operation, r.error FROM sweeperd.runs u"
+        " JOIN sweeperd.results r USING (run_id) WHERE r.status = 'failed'",
+    )
     assert rows == [("nightly", FAILING, "hist.flaky", DIVISION_BY_ZERO)]
     assert re.fullmatch(r"[^\n]+", rows[0][3])
 
@@ -594,10 +693,21 @@ def test_a_manual_partial_run_does_not_hide_the_scheduled_one(pg_dsn: str) -> No
     from sweeperd.status import latest_runs
 
     def report(at: dt.datetime, tenants: list[str], status: str) -> SweepReport:
-        results = [Result(tenant=t, database="main", schema=f"tenant_{t}", operation="x.y",
-                          status=status, rows=None, started_at=at, finished_at=at,  # type: ignore[arg-type]
-                          duration_s=0.0, error=None if status == "ok" else "boom")
-                   for t in tenants]
+        results = [
+            Result(
+                tenant=t,
+                database="main",
+                schema=f"tenant_{t}",
+                operation="x.y",
+                status=status,
+                rows=None,
+                started_at=at,
+                finished_at=at,  # type: ignore[arg-type]
+                duration_s=0.0,
+                error=None if status == "ok" else "boom",
+            )
+            for t in tenants
+        ]
         return SweepReport(sweep="nightly", started_at=at, finished_at=at, results=results)
 
     async def main() -> list[tuple[str, str | None, int]]:
@@ -607,10 +717,13 @@ def test_a_manual_partial_run_does_not_hide_the_scheduled_one(pg_dsn: str) -> No
             history = History(HistoryConfig())
             night = dt.datetime(2026, 11, 28, 3, tzinfo=dt.UTC)
             await history.record(report(night, ["acme", "globex"], "failed"), {"main": database})
-            await history.record(report(night + dt.timedelta(hours=6), ["acme"], "ok"),
-                                 {"main": database}, trigger="manual", selection="--tenant acme")
-            runs, _ = await latest_runs(database, sweep=None, tenant_regex=None,
-                                        failed_only=False)
+            await history.record(
+                report(night + dt.timedelta(hours=6), ["acme"], "ok"),
+                {"main": database},
+                trigger="manual",
+                selection="--tenant acme",
+            )
+            runs, _ = await latest_runs(database, sweep=None, tenant_regex=None, failed_only=False)
             return sorted((r.trigger, r.selection, r.counts["failed"]) for r in runs)
         finally:
             await database.close()

@@ -92,11 +92,19 @@ def with_secret(dsn: str) -> tuple[str, str | None]:
     return with_secret_password(dsn, SECRET)
 
 
-def sweep_config(tmp_path: Path, dsn: str, *, log_format: str = "json",
-                 level: str = "debug", connect_retry: str | None = None) -> Path:
+def sweep_config(
+    tmp_path: Path,
+    dsn: str,
+    *,
+    log_format: str = "json",
+    level: str = "debug",
+    connect_retry: str | None = None,
+) -> Path:
     """Tenants a (table present) and b (table missing: its operations fail), one db-scope rule."""
     retry = f"connect_retry = {toml_str(connect_retry)}" if connect_retry else ""
-    return write_config(tmp_path, f"""
+    return write_config(
+        tmp_path,
+        f"""
         [log]
         format = "{log_format}"
         level = "{level}"
@@ -139,7 +147,8 @@ def sweep_config(tmp_path: Path, dsn: str, *, log_format: str = "json",
         table = "sessions"
         column = "expires_at"
         older_than = "0s"
-    """)
+    """,
+    )
 
 
 def create_data(dsn: str) -> None:
@@ -182,18 +191,22 @@ def test_sweep_json_log_lines(tmp_path: Path, pg_dsn: str, tracing: bool) -> Non
     events = [line["event"] for line in lines]
     assert events.count("sweep started") == events.count("sweep finished") == 1
     start, end = events.index("sweep started"), events.index("sweep finished")
-    inside = lines[start:end + 1]
+    inside = lines[start : end + 1]
     for line in inside:
         assert line.get("sweep") == SWEEP, line
     items = [line for line in lines if "operation" in line]
     assert all("tenant" in line for line in items), items
     failures = [line for line in lines if line["event"] == "operation failed"]
     assert sorted((f["tenant"], f["operation"]) for f in failures) == [
-        ("b", "retention.notifications"), ("b", "vacuum.notifications")]
+        ("b", "retention.notifications"),
+        ("b", "vacuum.notifications"),
+    ]
     assert all("42P01" in f["error"] for f in failures)
     warnings = [line for line in lines if str(line["event"]).startswith("no index")]
     assert {(w["tenant"], w["operation"]) for w in warnings} == {
-        ("a", "retention.notifications"), (None, "retention.sessions")}
+        ("a", "retention.notifications"),
+        (None, "retention.sessions"),
+    }
     assert all(line in inside for line in items)
     if secret:
         assert secret not in proc.stdout + proc.stderr
@@ -205,8 +218,11 @@ def test_sweep_json_log_lines(tmp_path: Path, pg_dsn: str, tracing: bool) -> Non
 
     spans = receiver.spans_by_id()
     (root_id,) = [sid for sid, s in spans.items() if not s["parent"]]
-    tenant_spans = {s["attributes"]["sweeperd.tenant"]: sid for sid, s in spans.items()
-                    if s["name"].startswith("tenant ")}
+    tenant_spans = {
+        s["attributes"]["sweeperd.tenant"]: sid
+        for sid, s in spans.items()
+        if s["name"].startswith("tenant ")
+    }
 
     def tenant_of(span: dict[str, Any]) -> str | None:
         if "sweeperd.tenant" in span["attributes"]:
@@ -225,7 +241,7 @@ def test_sweep_json_log_lines(tmp_path: Path, pg_dsn: str, tracing: bool) -> Non
     for line in inside:
         if line["event"] in ("sweep started", "sweep finished"):
             assert line["span_id"] == root_id
-    outside = lines[:start] + lines[end + 1:]
+    outside = lines[:start] + lines[end + 1 :]
     assert not [line for line in outside if "trace_id" in line]
     if secret:
         assert not [s for s in spans.values() if secret in json.dumps(s)]
@@ -242,9 +258,12 @@ def test_stdlib_records_come_out_as_json_with_the_same_fields(
     stream = io.StringIO()
     logging_to(stream)
     log = structlog.get_logger("sweeperd.test")
-    with tracer.start_as_current_span("operation") as span, \
-            structlog.contextvars.bound_contextvars(sweep=SWEEP, tenant="acme",
-                                                    operation="retention.x"):
+    with (
+        tracer.start_as_current_span("operation") as span,
+        structlog.contextvars.bound_contextvars(
+            sweep=SWEEP, tenant="acme", operation="retention.x"
+        ),
+    ):
         log.warning("from structlog", n=1)
         logging.getLogger("psycopg.pool").warning("pool %r is %s", "main", "busy")
         logging.getLogger("apscheduler.scheduler").error("job missed")
@@ -346,8 +365,16 @@ def test_under_journald_lines_carry_priorities_and_no_timestamp(
         assert "_priority" not in line
         assert line["sweep"] == SWEEP
         got.append((line["event"], int(match.group(1))))
-    assert got == [("d", 7), ("i", 6), ("w", 4), ("e", 3), ("c", 2), ("stdlib w", 4),
-                   ("stdlib e", 3), ("x", 3)]
+    assert got == [
+        ("d", 7),
+        ("i", 6),
+        ("w", 4),
+        ("e", 3),
+        ("c", 2),
+        ("stdlib w", 4),
+        ("stdlib e", 3),
+        ("x", 3),
+    ]
 
 
 def test_an_inherited_journal_stream_for_another_file_is_ignored(
@@ -367,12 +394,16 @@ def test_an_inherited_journal_stream_for_another_file_is_ignored(
 # -- secrets ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dsn", [
-    f"host=nonexistent.invalid dbname=app user=app password={SECRET} connect_timeout=2",
-    f"postgresql://app:{SECRET}@nonexistent.invalid/app?connect_timeout=2",
-    f"postgresql://app@nonexistent.invalid/app?password={SECRET}&connect_timeout=2",
-    f"host=127.0.0.1 port=1 dbname=app user=app password='{SECRET} x' connect_timeout=2",
-], ids=["conninfo", "uri", "uri-query", "quoted"])
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        f"host=nonexistent.invalid dbname=app user=app password={SECRET} connect_timeout=2",
+        f"postgresql://app:{SECRET}@nonexistent.invalid/app?connect_timeout=2",
+        f"postgresql://app@nonexistent.invalid/app?password={SECRET}&connect_timeout=2",
+        f"host=127.0.0.1 port=1 dbname=app user=app password='{SECRET} x' connect_timeout=2",
+    ],
+    ids=["conninfo", "uri", "uri-query", "quoted"],
+)
 @pytest.mark.parametrize("json_report", [True, False], ids=["json", "text"])
 def test_a_password_in_the_dsn_never_appears_in_output_logs_or_spans(
     tmp_path: Path, dsn: str, json_report: bool
@@ -382,8 +413,9 @@ def test_a_password_in_the_dsn_never_appears_in_output_logs_or_spans(
     path = sweep_config(tmp_path, dsn, connect_retry="1s")
     with OtlpReceiver() as receiver:
         env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_METRICS_EXPORTER": "none"}
-        proc = run_cli("sweep", "-c", str(path), SWEEP, *(["--json"] if json_report else []),
-                       env=env)
+        proc = run_cli(
+            "sweep", "-c", str(path), SWEEP, *(["--json"] if json_report else []), env=env
+        )
         check = run_cli("check-config", "-c", str(path))
     assert proc.returncode == 3, proc.stderr
     assert check.returncode == 0, check.stderr
@@ -448,8 +480,14 @@ def test_level_comes_from_the_configuration(restore_logging: None) -> None:
 def test_sweep_with_console_format(tmp_path: Path, pg_dsn: str) -> None:
     create_data(pg_dsn)
     path = sweep_config(tmp_path, pg_dsn, log_format="console", level="info")
-    proc = run_cli("sweep", "-c", str(path), SWEEP, "--json",
-                   env={"OTEL_TRACES_EXPORTER": "none", "OTEL_METRICS_EXPORTER": "none"})
+    proc = run_cli(
+        "sweep",
+        "-c",
+        str(path),
+        SWEEP,
+        "--json",
+        env={"OTEL_TRACES_EXPORTER": "none", "OTEL_METRICS_EXPORTER": "none"},
+    )
     assert proc.returncode == 1, proc.stderr
     json.loads(proc.stdout)
     lines = proc.stderr.splitlines()

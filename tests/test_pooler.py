@@ -41,7 +41,6 @@ PER_TENANT = len(RULES) + 2  # the rules, the timeout probe, vacuum.ev7
 AGES = [a + 0.5 for a in (0, 1, 3, 6, 8, 12, 20, 29, 31, 45, 60, 88, 91, 120, 200, 364, 366, 400)]
 
 
-
 def make_tenants(dsn: str) -> None:
     statements = [
         "CREATE TABLE public.seen (tenant text, lock_timeout text, statement_timeout text)"

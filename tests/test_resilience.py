@@ -30,7 +30,6 @@ from sweeperd.plugins import load_plugins
 TENANTS = [f"t{i}" for i in range(6)]
 
 
-
 def make_schemas(server: ScratchServer) -> None:
     for tenant in TENANTS:
         server.execute(f"CREATE SCHEMA tenant_{tenant}")

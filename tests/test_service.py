@@ -34,15 +34,20 @@ as_root = pytest.mark.skipif(
 )
 
 
-def sweeperd(*args: str, env: dict[str, str] | None = None, uid: int | None = None,
-             cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def sweeperd(
+    *args: str, env: dict[str, str] | None = None, uid: int | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     prefix = []
     if uid is not None:
         prefix = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
     return subprocess.run(
         [*prefix, sys.executable, "-m", "sweeperd", *args],
-        capture_output=True, text=True, timeout=60, check=False,
-        env={**os.environ, **(env or {})}, cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
     )
 
 
@@ -96,8 +101,9 @@ def test_a_named_role_or_pguser_passes_the_check(public_dir: Path) -> None:
     done = sweeperd("check-config", "-c", str(named), uid=NO_SUCH_UID, cwd=public_dir)
     assert done.returncode == 0, done.stderr
     anon = write(public_dir, "host=/nonexistent dbname=app")
-    done = sweeperd("check-config", "-c", str(anon), env={"PGUSER": "sweeperd"},
-                    uid=NO_SUCH_UID, cwd=public_dir)
+    done = sweeperd(
+        "check-config", "-c", str(anon), env={"PGUSER": "sweeperd"}, uid=NO_SUCH_UID, cwd=public_dir
+    )
     assert done.returncode == 0, done.stderr
 
 
@@ -109,9 +115,20 @@ def test_failed_peer_authentication_under_such_a_uid_says_what_to_install() -> N
         "print(peer_hint('FATAL:  password authentication failed for user \"sweeperd\"'))"
     )
     done = subprocess.run(
-        ["setpriv", f"--reuid={NO_SUCH_UID}", f"--regid={NO_SUCH_UID}", "--clear-groups",
-         sys.executable, "-c", probe],
-        capture_output=True, text=True, timeout=60, check=False, cwd="/",
+        [
+            "setpriv",
+            f"--reuid={NO_SUCH_UID}",
+            f"--regid={NO_SUCH_UID}",
+            "--clear-groups",
+            sys.executable,
+            "-c",
+            probe,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd="/",
     )
     assert done.returncode == 0, done.stderr
     peer, password = done.stdout.splitlines()
@@ -136,9 +153,14 @@ def test_problems_at_start_are_at_err_priority_under_journald(tmp_path: Path) ->
         st = os.fstat(stream.fileno())
         # What systemd sets when stderr is its journal stream: the sd-daemon prefix is honoured.
         env = {**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
-        code = subprocess.run([sys.executable, "-m", "sweeperd", "run", "-c", str(config)],
-                              stderr=stream, stdout=subprocess.DEVNULL, env=env,
-                              timeout=60, check=False).returncode
+        code = subprocess.run(
+            [sys.executable, "-m", "sweeperd", "run", "-c", str(config)],
+            stderr=stream,
+            stdout=subprocess.DEVNULL,
+            env=env,
+            timeout=60,
+            check=False,
+        ).returncode
     assert code == 2
     lines = err.read_text().splitlines()
     assert lines and all(line.startswith("<3>sweeperd: ") for line in lines), lines
@@ -161,16 +183,33 @@ PROPS: dict[str, Any] = {
     "LoadCredentialEncrypted": [["other", "/etc/credstore.encrypted/other"]],
     "Environment": ["PYTHONUNBUFFERED=1"],
     "EnvironmentFiles": [["/etc/default/sweeperd", True], ["/etc/sweeperd/env", False]],
-    "ExecStart": [["/opt/sweeperd/bin/sweeperd",
-                   ["/opt/sweeperd/bin/sweeperd", "run", "-c", "/etc/sweeperd/sweeperd.toml"],
-                   False, 0, 0, 0, 0, 0, 0, 0]],
+    "ExecStart": [
+        [
+            "/opt/sweeperd/bin/sweeperd",
+            ["/opt/sweeperd/bin/sweeperd", "run", "-c", "/etc/sweeperd/sweeperd.toml"],
+            False,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+        ]
+    ],
 }
 
 
 def test_transient_unit_has_the_units_user_credentials_executable_and_config() -> None:
     argv = transient_argv(PROPS, ["status", "--json"], None)
-    assert argv[:6] == ["systemd-run", "--quiet", "--wait", "--pipe", "--collect",
-                        "--service-type=exec"]
+    assert argv[:6] == [
+        "systemd-run",
+        "--quiet",
+        "--wait",
+        "--pipe",
+        "--collect",
+        "--service-type=exec",
+    ]
     options, _, command = " ".join(argv).partition(" -- ")
     assert "-p DynamicUser=yes" in options
     assert "-p User=sweeperd" in options
@@ -189,19 +228,45 @@ def test_transient_unit_takes_the_operators_config_made_absolute(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     argv = transient_argv(PROPS, ["check-config"], "new.toml")
-    assert argv[argv.index("--") + 1:] == [
-        "/opt/sweeperd/bin/sweeperd", "check-config", "-c", str(tmp_path / "new.toml")]
+    assert argv[argv.index("--") + 1 :] == [
+        "/opt/sweeperd/bin/sweeperd",
+        "check-config",
+        "-c",
+        str(tmp_path / "new.toml"),
+    ]
 
 
 def test_transient_unit_falls_back_to_sweeperd_config_and_this_python() -> None:
-    props = {**PROPS, "DynamicUser": False, "User": "",
-             "ExecStart": [["/usr/bin/python3", ["/usr/bin/python3", "-m", "sweeperd", "run"],
-                            False, 0, 0, 0, 0, 0, 0, 0]],
-             "Environment": ["SWEEPERD_CONFIG=/srv/s.toml"]}
+    props = {
+        **PROPS,
+        "DynamicUser": False,
+        "User": "",
+        "ExecStart": [
+            [
+                "/usr/bin/python3",
+                ["/usr/bin/python3", "-m", "sweeperd", "run"],
+                False,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+            ]
+        ],
+        "Environment": ["SWEEPERD_CONFIG=/srv/s.toml"],
+    }
     argv = transient_argv(props, ["status"], None)
     assert not [a for a in argv if a.startswith(("DynamicUser=", "User="))], argv
-    assert argv[argv.index("--") + 1:] == [sys.executable, "-m", "sweeperd", "status", "-c",
-                                           "/srv/s.toml"]
+    assert argv[argv.index("--") + 1 :] == [
+        sys.executable,
+        "-m",
+        "sweeperd",
+        "status",
+        "-c",
+        "/srv/s.toml",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -231,7 +296,8 @@ def test_unit_refuses_run_and_demo(command: str) -> None:
     done = sweeperd("--unit", "sweeperd", command)
     assert done.returncode == 2
     assert done.stderr.strip() == (
-        f"sweeperd: --unit runs commands beside the service, not {command!r}")
+        f"sweeperd: --unit runs commands beside the service, not {command!r}"
+    )
 
 
 def test_unit_without_a_reachable_systemd_is_one_line_exit_2(tmp_path: Path) -> None:

@@ -43,8 +43,9 @@ COUNT_KEYS = ("ok", "failed", "skipped", "cancelled")
 
 def write_setup(directory: Path, databases: Mapping[str, str], **kw: Any) -> Path:
     """histsetup's config, with numbered tenant schemas (some tenant names here are wildcards)."""
-    return histsetup.write_setup(directory, databases, connect_timeout="2s",
-                                 numbered_schemas=True, **kw)
+    return histsetup.write_setup(
+        directory, databases, connect_timeout="2s", numbered_schemas=True, **kw
+    )
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -83,8 +84,16 @@ def status_json(config: Path, *args: str, expect: int = EXIT_OK) -> dict[str, An
     assert isinstance(doc["last_success"], list)
     assert isinstance(doc["unreachable"], dict)
     for run in doc["runs"]:
-        assert {"database", "sweep", "run_id", "instance", "started_at", "finished_at",
-                "counts", "failures"} <= set(run), run
+        assert {
+            "database",
+            "sweep",
+            "run_id",
+            "instance",
+            "started_at",
+            "finished_at",
+            "counts",
+            "failures",
+        } <= set(run), run
         assert parse_ts(run["started_at"]) <= parse_ts(run["finished_at"])
         assert set(run["counts"]) == set(COUNT_KEYS)
         uuid.UUID(run["run_id"])
@@ -117,16 +126,27 @@ def last_success(doc: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 
 def failures_of(report: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The report's failed/cancelled items, as status lists them."""
-    items = [{"tenant": r["tenant"], "operation": r["operation"], "status": r["status"],
-              "error": r["error"]}
-             for r in report["results"] if r["status"] in ("failed", "cancelled")]
+    items = [
+        {
+            "tenant": r["tenant"],
+            "operation": r["operation"],
+            "status": r["status"],
+            "error": r["error"],
+        }
+        for r in report["results"]
+        if r["status"] in ("failed", "cancelled")
+    ]
     return sorted(items, key=lambda f: (f["operation"], f["tenant"] or ""))
 
 
 def last_ok_from(reports: Sequence[Mapping[str, Any]], operation: str) -> tuple[datetime, int]:
     """(latest finished_at, distinct tenants) over the reports' successful items of operation."""
-    oks = [r for rep in reports for r in rep["results"]
-           if r["operation"] == operation and r["status"] == "ok"]
+    oks = [
+        r
+        for rep in reports
+        for r in rep["results"]
+        if r["operation"] == operation and r["status"] == "ok"
+    ]
     assert oks, operation
     tenants = {r["tenant"] for r in oks if r["tenant"] is not None}
     return max(parse_ts(r["finished_at"]) for r in oks), len(tenants)
@@ -213,7 +233,8 @@ def test_text_shows_latest_run_per_sweep_counts_failures_and_last_success(
 
 
 def test_json_describes_the_same_runs_as_the_sweep_reports(
-    swept: tuple[Path, dict[str, Any], dict[str, Any]], pg_dsn: str,
+    swept: tuple[Path, dict[str, Any], dict[str, Any]],
+    pg_dsn: str,
 ) -> None:
     config, nightly, hourly = swept
     doc = status_json(config)
@@ -229,8 +250,13 @@ def test_json_describes_the_same_runs_as_the_sweep_reports(
         assert run["failures"] == failures_of(report)
         assert run["instance"].startswith(f"{socket.gethostname()}:")
     assert runs["nightly"]["failures"] == [
-        {"tenant": FAILING, "operation": "hist.flaky", "status": "failed",
-         "error": DIVISION_BY_ZERO}]
+        {
+            "tenant": FAILING,
+            "operation": "hist.flaky",
+            "status": "failed",
+            "error": DIVISION_BY_ZERO,
+        }
+    ]
     assert runs["hourly"]["failures"] == []
     # The run ids are the history's own.
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
@@ -254,8 +280,7 @@ def test_the_latest_run_of_a_sweep_is_shown(config: Path) -> None:
     doc = status_json(config)
     [run] = doc["runs"]
     assert run["sweep"] == "nightly"
-    assert run["counts"] == latest["counts"] == {"ok": 2, "failed": 0, "skipped": 0,
-                                                 "cancelled": 0}
+    assert run["counts"] == latest["counts"] == {"ok": 2, "failed": 0, "skipped": 0, "cancelled": 0}
     assert parse_ts(run["finished_at"]) == parse_ts(latest["finished_at"])
     assert run["failures"] == []
     # Last success still covers the earlier run's tenants.
@@ -284,8 +309,7 @@ def test_sweep_filter(swept: tuple[Path, dict[str, Any], dict[str, Any]]) -> Non
     assert "hist.flaky" not in out
 
 
-def test_unknown_sweep_is_a_usage_error(swept: tuple[Path, dict[str, Any], dict[str, Any]]
-                                        ) -> None:
+def test_unknown_sweep_is_a_usage_error(swept: tuple[Path, dict[str, Any], dict[str, Any]]) -> None:
     config = swept[0]
     for args in (["--sweep", "weekly"], ["--sweep", "weekly", "--json"]):
         result = cli("status", "-c", str(config), *args)
@@ -354,22 +378,29 @@ def test_tenant_filter_narrows_failures_and_last_success(
 WILD_TENANTS = ("a_b", "axb", "50%", "500", "c\\d", "cd")
 
 
-@pytest.mark.parametrize(("glob", "expected"), [
-    ("a_b", {"a_b"}),
-    ("axb", {"axb"}),
-    ("a?b", {"a_b", "axb"}),
-    ("50%", {"50%"}),
-    ("5*", {"50%", "500"}),
-    ("%", set()),
-    ("_", set()),
-    ("c\\d", {"c\\d"}),
-    ("c*d", {"c\\d", "cd"}),
-])
+@pytest.mark.parametrize(
+    ("glob", "expected"),
+    [
+        ("a_b", {"a_b"}),
+        ("axb", {"axb"}),
+        ("a?b", {"a_b", "axb"}),
+        ("50%", {"50%"}),
+        ("5*", {"50%", "500"}),
+        ("%", set()),
+        ("_", set()),
+        ("c\\d", {"c\\d"}),
+        ("c*d", {"c\\d", "cd"}),
+    ],
+)
 def test_tenant_glob_matches_like_wildcards_literally(
-    tmp_path: Path, pg_dsn: str, glob: str, expected: set[str],
+    tmp_path: Path,
+    pg_dsn: str,
+    glob: str,
+    expected: set[str],
 ) -> None:
-    config = write_setup(tmp_path, {"main": pg_dsn}, tenants=dict.fromkeys(WILD_TENANTS, "main"),
-                         fail=WILD_TENANTS)
+    config = write_setup(
+        tmp_path, {"main": pg_dsn}, tenants=dict.fromkeys(WILD_TENANTS, "main"), fail=WILD_TENANTS
+    )
     sweep(config, "nightly", expect=EXIT_FAILED)
     assert {t for t in WILD_TENANTS if fnmatchcase(t, glob)} == expected  # same as sweep's
     doc = status_json(config, "--tenant", glob)
@@ -388,27 +419,70 @@ def test_tenant_glob_character_classes_match_like_sweep_does(
     assert last_success(doc)["hist.ok"]["tenants"] == 2
 
 
-@pytest.mark.parametrize(("glob", "regex"), [
-    ("acme", "^acme$"),
-    ("acme*", "^acme.*$"),
-    ("*", "^.*$"),
-    ("a?c", "^a.c$"),
-    ("[ag]*", "^[ag].*$"),
-    ("[!a]?", "^[^a].$"),
-    ("50%", "^50\\%$"),
-    ("a_b", "^a_b$"),
-    ("a.b", "^a\\.b$"),
-    ("[", "^\\[$"),
-    ("", "^$"),
-])
+@pytest.mark.parametrize(
+    ("glob", "regex"),
+    [
+        ("acme", "^acme$"),
+        ("acme*", "^acme.*$"),
+        ("*", "^.*$"),
+        ("a?c", "^a.c$"),
+        ("[ag]*", "^[ag].*$"),
+        ("[!a]?", "^[^a].$"),
+        ("50%", "^50\\%$"),
+        ("a_b", "^a_b$"),
+        ("a.b", "^a\\.b$"),
+        ("[", "^\\[$"),
+        ("", "^$"),
+    ],
+)
 def test_glob_to_regex(glob: str, regex: str) -> None:
     assert glob_to_regex(glob) == regex
 
 
-NAMES = ("acme", "acme2", "ACME", "a_b", "axb", "a%b", "50%", "500", "c\\d", "cd", "", "x",
-         "ab", "abc", "a.b", "[x", "globex", "b]", "a^b")
-GLOBS = ("acme", "acme*", "*", "?", "a?b", "a_b", "a%b", "5*", "50%", "c\\d", "c*d", "*b*",
-         "?*", "", "[ag]*", "[!a]*", "a.b", "[x", "[]]", "a[^]b", "[a-c]*")
+NAMES = (
+    "acme",
+    "acme2",
+    "ACME",
+    "a_b",
+    "axb",
+    "a%b",
+    "50%",
+    "500",
+    "c\\d",
+    "cd",
+    "",
+    "x",
+    "ab",
+    "abc",
+    "a.b",
+    "[x",
+    "globex",
+    "b]",
+    "a^b",
+)
+GLOBS = (
+    "acme",
+    "acme*",
+    "*",
+    "?",
+    "a?b",
+    "a_b",
+    "a%b",
+    "5*",
+    "50%",
+    "c\\d",
+    "c*d",
+    "*b*",
+    "?*",
+    "",
+    "[ag]*",
+    "[!a]*",
+    "a.b",
+    "[x",
+    "[]]",
+    "a[^]b",
+    "[a-c]*",
+)
 
 
 def test_glob_to_regex_agrees_with_fnmatch_in_postgresql(pg_server: PgServer) -> None:
@@ -426,10 +500,15 @@ def test_glob_to_regex_agrees_with_fnmatch_in_postgresql(pg_server: PgServer) ->
 
 
 def test_each_database_reports_its_own_part_of_a_run(
-    tmp_path: Path, pg_dsn: str, other_dsn: str,
+    tmp_path: Path,
+    pg_dsn: str,
+    other_dsn: str,
 ) -> None:
-    config = write_setup(tmp_path, {"main": pg_dsn, "other": other_dsn},
-                         tenants={"acme": "main", "globex": "main", "initech": "other"})
+    config = write_setup(
+        tmp_path,
+        {"main": pg_dsn, "other": other_dsn},
+        tenants={"acme": "main", "globex": "main", "initech": "other"},
+    )
     report = sweep(config, "nightly", expect=EXIT_FAILED)
     doc = status_json(config)
     by_db = {r["database"]: r for r in doc["runs"]}
@@ -440,8 +519,9 @@ def test_each_database_reports_its_own_part_of_a_run(
     assert sum(r["counts"]["ok"] for r in by_db.values()) == report["counts"]["ok"]
     assert by_db["main"]["failures"] == failures_of(report)
     assert by_db["other"]["failures"] == []
-    ok_by_db = {o["database"]: o["tenants"] for o in doc["last_success"]
-                if o["operation"] == "hist.ok"}
+    ok_by_db = {
+        o["database"]: o["tenants"] for o in doc["last_success"] if o["operation"] == "hist.ok"
+    }
     assert ok_by_db == {"main": 2, "other": 1}
     out = status(config)
     line_with(out, "nightly", "[main]", "3 ok, 1 failed")
@@ -449,7 +529,9 @@ def test_each_database_reports_its_own_part_of_a_run(
 
 
 def test_an_unreachable_database_exits_3_and_is_named(
-    tmp_path: Path, pg_dsn: str, swept: tuple[Path, dict[str, Any], dict[str, Any]],
+    tmp_path: Path,
+    pg_dsn: str,
+    swept: tuple[Path, dict[str, Any], dict[str, Any]],
 ) -> None:
     _config, nightly, _hourly = swept
     both = write_setup(tmp_path, {"main": pg_dsn, "gone": UNREACHABLE_DSN}, name="both.toml")

@@ -37,8 +37,12 @@ def marker() -> Plugins:
 
 
 def test_like_wildcard_in_the_prefix_does_not_make_tenants(pg_dsn: str) -> None:
-    run_sql(pg_dsn, "CREATE SCHEMA tenant_acme", "CREATE SCHEMA tenants_archive",
-            "CREATE SCHEMA tenant_")
+    run_sql(
+        pg_dsn,
+        "CREATE SCHEMA tenant_acme",
+        "CREATE SCHEMA tenants_archive",
+        "CREATE SCHEMA tenant_",
+    )
 
     async def main() -> list[tuple[str, str]]:
         config = config_for({"main": pg_dsn})
@@ -54,15 +58,15 @@ def test_like_wildcard_in_the_prefix_does_not_make_tenants(pg_dsn: str) -> None:
     assert asyncio.run(main()) == [("acme", "tenant_acme"), ("tenant_", "tenant_")]
 
 
-def test_the_same_tenant_name_in_two_databases_is_two_tenants(
-    pg_dsn: str, other_dsn: str
-) -> None:
+def test_the_same_tenant_name_in_two_databases_is_two_tenants(pg_dsn: str, other_dsn: str) -> None:
     for dsn in (pg_dsn, other_dsn):
         run_sql(dsn, "CREATE SCHEMA tenant_a")
     config = config_for({"eu": pg_dsn, "us": other_dsn})
     report = asyncio.run(sweep_once(config, marker()))
     assert sorted((r.database, r.tenant, r.status) for r in report.results) == [
-        ("eu", "a", "ok"), ("us", "a", "ok")]
+        ("eu", "a", "ok"),
+        ("us", "a", "ok"),
+    ]
 
 
 def test_one_database_failing_discovery_does_not_cost_the_others(
@@ -70,17 +74,22 @@ def test_one_database_failing_discovery_does_not_cost_the_others(
 ) -> None:
     run_sql(pg_dsn, "CREATE SCHEMA tenant_ok")
     run_sql(other_dsn, "CREATE SCHEMA tenant_lost")
-    config = config_for({"eu": pg_dsn, "us": other_dsn},
-                        tenants=[{"name": "static", "database": "us", "schema": "tenant_lost"}])
+    config = config_for(
+        {"eu": pg_dsn, "us": other_dsn},
+        tenants=[{"name": "static", "database": "us", "schema": "tenant_lost"}],
+    )
     broken = psycopg.conninfo.conninfo_to_dict(other_dsn)["dbname"]
 
     async def main() -> tuple[list[str], dict[str, str]]:
         databases, _ = await open_databases(config, ["eu", "us"])
         try:
             # "us" goes away after start: its pooled connections die, new ones are refused.
-            run_sql(pg_server.admin_dsn, f'ALTER DATABASE "{broken}" ALLOW_CONNECTIONS false',
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    f"WHERE datname = '{broken}'")
+            run_sql(
+                pg_server.admin_dsn,
+                f'ALTER DATABASE "{broken}" ALLOW_CONNECTIONS false',
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                f"WHERE datname = '{broken}'",
+            )
             tenants, failed = await resolve_tenants(config, databases)
             return sorted(f"{t.database}:{t.name}" for t in tenants), failed
         finally:

@@ -44,8 +44,13 @@ def directives(text: str) -> dict[str, list[str]]:
 @needs_systemd_analyze
 def test_unit_verifies_without_any_warning(tmp_path: Path) -> None:
     unit = unit_with_real_executable(tmp_path)
-    result = subprocess.run([SYSTEMD_ANALYZE, "verify", str(unit)],  # type: ignore[list-item]
-                            capture_output=True, text=True, timeout=60, check=False)
+    result = subprocess.run(
+        [SYSTEMD_ANALYZE, "verify", str(unit)],  # type: ignore[list-item]
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     # verify exits 0 on unknown keys and typos: any output at all is a finding.
     assert result.stderr == "", result.stderr
     assert result.returncode == 0
@@ -56,7 +61,11 @@ def test_unit_exposure_is_two_or_lower(tmp_path: Path) -> None:
     unit = unit_with_real_executable(tmp_path)
     result = subprocess.run(
         [SYSTEMD_ANALYZE, "security", "--offline=true", str(unit)],  # type: ignore[list-item]
-        capture_output=True, text=True, timeout=60, check=False)
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
     assert match, result.stdout + result.stderr
     assert float(match.group(1)) <= 2.0, result.stdout
@@ -103,11 +112,16 @@ def test_stack_runs_under_memory_deny_write_execute(pg_dsn: str, tmp_path: Path)
     if not _mdwe_supported():
         pytest.skip("this kernel has no PR_SET_MDWE")
     assert ctypes  # the child uses ctypes only to call prctl, no callbacks
-    run_sql(pg_dsn, "CREATE SCHEMA tenant_a",
-            "CREATE TABLE tenant_a.notifications (id int, created_at timestamptz)",
-            "INSERT INTO tenant_a.notifications SELECT g, now() - g * interval '1 day' "
-            "FROM generate_series(1, 100) g")
-    config = write_config(tmp_path, f"""
+    run_sql(
+        pg_dsn,
+        "CREATE SCHEMA tenant_a",
+        "CREATE TABLE tenant_a.notifications (id int, created_at timestamptz)",
+        "INSERT INTO tenant_a.notifications SELECT g, now() - g * interval '1 day' "
+        "FROM generate_series(1, 100) g",
+    )
+    config = write_config(
+        tmp_path,
+        f"""
         [databases.main]
         dsn = {toml_str(pg_dsn)}
         [[tenants]]
@@ -121,7 +135,8 @@ def test_stack_runs_under_memory_deny_write_execute(pg_dsn: str, tmp_path: Path)
         table = "notifications"
         column = "created_at"
         older_than = "30d"
-        """)
+        """,
+    )
     child = (
         "import ctypes, mmap, runpy, sys\n"
         "libc = ctypes.CDLL(None, use_errno=True)\n"
@@ -134,8 +149,9 @@ def test_stack_runs_under_memory_deny_write_execute(pg_dsn: str, tmp_path: Path)
         f"sys.argv = ['sweeperd', 'sweep', '-c', {str(config)!r}, '--json']\n"
         "runpy.run_module('sweeperd', run_name='__main__')\n"
     )
-    result = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True,
-                            timeout=120, check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", child], capture_output=True, text=True, timeout=120, check=False
+    )
     assert result.returncode == 0, result.stderr
     results = {r["operation"]: r for r in json.loads(result.stdout)["results"]}
     # Rows 31..100 days old are older than 30 days; row 30 is too by the time the sweep runs.

@@ -48,7 +48,10 @@ def clean_environ(**extra: str) -> dict[str, str]:
 def run_python(code: str, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
-        capture_output=True, text=True, env=dict(env or clean_environ()), timeout=60,
+        capture_output=True,
+        text=True,
+        env=dict(env or clean_environ()),
+        timeout=60,
         check=False,
     )
 
@@ -92,28 +95,37 @@ def test_default_telemetry_before_setup_is_noop(monkeypatch: pytest.MonkeyPatch)
     assert_noop(telemetry())
 
 
-@pytest.mark.parametrize("environ", [
-    {},
-    {"OTEL_SERVICE_NAME": "svc", "OTEL_TRACES_SAMPLER": "always_on"},
-    {"OTEL_EXPORTER_OTLP_ENDPOINT": ""},
-    {"OTEL_TRACES_EXPORTER": "none", "OTEL_METRICS_EXPORTER": "none",
-     "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"},
-    {"OTEL_TRACES_EXPORTER": " None ", "OTEL_METRICS_EXPORTER": ""},
-], ids=["empty", "no-exporter", "empty-endpoint", "explicit-none", "none-spelling"])
+@pytest.mark.parametrize(
+    "environ",
+    [
+        {},
+        {"OTEL_SERVICE_NAME": "svc", "OTEL_TRACES_SAMPLER": "always_on"},
+        {"OTEL_EXPORTER_OTLP_ENDPOINT": ""},
+        {
+            "OTEL_TRACES_EXPORTER": "none",
+            "OTEL_METRICS_EXPORTER": "none",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9",
+        },
+        {"OTEL_TRACES_EXPORTER": " None ", "OTEL_METRICS_EXPORTER": ""},
+    ],
+    ids=["empty", "no-exporter", "empty-endpoint", "explicit-none", "none-spelling"],
+)
 def test_no_exporter_and_no_endpoint_means_noop(environ: dict[str, str]) -> None:
     assert_noop(setup_telemetry(environ=environ))
 
 
 @pytest.mark.parametrize("value", ["true", "TRUE", " True "])
 def test_sdk_disabled_means_noop_even_with_exporters(value: str) -> None:
-    tel = setup_telemetry(environ={
-        "OTEL_SDK_DISABLED": value,
-        "OTEL_TRACES_EXPORTER": "console,otlp",
-        "OTEL_METRICS_EXPORTER": "console",
-        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9",
-        # Would be an error if anything were built:
-        "OTEL_EXPORTER_OTLP_PROTOCOL": "carrier-pigeon",
-    })
+    tel = setup_telemetry(
+        environ={
+            "OTEL_SDK_DISABLED": value,
+            "OTEL_TRACES_EXPORTER": "console,otlp",
+            "OTEL_METRICS_EXPORTER": "console",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9",
+            # Would be an error if anything were built:
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "carrier-pigeon",
+        }
+    )
     assert_noop(tel)
 
 
@@ -125,13 +137,19 @@ def test_tenant_metrics_flag_is_kept() -> None:
 # -- errors ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("environ", "expected"), [
-    ({"OTEL_TRACES_EXPORTER": "zipkin"}, ["OTEL_TRACES_EXPORTER", "zipkin"]),
-    ({"OTEL_TRACES_EXPORTER": "console,jaeger"}, ["OTEL_TRACES_EXPORTER", "jaeger"]),
-    ({"OTEL_METRICS_EXPORTER": "prometheus"}, ["OTEL_METRICS_EXPORTER", "prometheus"]),
-    ({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"},
-     ["OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"]),
-], ids=["traces", "traces-list", "metrics", "protocol"])
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [
+        ({"OTEL_TRACES_EXPORTER": "zipkin"}, ["OTEL_TRACES_EXPORTER", "zipkin"]),
+        ({"OTEL_TRACES_EXPORTER": "console,jaeger"}, ["OTEL_TRACES_EXPORTER", "jaeger"]),
+        ({"OTEL_METRICS_EXPORTER": "prometheus"}, ["OTEL_METRICS_EXPORTER", "prometheus"]),
+        (
+            {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"},
+            ["OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"],
+        ),
+    ],
+    ids=["traces", "traces-list", "metrics", "protocol"],
+)
 def test_unsupported_values_are_telemetry_errors(
     environ: dict[str, str], expected: list[str]
 ) -> None:
@@ -144,11 +162,18 @@ def test_unsupported_values_are_telemetry_errors(
 
 
 @pytest.mark.skipif(HAVE_GRPC, reason="the gRPC exporter is installed here")
-@pytest.mark.parametrize("environ", [
-    {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"},
-    {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317", "OTEL_EXPORTER_OTLP_PROTOCOL": "GRPC"},
-    {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "grpc"},
-], ids=["exporter", "endpoint", "per-signal"])
+@pytest.mark.parametrize(
+    "environ",
+    [
+        {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"},
+        {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317",
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "GRPC",
+        },
+        {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "grpc"},
+    ],
+    ids=["exporter", "endpoint", "per-signal"],
+)
 def test_grpc_without_the_grpc_extra_names_it(environ: dict[str, str]) -> None:
     with pytest.raises(TelemetryError, match=r"sweeperd\[grpc\]"):
         setup_telemetry(environ=environ)
@@ -180,8 +205,12 @@ SPAN_SCRIPT = """
 """
 
 
-def run_span_script(environ: Mapping[str, str] | None, *, shutdown: bool = True,
-                    os_environ: Mapping[str, str] | None = None) -> tuple[dict[str, Any], str]:
+def run_span_script(
+    environ: Mapping[str, str] | None,
+    *,
+    shutdown: bool = True,
+    os_environ: Mapping[str, str] | None = None,
+) -> tuple[dict[str, Any], str]:
     args = [sys.executable, "-c", textwrap.dedent(SPAN_SCRIPT)]
     if environ is not None:
         args.append(json.dumps(dict(environ)))
@@ -210,11 +239,14 @@ def test_without_shutdown_nothing_is_flushed_at_exit() -> None:
 
 
 def test_service_name_and_resource_attributes_from_the_environment() -> None:
-    info, stderr = run_span_script(None, os_environ={
-        "OTEL_TRACES_EXPORTER": "console",
-        "OTEL_SERVICE_NAME": "billing-sweeper",
-        "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment.name=staging,team=dba",
-    })
+    info, stderr = run_span_script(
+        None,
+        os_environ={
+            "OTEL_TRACES_EXPORTER": "console",
+            "OTEL_SERVICE_NAME": "billing-sweeper",
+            "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment.name=staging,team=dba",
+        },
+    )
     for attributes in (info["resource"], console_spans(stderr)[0]["resource"]["attributes"]):
         assert attributes["service.name"] == "billing-sweeper"
         assert attributes["deployment.environment.name"] == "staging"
@@ -222,30 +254,35 @@ def test_service_name_and_resource_attributes_from_the_environment() -> None:
 
 
 def test_service_name_from_an_explicit_environ() -> None:
-    info, _stderr = run_span_script({"OTEL_TRACES_EXPORTER": "console",
-                                     "OTEL_SERVICE_NAME": "billing-sweeper"})
+    info, _stderr = run_span_script(
+        {"OTEL_TRACES_EXPORTER": "console", "OTEL_SERVICE_NAME": "billing-sweeper"}
+    )
     assert info["resource"]["service.name"] == "billing-sweeper"
 
 
 def test_resource_attributes_from_an_explicit_environ() -> None:
-    info, _stderr = run_span_script({
-        "OTEL_TRACES_EXPORTER": "console",
-        "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment.name=staging,team=dba",
-    })
+    info, _stderr = run_span_script(
+        {
+            "OTEL_TRACES_EXPORTER": "console",
+            "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment.name=staging,team=dba",
+        }
+    )
     assert info["resource"].get("team") == "dba"
     assert info["resource"].get("deployment.environment.name") == "staging"
 
 
 def test_sampler_always_off_exports_nothing() -> None:
-    info, stderr = run_span_script(None, os_environ={
-        "OTEL_TRACES_EXPORTER": "console", "OTEL_TRACES_SAMPLER": "always_off"})
+    info, stderr = run_span_script(
+        None, os_environ={"OTEL_TRACES_EXPORTER": "console", "OTEL_TRACES_SAMPLER": "always_off"}
+    )
     assert info["recording"] is False
     assert console_spans(stderr) == []
 
 
 def test_sampler_always_off_from_an_explicit_environ() -> None:
-    info, stderr = run_span_script({"OTEL_TRACES_EXPORTER": "console",
-                                    "OTEL_TRACES_SAMPLER": "always_off"})
+    info, stderr = run_span_script(
+        {"OTEL_TRACES_EXPORTER": "console", "OTEL_TRACES_SAMPLER": "always_off"}
+    )
     assert info["recording"] is False
     assert console_spans(stderr) == []
 
@@ -277,12 +314,15 @@ def receiver() -> Iterator[OtlpReceiver]:
 
 def test_otlp_http_export_with_endpoint_and_headers(receiver: OtlpReceiver) -> None:
     """An endpoint alone selects OTLP/HTTP; headers from OTEL_EXPORTER_OTLP_HEADERS are sent."""
-    info, stderr = run_span_script(None, os_environ={
-        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
-        "OTEL_EXPORTER_OTLP_HEADERS": "x-api-key=abc123",
-        "OTEL_METRICS_EXPORTER": "none",
-        "OTEL_SERVICE_NAME": "billing-sweeper",
-    })
+    info, stderr = run_span_script(
+        None,
+        os_environ={
+            "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+            "OTEL_EXPORTER_OTLP_HEADERS": "x-api-key=abc123",
+            "OTEL_METRICS_EXPORTER": "none",
+            "OTEL_SERVICE_NAME": "billing-sweeper",
+        },
+    )
     assert info["recording"] is True, stderr
     traces = [(h, b) for p, h, b in receiver.requests if p == "/v1/traces"]
     assert len(traces) == 1, [p for p, _h, _b in receiver.requests]
@@ -299,15 +339,19 @@ def test_otlp_http_export_with_endpoint_and_headers(receiver: OtlpReceiver) -> N
 
 
 def test_otlp_metrics_go_to_v1_metrics(receiver: OtlpReceiver) -> None:
-    proc = run_python("""
+    proc = run_python(
+        """
         import os
         from sweeperd.telemetry import setup_telemetry
         tel = setup_telemetry()
         tel.operations.add(1, {"sweeperd.operation": "retention.x", "sweeperd.status": "ok"})
         tel.shutdown()
         os._exit(0)
-    """, env=clean_environ(OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
-                           OTEL_TRACES_EXPORTER="none"))
+    """,
+        env=clean_environ(
+            OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint, OTEL_TRACES_EXPORTER="none"
+        ),
+    )
     assert proc.returncode == 0, proc.stderr
     paths = [p for p, _h, _b in receiver.requests]
     assert paths == ["/v1/metrics"]
@@ -321,25 +365,34 @@ def test_pool_usage_is_observed_from_the_watched_source() -> None:
     reader = InMemoryMetricReader()
     provider = MeterProvider(metric_readers=[reader], shutdown_on_exit=False)
     tel = Telemetry(trace.NoOpTracer(), provider.get_meter("sweeperd"))
-    stats = {"main": {"pool_size": 4, "pool_available": 1, "requests_waiting": 2},
-             "reports": {"pool_size": 2, "pool_available": 2}}
+    stats = {
+        "main": {"pool_size": 4, "pool_available": 1, "requests_waiting": 2},
+        "reports": {"pool_size": 2, "pool_available": 2},
+    }
     tel.watch_pools(lambda: stats)
     data = reader.get_metrics_data()
     points: dict[str, list[tuple[dict[str, Any], Any]]] = {}
     for rm in data.resource_metrics:
         for sm in rm.scope_metrics:
             for metric in sm.metrics:
-                points[metric.name] = [(dict(p.attributes), p.value)
-                                       for p in metric.data.data_points]
+                points[metric.name] = [
+                    (dict(p.attributes), p.value) for p in metric.data.data_points
+                ]
     provider.shutdown()
     pool = "db.client.connection.pool.name"
     state = "db.client.connection.state"
-    assert sorted(points["db.client.connection.count"], key=repr) == sorted([
-        ({pool: "main", state: "idle"}, 1), ({pool: "main", state: "used"}, 3),
-        ({pool: "reports", state: "idle"}, 2), ({pool: "reports", state: "used"}, 0),
-    ], key=repr)
-    assert sorted(points["db.client.connection.pending_requests"], key=repr) == sorted([
-        ({pool: "main"}, 2), ({pool: "reports"}, 0)], key=repr)
+    assert sorted(points["db.client.connection.count"], key=repr) == sorted(
+        [
+            ({pool: "main", state: "idle"}, 1),
+            ({pool: "main", state: "used"}, 3),
+            ({pool: "reports", state: "idle"}, 2),
+            ({pool: "reports", state: "used"}, 0),
+        ],
+        key=repr,
+    )
+    assert sorted(points["db.client.connection.pending_requests"], key=repr) == sorted(
+        [({pool: "main"}, 2), ({pool: "reports"}, 0)], key=repr
+    )
 
 
 # -- the CLI ---------------------------------------------------------------------------------------
@@ -347,7 +400,9 @@ def test_pool_usage_is_observed_from_the_watched_source() -> None:
 
 @pytest.fixture
 def config_path(tmp_path: Path) -> Path:
-    return write_config(tmp_path, """
+    return write_config(
+        tmp_path,
+        """
         [databases.main]
         dsn = "host=/nonexistent dbname=x connect_timeout=1"
 
@@ -362,17 +417,28 @@ def config_path(tmp_path: Path) -> Path:
 
         [plugins.vacuum]
         tables = ["notifications"]
-    """)
+    """,
+    )
 
 
-@pytest.mark.parametrize(("command", "env", "expected"), [
-    (["sweep", "--json"], {"OTEL_TRACES_EXPORTER": "zipkin"}, "OTEL_TRACES_EXPORTER"),
-    (["sweep"], {"OTEL_METRICS_EXPORTER": "statsd"}, "OTEL_METRICS_EXPORTER"),
-    (["run"], {"OTEL_TRACES_EXPORTER": "zipkin"}, "OTEL_TRACES_EXPORTER"),
-    pytest.param(["sweep"], {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317",
-                             "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}, "sweeperd[grpc]",
-                 marks=pytest.mark.skipif(HAVE_GRPC, reason="gRPC exporter installed")),
-], ids=["sweep-traces", "sweep-metrics", "run-traces", "sweep-grpc"])
+@pytest.mark.parametrize(
+    ("command", "env", "expected"),
+    [
+        (["sweep", "--json"], {"OTEL_TRACES_EXPORTER": "zipkin"}, "OTEL_TRACES_EXPORTER"),
+        (["sweep"], {"OTEL_METRICS_EXPORTER": "statsd"}, "OTEL_METRICS_EXPORTER"),
+        (["run"], {"OTEL_TRACES_EXPORTER": "zipkin"}, "OTEL_TRACES_EXPORTER"),
+        pytest.param(
+            ["sweep"],
+            {
+                "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317",
+                "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+            },
+            "sweeperd[grpc]",
+            marks=pytest.mark.skipif(HAVE_GRPC, reason="gRPC exporter installed"),
+        ),
+    ],
+    ids=["sweep-traces", "sweep-metrics", "run-traces", "sweep-grpc"],
+)
 def test_cli_bad_otel_variable_exits_2_with_one_line(
     config_path: Path, command: list[str], env: dict[str, str], expected: str
 ) -> None:

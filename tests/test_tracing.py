@@ -62,8 +62,14 @@ ROWS = {"a": (5, 2), "b": (3, 1)}
 BATCHES = {"a": 3, "b": 2}
 EXPIRED_SESSIONS, LIVE_SESSIONS = 4, 1
 # Attributes the database semantic conventions want at span creation (samplers decide on them).
-CREATION_TIME = ("db.system.name", "db.namespace", "db.collection.name", "db.operation.name",
-                 "server.address", "server.port")
+CREATION_TIME = (
+    "db.system.name",
+    "db.namespace",
+    "db.collection.name",
+    "db.operation.name",
+    "server.address",
+    "server.port",
+)
 
 # -- in-memory telemetry ---------------------------------------------------------------------------
 
@@ -74,12 +80,20 @@ class RecordingSampler(Sampler):
     def __init__(self) -> None:
         self.seen: list[tuple[str, SpanKind | None, dict[str, Any]]] = []
 
-    def should_sample(self, parent_context: Any, trace_id: int, name: str,
-                      kind: SpanKind | None = None, attributes: Any = None, links: Any = None,
-                      trace_state: Any = None) -> SamplingResult:
+    def should_sample(
+        self,
+        parent_context: Any,
+        trace_id: int,
+        name: str,
+        kind: SpanKind | None = None,
+        attributes: Any = None,
+        links: Any = None,
+        trace_state: Any = None,
+    ) -> SamplingResult:
         self.seen.append((name, kind, dict(attributes or {})))
-        return ALWAYS_ON.should_sample(parent_context, trace_id, name, kind, attributes, links,
-                                       trace_state)
+        return ALWAYS_ON.should_sample(
+            parent_context, trace_id, name, kind, attributes, links, trace_state
+        )
 
     def get_description(self) -> str:
         return "RecordingSampler"
@@ -117,8 +131,10 @@ def make_otel(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Otel]]:
         sampler = RecordingSampler()
         exporter = InMemorySpanExporter()
         tracer_provider = TracerProvider(
-            sampler=sampler, resource=Resource.create({"service.name": "sweeperd-test"}),
-            shutdown_on_exit=False)
+            sampler=sampler,
+            resource=Resource.create({"service.name": "sweeperd-test"}),
+            shutdown_on_exit=False,
+        )
         tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
         reader = InMemoryMetricReader()
         meter_provider = MeterProvider(metric_readers=[reader], shutdown_on_exit=False)
@@ -140,19 +156,21 @@ def make_otel(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Otel]]:
 # -- database and configuration --------------------------------------------------------------------
 
 
-def create_data(dsn: str, tenants: Mapping[str, str] = TENANTS, *,
-                without_table: Sequence[str] = ()) -> None:
+def create_data(
+    dsn: str, tenants: Mapping[str, str] = TENANTS, *, without_table: Sequence[str] = ()
+) -> None:
     """Tenant schemas with ``notifications`` (old and new rows), and ``public.sessions``.
 
     Tenants named in ``without_table`` get the schema only. No index on the cutoff columns: the
     retention plugin then logs a warning from inside its operation (used by the log tests).
     """
-    stmts = ["CREATE TABLE public.sessions"
-             " (id serial PRIMARY KEY, expires_at timestamptz NOT NULL)",
-             f"INSERT INTO public.sessions (expires_at) SELECT now() - interval '1 hour'"
-             f" FROM generate_series(1, {EXPIRED_SESSIONS})",
-             f"INSERT INTO public.sessions (expires_at) SELECT now() + interval '1 day'"
-             f" FROM generate_series(1, {LIVE_SESSIONS})"]
+    stmts = [
+        "CREATE TABLE public.sessions (id serial PRIMARY KEY, expires_at timestamptz NOT NULL)",
+        f"INSERT INTO public.sessions (expires_at) SELECT now() - interval '1 hour'"
+        f" FROM generate_series(1, {EXPIRED_SESSIONS})",
+        f"INSERT INTO public.sessions (expires_at) SELECT now() + interval '1 day'"
+        f" FROM generate_series(1, {LIVE_SESSIONS})",
+    ]
     for name, schema in tenants.items():
         stmts.append(f"CREATE SCHEMA {schema}")
         if name in without_table:
@@ -167,8 +185,6 @@ def create_data(dsn: str, tenants: Mapping[str, str] = TENANTS, *,
             f" SELECT now() FROM generate_series(1, {new})",
         ]
     run_sql(dsn, *stmts)
-
-
 
 
 def write_scenario(
@@ -248,7 +264,7 @@ def by_trace(spans: Sequence[ReadableSpan]) -> dict[int, list[ReadableSpan]]:
 class Tree:
     root: ReadableSpan
     tenants: dict[str, ReadableSpan]  # tenant name → its span
-    operations: list[ReadableSpan]    # everything else
+    operations: list[ReadableSpan]  # everything else
 
     def tenant_of(self, span: ReadableSpan) -> str | None:
         """The tenant an operation span belongs to: its attribute, else its parent's."""
@@ -260,9 +276,11 @@ class Tree:
         return None
 
     def op(self, operation: str, tenant: str | None = None) -> ReadableSpan:
-        found = [s for s in self.operations
-                 if s.attributes.get("sweeperd.operation") == operation
-                 and self.tenant_of(s) == tenant]
+        found = [
+            s
+            for s in self.operations
+            if s.attributes.get("sweeperd.operation") == operation and self.tenant_of(s) == tenant
+        ]
         assert len(found) == 1, (operation, tenant, [s.name for s in self.operations])
         return found[0]
 
@@ -270,8 +288,7 @@ class Tree:
 def tree_of(spans: Sequence[ReadableSpan]) -> Tree:
     roots = [s for s in spans if s.parent is None]
     assert len(roots) == 1, [s.name for s in roots]
-    tenants = {s.attributes["sweeperd.tenant"]: s for s in spans
-               if s.name.startswith("tenant ")}
+    tenants = {s.attributes["sweeperd.tenant"]: s for s in spans if s.name.startswith("tenant ")}
     operations = [s for s in spans if s is not roots[0] and not s.name.startswith("tenant ")]
     return Tree(roots[0], tenants, operations)
 
@@ -319,7 +336,8 @@ def test_one_trace_per_sweep_sweep_tenant_operation_tree(
         for operation in ("retention.sessions", "vacuum.database_stats"):
             span = tree.op(operation, None)
             assert span.parent is not None and span.parent.span_id == root_id, (
-                "database-scope operations hang directly off the sweep span")
+                "database-scope operations hang directly off the sweep span"
+            )
         # Children end before their parents: nothing is exported dangling.
         for span in tree.operations:
             parent = next(s for s in spans if s.context.span_id == span.parent.span_id)
@@ -354,8 +372,9 @@ def test_operation_spans_follow_the_database_semantic_conventions(
             assert a["sweeperd.tenant"] == tenant
             assert a["sweeperd.operation"] == operation
             assert a["sweeperd.status"] == "ok"
-            assert all(key.startswith(("db.", "server.", "sweeperd.", "error."))
-                       for key in a), sorted(a)
+            assert all(key.startswith(("db.", "server.", "sweeperd.", "error.")) for key in a), (
+                sorted(a)
+            )
 
         deleted = tree.op("retention.notifications", tenant)
         assert attrs(deleted)["sweeperd.rows"] == ROWS[tenant][0]
@@ -387,11 +406,12 @@ def test_operation_spans_follow_the_database_semantic_conventions(
     for name, _kind, at_creation in seen_client:
         assert at_creation.get("db.system.name") == "postgresql", name
     for span in client_spans:
-        at_creation = next(seen[2] for seen in seen_client
-                           if seen[2].get("sweeperd.operation") == span.attributes[
-                               "sweeperd.operation"]
-                           and seen[2].get("sweeperd.tenant") == span.attributes.get(
-                               "sweeperd.tenant"))
+        at_creation = next(
+            seen[2]
+            for seen in seen_client
+            if seen[2].get("sweeperd.operation") == span.attributes["sweeperd.operation"]
+            and seen[2].get("sweeperd.tenant") == span.attributes.get("sweeperd.tenant")
+        )
         for key in CREATION_TIME:
             if key in span.attributes:
                 assert at_creation.get(key) == span.attributes[key], (span.name, key)
@@ -412,8 +432,9 @@ def test_bundled_operation_spans_are_named_after_statement_and_table(
         ("vacuum.notifications", "b"): ("VACUUM", "VACUUM tenant_b.notifications"),
         ("retention.sessions", None): ("DELETE", "DELETE public.sessions"),
     }
-    got = {key: (attrs(tree.op(*key)).get("db.operation.name"), tree.op(*key).name)
-           for key in expected}
+    got = {
+        key: (attrs(tree.op(*key)).get("db.operation.name"), tree.op(*key).name) for key in expected
+    }
     assert got == expected
     assert attrs(tree.op("vacuum.database_stats")).get("db.operation.name") == "VACUUM"
 
@@ -424,8 +445,15 @@ def test_operation_span_name_and_db_operation_name_come_from_db_operation(
     """An operation that declares its SQL verb gets ``<VERB> <schema>.<table>`` as span name."""
     otel = make_otel()
     create_data(pg_dsn, {"a": "tenant_a"})
-    report = run_sweep(write_scenario(tmp_path, pg_dsn, tenants={"a": "tenant_a"},
-                                      operations=["probe.nested"], with_probe=True))
+    report = run_sweep(
+        write_scenario(
+            tmp_path,
+            pg_dsn,
+            tenants={"a": "tenant_a"},
+            operations=["probe.nested"],
+            with_probe=True,
+        )
+    )
     assert report.counts()["ok"] == 1, report.to_json()
     span = tree_of(otel.spans()).op("probe.nested", "a")
     assert span.name == "SELECT tenant_a.notifications"
@@ -455,11 +483,14 @@ def test_failed_and_skipped_operations(
 ) -> None:
     otel = make_otel()
     create_data(pg_dsn, without_table=["b"])
-    archive = ('[[plugins.retention.rules]]\nname = "archive"\ntable = "archive"\n'
-               'column = "created_at"\nolder_than = "1d"\nmissing = "skip"\n')
+    archive = (
+        '[[plugins.retention.rules]]\nname = "archive"\ntable = "archive"\n'
+        'column = "created_at"\nolder_than = "1d"\nmissing = "skip"\n'
+    )
     path = write_scenario(tmp_path, pg_dsn, extra_rules=archive)
-    with capture_logs(processors=[structlog.contextvars.merge_contextvars,
-                                  add_trace_context]) as entries:
+    with capture_logs(
+        processors=[structlog.contextvars.merge_contextvars, add_trace_context]
+    ) as entries:
         report = run_sweep(path)
     statuses = {(r.tenant, r.operation): r.status for r in report.results}
     assert statuses[("b", "retention.notifications")] == "failed"
@@ -495,8 +526,11 @@ def test_failed_and_skipped_operations(
     assert tree.op("retention.notifications", "a").status.status_code is StatusCode.OK
 
     # The "operation failed" log line is emitted inside the failed operation's span.
-    failures = [e for e in entries if e["event"] == "operation failed"
-                and e.get("operation") == "retention.notifications"]
+    failures = [
+        e
+        for e in entries
+        if e["event"] == "operation failed" and e.get("operation") == "retention.notifications"
+    ]
     assert len(failures) == 1
     assert failures[0]["tenant"] == "b"
     assert failures[0]["span_id"] == format(failed.context.span_id, "016x")
@@ -505,7 +539,8 @@ def test_failed_and_skipped_operations(
     counted = Counter()
     for point in otel.points()["sweeperd.operations"]:
         counted[(point.attributes["sweeperd.operation"], point.attributes["sweeperd.status"])] += (
-            point.value)
+            point.value
+        )
     assert counted[("retention.notifications", "failed")] == 1
     assert counted[("retention.notifications", "ok")] == 1
     assert counted[("retention.archive", "skipped")] == 2
@@ -517,10 +552,17 @@ def test_skipped_operation_span_is_not_an_error(
 ) -> None:
     otel = make_otel()
     create_data(pg_dsn, {"a": "tenant_a"})
-    archive = ('[[plugins.retention.rules]]\nname = "archive"\ntable = "archive"\n'
-               'column = "created_at"\nolder_than = "1d"\nmissing = "skip"\n')
-    path = write_scenario(tmp_path, pg_dsn, tenants={"a": "tenant_a"},
-                          operations=["retention.archive"], extra_rules=archive)
+    archive = (
+        '[[plugins.retention.rules]]\nname = "archive"\ntable = "archive"\n'
+        'column = "created_at"\nolder_than = "1d"\nmissing = "skip"\n'
+    )
+    path = write_scenario(
+        tmp_path,
+        pg_dsn,
+        tenants={"a": "tenant_a"},
+        operations=["retention.archive"],
+        extra_rules=archive,
+    )
     report = run_sweep(path)
     assert [r.status for r in report.results] == ["skipped"]
     assert report.exit_code() == 0
@@ -542,8 +584,11 @@ def test_a_password_in_an_operation_error_stays_out_of_the_span(
 ) -> None:
     otel = make_otel()
     create_data(pg_dsn, {"a": "tenant_a"})
-    report = run_sweep(write_scenario(tmp_path, pg_dsn, tenants={"a": "tenant_a"},
-                                      operations=["probe.leak"], with_probe=True))
+    report = run_sweep(
+        write_scenario(
+            tmp_path, pg_dsn, tenants={"a": "tenant_a"}, operations=["probe.leak"], with_probe=True
+        )
+    )
     (result,) = report.results
     assert result.status == "failed"
     assert "password=***" in (result.error or "")
@@ -558,13 +603,21 @@ def test_cancelled_operations_are_marked_explicitly(
 ) -> None:
     otel = make_otel()
     create_data(pg_dsn, {"a": "tenant_a"})
-    path = write_scenario(tmp_path, pg_dsn, tenants={"a": "tenant_a"},
-                          operations=["probe.nap", "vacuum.*"], timeout="500ms",
-                          with_probe=True)
+    path = write_scenario(
+        tmp_path,
+        pg_dsn,
+        tenants={"a": "tenant_a"},
+        operations=["probe.nap", "vacuum.*"],
+        timeout="500ms",
+        with_probe=True,
+    )
     report = run_sweep(path)
     statuses = {r.operation: r.status for r in report.results}
-    assert statuses == {"probe.nap": "cancelled", "vacuum.notifications": "cancelled",
-                        "vacuum.database_stats": "cancelled"}, report.to_json()
+    assert statuses == {
+        "probe.nap": "cancelled",
+        "vacuum.notifications": "cancelled",
+        "vacuum.database_stats": "cancelled",
+    }, report.to_json()
     tree = tree_of(otel.spans())
 
     # Cancelled while its query ran (the span was started by the operation).
@@ -584,8 +637,11 @@ def test_cancelled_operations_are_marked_explicitly(
     assert attrs(tree.root)["sweeperd.cancelled"] == 3
     assert not [s.name for s in otel.spans() if s.status.status_code is StatusCode.UNSET]
 
-    cancelled = sum(p.value for p in otel.points()["sweeperd.operations"]
-                    if p.attributes["sweeperd.status"] == "cancelled")
+    cancelled = sum(
+        p.value
+        for p in otel.points()["sweeperd.operations"]
+        if p.attributes["sweeperd.status"] == "cancelled"
+    )
     assert cancelled == 3
     outcomes = [p.attributes["sweeperd.outcome"] for p in otel.points()["sweeperd.sweep.duration"]]
     assert outcomes == ["failed"]
@@ -626,14 +682,16 @@ def test_metrics_of_a_sweep_carry_no_tenant_by_default(
     assert all(p.sum >= 0 for p in durations)
     sweeps = points["sweeperd.sweep.duration"]
     assert [(p.count, dict(p.attributes)) for p in sweeps] == [
-        (1, {"sweeperd.sweep": SWEEP, "sweeperd.outcome": "ok"})]
+        (1, {"sweeperd.sweep": SWEEP, "sweeperd.outcome": "ok"})
+    ]
     assert sweeps[0].sum >= 0
 
     tree = tree_of(otel.spans())
     removed_in_spans = sum(
         attrs(tree.op("vacuum.notifications", t))["sweeperd.dead_tuples_before"]
         - attrs(tree.op("vacuum.notifications", t))["sweeperd.dead_tuples_after"]
-        for t in ("a", "b"))
+        for t in ("a", "b")
+    )
     removed = sum(p.value for p in points["sweeperd.dead_tuples.removed"])
     assert removed == removed_in_spans > 0
 
@@ -671,13 +729,16 @@ def test_tenant_metrics_label_operation_metrics_with_the_tenant(
 
 
 def test_tenant_metrics_flag_comes_from_the_configuration(tmp_path: Path) -> None:
-    path = write_config(tmp_path, """
+    path = write_config(
+        tmp_path,
+        """
         [telemetry]
         tenant_metrics = true
 
         [databases.main]
         dsn = "host=/nonexistent dbname=x"
-    """)
+    """,
+    )
     assert load_config(path).telemetry.tenant_metrics is True
 
 
@@ -689,10 +750,12 @@ def test_log_lines_of_an_operation_carry_its_span_across_tasks(
 ) -> None:
     otel = make_otel()
     create_data(pg_dsn)
-    path = write_scenario(tmp_path, pg_dsn, operations=["probe.nested", "retention.*"],
-                          with_probe=True)
-    with capture_logs(processors=[structlog.contextvars.merge_contextvars,
-                                  add_trace_context]) as entries:
+    path = write_scenario(
+        tmp_path, pg_dsn, operations=["probe.nested", "retention.*"], with_probe=True
+    )
+    with capture_logs(
+        processors=[structlog.contextvars.merge_contextvars, add_trace_context]
+    ) as entries:
         report = run_sweep(path)
     assert report.counts()["ok"] == 5, report.to_json()
     tree = tree_of(otel.spans())
@@ -711,7 +774,9 @@ def test_log_lines_of_an_operation_carry_its_span_across_tasks(
     # span of the operation that logged it too.
     warnings = [e for e in entries if "no index" in str(e["event"])]
     assert sorted(e["operation"] for e in warnings) == [
-        "retention.notifications", "retention.sessions"]
+        "retention.notifications",
+        "retention.sessions",
+    ]
     assert {e["tenant"] for e in warnings} in ({"a", None}, {"b", None})
     for entry in warnings:
         span = tree.op(entry["operation"], entry["tenant"])
@@ -736,10 +801,12 @@ def test_sweeperd_sweep_exports_the_trace_over_otlp_http(
     pg_dsn, secret = with_secret_password(pg_dsn, "s3cretPw-7f3a")
     path = write_scenario(tmp_path, pg_dsn, log='[log]\nformat = "json"\nlevel = "debug"\n\n')
     with OtlpReceiver() as receiver:
-        env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
-               "OTEL_METRICS_EXPORTER": "none",
-               "OTEL_SERVICE_NAME": service_name or "",
-               "OTEL_TRACES_SAMPLER": "parentbased_always_on"}
+        env = {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+            "OTEL_METRICS_EXPORTER": "none",
+            "OTEL_SERVICE_NAME": service_name or "",
+            "OTEL_TRACES_SAMPLER": "parentbased_always_on",
+        }
         proc = run_cli("sweep", "-c", str(path), SWEEP, "--json", env=env)
         assert proc.returncode == 0, proc.stderr
         exported = receiver.spans()
@@ -759,8 +826,9 @@ def test_sweeperd_sweep_exports_the_trace_over_otlp_http(
     (root,) = [s for s in spans if not s.parent_span_id]
     assert root.name == f"sweep {SWEEP}"
     assert root.kind == PbSpan.SpanKind.SPAN_KIND_INTERNAL
-    tenants = {pb_attrs(s.attributes)["sweeperd.tenant"]: s for s in spans
-               if s.name.startswith("tenant ")}
+    tenants = {
+        pb_attrs(s.attributes)["sweeperd.tenant"]: s for s in spans if s.name.startswith("tenant ")
+    }
     assert sorted(tenants) == ["a", "b"]
     assert all(t.parent_span_id == root.span_id for t in tenants.values())
     operations = [s for s in spans if s is not root and not s.name.startswith("tenant ")]
@@ -774,8 +842,10 @@ def test_sweeperd_sweep_exports_the_trace_over_otlp_http(
         expected_parent = tenants[tenant].span_id if tenant else root.span_id
         assert span.parent_span_id == expected_parent, span.name
         assert span.kind == PbSpan.SpanKind.SPAN_KIND_CLIENT
-        if (a["sweeperd.operation"] == "vacuum.database_stats"
-                and database_stats_status(server_version_num) == "skipped"):
+        if (
+            a["sweeperd.operation"] == "vacuum.database_stats"
+            and database_stats_status(server_version_num) == "skipped"
+        ):
             # Before 16: skipped, which is no error (and not an ok either).
             assert span.status.code == PbStatus.StatusCode.STATUS_CODE_UNSET
             assert a["sweeperd.status"] == "skipped"
@@ -792,9 +862,14 @@ def test_sweeperd_sweep_exports_the_trace_over_otlp_http(
         if a["sweeperd.operation"] == "retention.notifications":
             assert a["sweeperd.rows"] == ROWS[tenant][0]
             assert a["sweeperd.batches"] == BATCHES[tenant]
-    assert seen == {("a", "retention.notifications"), ("b", "retention.notifications"),
-                    ("a", "vacuum.notifications"), ("b", "vacuum.notifications"),
-                    (None, "retention.sessions"), (None, "vacuum.database_stats")}
+    assert seen == {
+        ("a", "retention.notifications"),
+        ("b", "retention.notifications"),
+        ("a", "vacuum.notifications"),
+        ("b", "vacuum.notifications"),
+        (None, "retention.sessions"),
+        (None, "vacuum.database_stats"),
+    }
 
     # The JSON log lines of the sweep join this trace.
     trace_hex = root.trace_id.hex()
