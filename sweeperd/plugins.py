@@ -21,8 +21,8 @@ from typing import Any
 
 import pluggy
 
-from . import hookspecs, model
-from .config import Config
+from . import __version__, hookspecs, model
+from .config import Config, ConfigError
 from .model import Operation, OperationError
 from .problems import Problems
 from .validation import toml_key
@@ -114,8 +114,6 @@ def load_plugins(config: Config, *, entry_points: bool = True) -> Plugins:
     Raises :class:`PluginError` (load failures, clashes) or :class:`~sweeperd.config.ConfigError`
     (settings problems), each with every problem found.
     """
-    from .config import ConfigError
-
     pm = new_plugin_manager()
     infos: list[PluginInfo] = []
     problems: list[str] = []
@@ -169,8 +167,6 @@ def load_plugins(config: Config, *, entry_points: bool = True) -> Plugins:
 
 def _bundled(problems: list[str]) -> list[tuple[ModuleType | None, PluginInfo]]:
     package = importlib.import_module(BUNDLED_PACKAGE)
-    from . import __version__
-
     out: list[tuple[ModuleType | None, PluginInfo]] = []
     for mod in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
         if mod.name.startswith("_"):

@@ -24,6 +24,8 @@ import structlog
 from opentelemetry import metrics, trace
 from opentelemetry.metrics import CallbackOptions, Observation
 
+from . import __version__
+
 log = structlog.get_logger("sweeperd.telemetry")
 
 SCOPE = "sweeperd"
@@ -126,8 +128,6 @@ def setup_telemetry(
     """Build providers from the environment and make them this process's (and global) ones."""
     global _current
     env = os.environ if environ is None else environ
-    from . import __version__
-
     tracer: trace.Tracer = trace.NoOpTracer()
     meter: metrics.Meter = metrics.NoOpMeter(SCOPE)
     stops: list[Callable[[], Any]] = []
