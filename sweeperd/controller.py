@@ -1,6 +1,6 @@
 """One controller per sweep: the overlap policy, the sweep's timeout and its maintenance window.
 
-When a firing arrives while the previous run is still going:
+When a firing arrives while the previous run is still going (:func:`sweeperd.firing.on_firing`):
 * ``skip``: log it and count it;
 * ``queue``: run once more right after the current run (several firings meanwhile still make one);
 * ``replace``: cancel the current run (its queries are cancelled on the server), then start.
@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -28,13 +28,14 @@ from .databases import refresh_databases
 from .db import Database
 from .durations import format_duration
 from .errors import describe_error
-from .limits import Stop
+from .firing import item_verdict, on_firing, window_of, window_stop_in
 from .model import Status, Tenant
 from .planner import make_plan
 from .plugins import Plugins
 from .report import SweepReport
 from .runner import Runner
 from .schedule import Window, nominal_firing
+from .stop import Stop
 from .tenants import resolve_tenants
 
 log = structlog.get_logger("sweeperd.controller")
@@ -54,21 +55,28 @@ class Snapshot:
 
 
 class Host(Protocol):
-    def snapshot(self) -> Snapshot: ...
+    """What a controller needs from the daemon that runs it."""
 
-    def stopping(self) -> bool: ...
+    def snapshot(self) -> Snapshot:
+        """The configuration, plugins and runner a run starting now uses."""
 
-    def sweep_started(self, name: str, items: int) -> None: ...
+    def stopping(self) -> bool:
+        """No run or item starts any more."""
 
-    def sweep_finished(self, name: str, report: SweepReport | None) -> None:
-        """The sweep's task is done (``running`` is False); ``report`` is its last run's."""
+    def state_changed(self) -> None:
+        """A run began its items, or a run's task ended: ``running`` and ``last_report`` may
+        read differently now."""
 
-    async def record(self, report: SweepReport, snapshot: Snapshot) -> None: ...
+    def database_unreachable(self, name: str) -> None:
+        """``name`` could not be reached during a run: retry it, and call :meth:`catch_up`
+        when it answers."""
 
-    def database_unreachable(self, name: str) -> None: ...
+    async def record(self, report: SweepReport, databases: Mapping[str, Database]) -> None:
+        """Keep a run's report (the run history, written to ``databases``)."""
 
     @property
-    def claims(self) -> Claims: ...
+    def claims(self) -> Claims:
+        """Who does which tenant's work of a firing, among the instances sharing databases."""
 
 
 class SweepController:
@@ -99,33 +107,35 @@ class SweepController:
         if sweep is None:
             return  # removed by a reload between the firing and now
         firing = nominal_firing(sweep, snapshot.config.daemon.timezone, dt.datetime.now(dt.UTC))
-        if not self.running:
-            self._start(firing)
-            return
-        if self._catching_up:
-            # A catch-up for one database that came back is no reason to drop a firing.
-            self.queued = firing
-            log.info("catch-up run going; firing queued to run after it", sweep=self.name)
-            return
-        if sweep.overlap == "queue":
-            if self.queued is not None:
-                self.skipped_firings += 1
-                log.info("sweep already queued; firing folded into it", sweep=self.name)
-            else:
+        match on_firing(
+            sweep.overlap,
+            running=self.running,
+            queued=self.queued is not None,
+            catching_up=self._catching_up,
+        ):
+            case "start":
+                self._start(firing)
+            case "after catch-up":
+                self.queued = firing
+                log.info("catch-up run going; firing queued to run after it", sweep=self.name)
+            case "queue":
                 self.queued = firing
                 log.info("sweep still running; queued to run again when it ends", sweep=self.name)
-        elif sweep.overlap == "replace":
-            log.warning("sweep still running; replacing it", sweep=self.name)
-            await self.abort("replaced by a newer firing")
-            if not self.host.stopping():
-                self._start(firing)
-        else:
-            self.skipped_firings += 1
-            log.warning(
-                "sweep still running; firing skipped",
-                sweep=self.name,
-                skipped_firings=self.skipped_firings,
-            )
+            case "fold":
+                self.skipped_firings += 1
+                log.info("sweep already queued; firing folded into it", sweep=self.name)
+            case "replace":
+                log.warning("sweep still running; replacing it", sweep=self.name)
+                await self.abort("replaced by a newer firing")
+                if not self.host.stopping():
+                    self._start(firing)
+            case "skip":
+                self.skipped_firings += 1
+                log.warning(
+                    "sweep still running; firing skipped",
+                    sweep=self.name,
+                    skipped_firings=self.skipped_firings,
+                )
 
     async def abort(self, reason: str) -> None:
         """Stop the running sweep now and wait for it: unfinished operations are cancelled (their
@@ -165,7 +175,7 @@ class SweepController:
         self.current = task
         # Once the task is done, not when the runner returns: history is still being written
         # then, and the host's STATUS would say "running" until the next event.
-        task.add_done_callback(lambda _task: self.host.sweep_finished(self.name, self.last_report))
+        task.add_done_callback(lambda _task: self.host.state_changed())
 
     async def _loop(self, firing: dt.datetime | None) -> None:
         next_firing: dt.datetime | None = firing
@@ -198,7 +208,7 @@ class SweepController:
         sweep = config.sweeps.get(self.name)
         if sweep is None:
             return
-        window = Window(sweep.window, config.daemon.timezone) if sweep.window else None
+        window = window_of(sweep, config.daemon.timezone)
         now = dt.datetime.now(dt.UTC)
         if window is not None and not window.contains(now):
             log.info(
@@ -209,8 +219,8 @@ class SweepController:
             return
         report: SweepReport | None = None
         self._stop = stop = Stop()
-        if window is not None and sweep.window_end == "cancel":
-            stop.at((window.closes_after(now) - now).total_seconds(), "maintenance window closed")
+        if (stop_in := window_stop_in(sweep, window, now)) is not None:
+            stop.at(stop_in, "maintenance window closed")
         runner = snapshot.runner
         databases = {n: db for n, db in runner.databases.items() if only is None or n in only}
         # The whole run, history included, uses the databases: their idle connections close
@@ -221,35 +231,7 @@ class SweepController:
             try:
                 guard = (sweep.timeout + HUNG_GRACE_S) if sweep.timeout is not None else None
                 async with asyncio.timeout(guard):
-                    down = await refresh_databases(databases)
-                    self._remember(firing, databases, down)
-                    reachable = {n: db for n, db in databases.items() if n not in down}
-                    tenants, failed = await resolve_tenants(config, reachable)
-                    tenants = [t for t in tenants if t.database in databases]
-                    tenants, db_scope, unclaimed = await self._claim(reachable, tenants, firing)
-                    failed = {**down, **failed, **unclaimed}
-                    plan = make_plan(
-                        config,
-                        snapshot.plugins.operations,
-                        tenants,
-                        sweep=self.name,
-                        database_scope_in=(db_scope | set(down)) & set(databases),
-                    )
-                    self.host.sweep_started(self.name, len(plan.items))
-                    self._in_runner = True
-                    try:
-                        report = await runner.run(
-                            plan, gate=self._gate(window), stop=stop, unreachable=failed
-                        )
-                    finally:
-                        self._in_runner = False
-                    # Gone during the run (its items failed waiting for it): catch up later.
-                    self._remember(
-                        firing,
-                        [n for n in databases if n not in down],
-                        [n for n, db in databases.items() if db.down is not None],
-                        keep=True,
-                    )
+                    report = await self._sweep(snapshot, firing, databases, window, stop)
             except TimeoutError:
                 log.error(
                     "sweep hung and was cancelled",
@@ -267,7 +249,49 @@ class SweepController:
                 self._stop = None
             self.last_report = report
             if report is not None:
-                await self.host.record(report, snapshot)
+                await self.host.record(report, runner.databases)
+
+    async def _sweep(
+        self,
+        snapshot: Snapshot,
+        firing: dt.datetime,
+        databases: dict[str, Database],
+        window: Window | None,
+        stop: Stop,
+    ) -> SweepReport:
+        """Refresh the databases, find the tenants, claim them, plan and run: the part of a
+        run that talks to the servers."""
+        config = snapshot.config
+        down = await refresh_databases(databases)
+        self._remember(firing, databases, down)
+        reachable = {n: db for n, db in databases.items() if n not in down}
+        tenants, failed = await resolve_tenants(config, reachable)
+        tenants = [t for t in tenants if t.database in databases]
+        tenants, db_scope, unclaimed = await self._claim(reachable, tenants, firing)
+        failed = {**down, **failed, **unclaimed}
+        plan = make_plan(
+            config,
+            snapshot.plugins.operations,
+            tenants,
+            sweep=self.name,
+            database_scope_in=(db_scope | set(down)) & set(databases),
+        )
+        self.host.state_changed()
+        self._in_runner = True
+        try:
+            report = await snapshot.runner.run(
+                plan, gate=self._gate(window), stop=stop, unreachable=failed
+            )
+        finally:
+            self._in_runner = False
+        # Gone during the run (its items failed waiting for it): catch up later.
+        self._remember(
+            firing,
+            [n for n in databases if n not in down],
+            [n for n, db in databases.items() if db.down is not None],
+            keep=True,
+        )
+        return report
 
     def _remember(
         self,
@@ -309,10 +333,6 @@ class SweepController:
 
     def _gate(self, window: Window | None) -> Callable[[], tuple[Status, str] | None]:
         def gate() -> tuple[Status, str] | None:
-            if self.host.stopping():
-                return "cancelled", "daemon stopping"
-            if window is not None and not window.contains(dt.datetime.now(dt.UTC)):
-                return "skipped", f"outside the maintenance window {window.describe()}"
-            return None
+            return item_verdict(window, dt.datetime.now(dt.UTC), stopping=self.host.stopping())
 
         return gate

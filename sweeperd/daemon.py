@@ -2,16 +2,18 @@
 
 Signal handlers only set events; the main loop acts on them (Patroni's pattern):
 * SIGHUP: ``RELOADING=1``, re-read the config, swap it in (sweeps rescheduled by stable id, pools
-  reopened where their database settings changed), ``READY=1``. A bad config keeps the old one
-  running, logs every problem once, and still sends ``READY=1`` with a STATUS saying so.
+  reopened where their database settings changed: :mod:`sweeperd.reload`), ``READY=1``. A bad
+  config keeps the old one running, logs every problem once, and still sends ``READY=1`` with a
+  STATUS saying so.
 * SIGTERM/SIGINT: ``STOPPING=1``, no new operations, wait ``drain_timeout`` for the running ones,
   cancel the rest on the server, close the pools, exit 0. A second signal cancels at once.
 * SIGQUIT: the same stop without the drain: running operations are cancelled on the server at
   once. A second ``systemctl stop`` joins the pending stop job and sends nothing, so "stop now"
   must be a signal of its own: ``systemctl kill -s SIGQUIT sweeperd``.
 
-STATUS= is recomputed every second and sent when it changes: idle or running which sweeps, the
-databases being retried, the next firing (to the second) and the last result.
+STATUS= (:mod:`sweeperd.status_line`) is recomputed every second and sent when it changes: idle or
+running which sweeps, the databases being retried, the next firing (to the second) and the last
+result.
 
 Databases fail alone: one that cannot be reached at start (or after a reload, or at the start of
 a sweep) is reported in STATUS and the log, its items fail with the reason, and it is retried in
@@ -21,9 +23,8 @@ the background (:mod:`sweeperd.reconnect`); when it answers, the firings it miss
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import signal
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import structlog
@@ -41,11 +42,13 @@ from .plugins import PluginError, Plugins
 from .pool import Budget
 from .problems import ExitCode
 from .reconnect import Reconnector
+from .reload import diff_databases
 from .report import SweepReport
 from .runner import Runner
 from .schedule import SweepScheduler
 from .sdnotify import Notifier
 from .startup import prepare
+from .status_line import status_line
 from .telemetry import telemetry
 
 log = structlog.get_logger("sweeperd.daemon")
@@ -89,10 +92,7 @@ class Daemon:
     def stopping(self) -> bool:
         return self._stopping
 
-    def sweep_started(self, name: str, items: int) -> None:
-        self._update_status()
-
-    def sweep_finished(self, name: str, report: SweepReport | None) -> None:
+    def state_changed(self) -> None:
         self._update_status()
 
     @property
@@ -102,8 +102,8 @@ class Daemon:
     def _pool_stats(self) -> dict[str, dict[str, int]]:
         return {name: db.pool_stats() for name, db in self.snapshot().runner.databases.items()}
 
-    async def record(self, report: SweepReport, snapshot: Snapshot) -> None:
-        await self.history.record(report, snapshot.runner.databases)
+    async def record(self, report: SweepReport, databases: Mapping[str, Database]) -> None:
+        await self.history.record(report, databases)
 
     def database_unreachable(self, name: str) -> None:
         database = self.snapshot().runner.databases.get(name)
@@ -214,26 +214,23 @@ class Daemon:
             config, plugins = load(self.path)
         except (ConfigError, PluginError) as exc:
             return self._reload_failed(exc.problems)
-        old_dbs = old.runner.databases
-        keep = {n: db for n, db in old_dbs.items() if config.databases.get(n) == db.config}
-        wanted = [n for n in config.databases if n not in keep]
+        changes = diff_databases(old.runner.databases, config.databases)
         # A database that is down is no reason to refuse a config: it is retried like at start.
         # The pools being replaced hand their connections back as operations finish, so the
         # new ones find room in the database's budget (never more than max_connections).
-        await asyncio.gather(*(db.retire() for n, db in old_dbs.items() if n not in keep))
+        await asyncio.gather(*(db.retire() for db in changes.retire))
         opened, unreachable = await open_databases(
-            config, wanted, keep_unreachable=True, budgets=self._budgets_for(config)
+            config, changes.open, keep_unreachable=True, budgets=self._budgets_for(config)
         )
         setup_logging(config.log)
-        self._install(config, plugins, {**keep, **opened})
+        current = {**changes.keep, **opened}
+        self._install(config, plugins, current)
         self.scheduler.sync(config)
-        current = {**keep, **opened}
         self.reconnector.forget_all_but({id(db) for db in current.values()})
         for name in unreachable:
             self.reconnector.watch(opened[name])
-        retired = [db for n, db in old_dbs.items() if keep.get(n) is not db]
-        if retired:
-            self._retire(retired)
+        if changes.retire:
+            self._retire(list(changes.retire))
         log.info(
             "configuration reloaded",
             sweeps=sorted(config.sweeps),
@@ -304,32 +301,18 @@ class Daemon:
 
     # -- STATUS= --------------------------------------------------------------------------------
     def _status(self) -> str:
-        parts = []
-        if self._reload_problems:
-            parts.append(
-                f"reload failed ({self._reload_problems} problem(s)); "
-                "running the previous configuration"
-            )
-        running = [c.name for c in self.controllers.values() if c.running]
-        parts.append(f"running {', '.join(running)}" if running else "idle")
-        if self._snapshot is not None:
-            down = [
-                n
-                for n, db in self.snapshot().runner.databases.items()
-                if not db.is_open or db.down is not None
-            ]
-            if down:
-                parts.append(f"unreachable: {', '.join(sorted(down))} (retrying)")
-        upcoming = sorted(self.scheduler.next_runs().items(), key=lambda kv: kv[1])
-        if upcoming:
-            name, when = upcoming[0]
-            parts.append(f"next {name} {_short_time(when)}")
-        finished = [c for c in self.controllers.values() if c.last_report is not None]
-        if finished:
-            last = max(finished, key=lambda c: c.last_report.finished_at)  # type: ignore[union-attr]
-            counts = last.last_report.counts()  # type: ignore[union-attr]
-            parts.append(f"last {last.name}: {counts['ok']} ok, {counts['failed']} failed")
-        return "; ".join(parts)
+        databases = self._snapshot.runner.databases if self._snapshot is not None else {}
+        return status_line(
+            running=[c.name for c in self.controllers.values() if c.running],
+            unreachable=[n for n, db in databases.items() if not db.is_open or db.down is not None],
+            next_firings=self.scheduler.next_runs(),
+            last_reports={
+                c.name: c.last_report
+                for c in self.controllers.values()
+                if c.last_report is not None
+            },
+            reload_problems=self._reload_problems,
+        )
 
     def _update_status(self) -> None:
         if not self._stopping:
@@ -345,10 +328,6 @@ class Daemon:
             except Exception:
                 # STATUS must not freeze silently (and the daemon must not die of it).
                 log.exception("could not update STATUS")
-
-
-def _short_time(when: dt.datetime) -> str:
-    return when.strftime("%Y-%m-%d %H:%M:%S %Z")
 
 
 async def _close(databases: Iterable[Database]) -> None:
