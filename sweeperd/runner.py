@@ -1,14 +1,18 @@
 """Runs a plan's work items concurrently, bounded, ordered, and isolated from each other.
 
-Every item is one asyncio task that
-1. waits for the items it depends on (same table, earlier phase), holding nothing meanwhile;
-2. takes its tables (shared with every other sweep of the process), then its bounds narrowest
-   first: the tenant's slot, the database's, the global one (a task never holds a global slot
-   while it waits for a busy database, so other databases keep going), and only then a pooled
-   connection, which is therefore free (sweeperd's own bookkeeping queries take the database's
-   slot too, see Database.housekeeping);
-3. runs the operation under its timeout; any exception becomes a ``failed`` result with a
-   one-line reason (SQLSTATE included), like ``Promise.allSettled`` in the origin story.
+Every item is one asyncio task that goes through these stages, in order:
+1. its dependencies: it waits for the items it depends on (same table, earlier phase), holding
+   nothing meanwhile;
+2. refusals, which hold no slot: an unreachable or standby database, a plugin's veto, a dry run
+   the operation does not promise to honour;
+3. its slots: its tables (shared with every other sweep of the process), then its bounds
+   narrowest first: the tenant's slot, the database's, the global one (a task never holds a
+   global slot while it waits for a busy database, so other databases keep going);
+4. the start check (the caller's :data:`~sweeperd.gates.Gate`), asked once it has its slots;
+5. the attempt: a pooled connection, which its slots make sure is free (sweeperd's own
+   bookkeeping queries take the database's slot too, see Database.cap_housekeeping), and the
+   operation under its timeout; any exception becomes a ``failed`` result with a one-line reason
+   (SQLSTATE included), like ``Promise.allSettled`` in the origin story.
 Cancelling a task while its query runs makes psycopg cancel the query on the server.
 """
 
@@ -19,16 +23,17 @@ import contextlib
 import time
 from asyncio import FIRST_COMPLETED
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
 import pluggy
 import structlog
 from opentelemetry import trace
-from opentelemetry.trace import INVALID_SPAN, Span
+from opentelemetry.trace import INVALID_SPAN
 
-from .db import STANDBY, Database
+from .db import STANDBY, AsyncConn, Database
 from .durations import format_duration
 from .errors import describe_error, sqlstate_of
 from .gates import Gate
@@ -74,9 +79,9 @@ class Runner:
 
         ``unreachable`` maps database names that could not be opened to the reason; their items
         are reported ``failed`` with it, everything else still runs. ``gate`` is asked before
-        each item starts (see :data:`Gate`). ``stop`` ends the run early, still with a report:
-        unfinished items are cancelled (on the server too) and reported with the stop's reason.
-        The plan's ``timeout`` is such a stop.
+        each item starts (see :data:`~sweeperd.gates.Gate`). ``stop`` ends the run early, still
+        with a report: unfinished items are cancelled (on the server too) and reported with the
+        stop's reason. The plan's ``timeout`` is such a stop.
         """
         started = datetime.now(UTC)
         stop = stop or Stop()
@@ -130,7 +135,7 @@ class Runner:
 
 
 class _SweepRun:
-    """The state of one plan's execution."""
+    """The state of one plan's execution, and the stages each of its items goes through."""
 
     def __init__(
         self,
@@ -146,10 +151,9 @@ class _SweepRun:
         self.dry_run = dry_run
         self.unreachable = unreachable
         self.stop_reason: str | None = None
-        # For items cancelled while running: what they had done so far (rows, details).
-        self.partial: dict[int, Callable[[str], Result]] = {}
         self.trace = SweepTrace(telemetry(), plan)
-        self.spans: dict[int, Span] = {}
+        # Items whose operation started and that have no result yet.
+        self.attempts: dict[int, _Attempt] = {}
         self.done = [asyncio.Event() for _ in plan.items]
         self.results: dict[int, Result] = {}
         # Calling a hook nobody implements still costs; ask once per sweep, not once per item.
@@ -194,11 +198,12 @@ class _SweepRun:
             result = self.results.get(item.index)
             if result is None:
                 reason = f"{self.stop_reason or 'cancelled'} before it started"
-                result = _result(item, "cancelled", error=reason)
+                result = _not_run(item, "cancelled", reason)
             out.append(result)
         return out
 
     async def run_item(self, item: WorkItem) -> None:
+        """An item's task: the stages in order; whatever happens, the item gets a result."""
         # Task-local: every log line of this item carries its tenant and operation.
         structlog.contextvars.bind_contextvars(
             tenant=item.tenant.name if item.tenant else None, operation=item.operation.name
@@ -206,19 +211,119 @@ class _SweepRun:
         try:
             for dep in item.deps:
                 await self.done[dep].wait()
-            result = await self.bounded(item)
+            result = self.refusal(item) or await self.in_slots(item)
         except asyncio.CancelledError:
-            reason = self.stop_reason or "cancelled"
-            partial = self.partial.pop(item.index, None)
-            self.finish(
-                item, partial(reason) if partial else _result(item, "cancelled", error=reason)
-            )
+            self.finish(item, self.cancelled(item))
             raise
         except Exception as exc:
             # Outside the operation itself (a veto hook raised, ...): still this item's failure
             # only, and its dependents must not wait forever for it.
-            result = _result(item, "failed", error=describe_error(exc))
+            result = _not_run(item, "failed", describe_error(exc))
         self.finish(item, result)
+
+    def refusal(self, item: WorkItem) -> Result | None:
+        """Why the item does not run at all, known before it takes anything; None: it may."""
+        if item.database in self.unreachable:
+            reason = f"database unreachable: {self.unreachable[item.database]}"
+            return _not_run(item, "failed", reason)
+        if self.runner.databases[item.database].in_recovery:
+            return _not_run(item, "skipped", STANDBY)
+        veto = self.has_veto and self.runner.pm.hook.sweeperd_skip_operation(
+            operation=item.operation, tenant=item.tenant, sweep=self.plan.sweep
+        )
+        if veto:
+            return _not_run(item, "skipped", str(veto))
+        if self.dry_run and not item.operation.dry_run:
+            # An operation that does not promise to honour ctx.dry_run is not run at all: a
+            # third-party DELETE must never run because someone asked for a dry run.
+            return _not_run(item, "dry-run", None)
+        return None
+
+    async def in_slots(self, item: WorkItem) -> Result:
+        """Take the item's tables, then tenant, database and global slot; check; attempt."""
+        bounds = self.runner.bounds
+        # Tables first (all of an item's at once), then the slots narrowest first: waiting for
+        # a busy table holds no slot anybody needs, waiting for a busy database no global one.
+        async with (
+            bounds.tables.hold((item.database, item.schema), item.operation.tables),
+            self.tenant_slot(item),
+            bounds.per_database[item.database],
+            bounds.global_slots,
+        ):
+            return self.start_check(item) or await self.attempt(item)
+
+    def tenant_slot(self, item: WorkItem) -> contextlib.AbstractAsyncContextManager[None]:
+        if item.tenant is None:
+            return contextlib.nullcontext()
+        tenant = (item.database, item.tenant.name)
+        return self.runner.bounds.tenants.hold(tenant, self.plan.per_tenant_concurrency)
+
+    def start_check(self, item: WorkItem) -> Result | None:
+        """The caller's gate: None to go on, else the item's result without running it."""
+        # Asked after the wait for slots, which can be long: the answer may have changed.
+        verdict = self.gate() if self.gate is not None else None
+        if verdict is None:
+            return None
+        status, reason = verdict
+        return _not_run(item, status, reason)
+
+    async def attempt(self, item: WorkItem) -> Result:
+        """Run the operation on a pooled connection under its timeout; any error is its result
+        (``failed``, or ``skipped`` for :class:`Skip`)."""
+        database = self.runner.databases[item.database]
+        attempt = self.attempts[item.index] = _Attempt(item, database, self.trace)
+        rows: int | None = None
+        try:
+            async with asyncio.timeout(item.timeout) as deadline:
+                async with database.connection(item.label) as conn:
+                    attempt.ctx = self.context(item, database, conn)
+                    # Outcomes are recorded by tracing.SweepTrace (skips are not errors) and
+                    # with redacted messages: no raw exception text (it may hold a DSN) on spans.
+                    with trace.use_span(
+                        attempt.span,
+                        end_on_exit=False,
+                        record_exception=False,
+                        set_status_on_exception=False,
+                    ):
+                        rows = await item.operation.run(attempt.ctx)
+            if rows is not None and not isinstance(rows, int):
+                raise TypeError(f"run() returned {type(rows).__name__}, expected int or None")
+        except Skip as exc:
+            return attempt.end("skipped", str(exc) or "skipped by the operation")
+        except TimeoutError as exc:
+            if not deadline.expired():
+                return attempt.end("failed", describe_error(exc), rows=rows, failure=exc)
+            reason = (
+                f"TimeoutError: exceeded the operation timeout of "
+                f"{format_duration(item.timeout or 0)} (query cancelled on the server)"
+            )
+            return attempt.end("failed", reason, rows=rows, failure=exc)
+        except Exception as exc:
+            return attempt.end("failed", describe_error(exc), rows=rows, failure=exc)
+        return attempt.end("dry-run" if self.dry_run else "ok", None, rows=rows)
+
+    def context(self, item: WorkItem, database: Database, conn: AsyncConn) -> Context:
+        op = item.operation
+        return Context(
+            conn=conn,
+            operation=op,
+            tenant=item.tenant,
+            database=item.database,
+            dry_run=self.dry_run,
+            settings=self.runner.settings.get(op.plugin, {}),
+            log=log,  # tenant and operation come from the task's contextvars
+            sweep=self.plan.sweep,
+            server_version=database.server_version,
+            lock_timeout=database.config.lock_timeout,
+            statement_timeout=database.config.statement_timeout,
+        )
+
+    def cancelled(self, item: WorkItem) -> Result:
+        """An item's result when its task is cancelled: what it had done so far if it ran."""
+        reason = self.stop_reason or "cancelled"
+        attempt = self.attempts.get(item.index)
+        partial = attempt.cut_short(reason) if attempt is not None else None
+        return partial or _not_run(item, "cancelled", reason)
 
     def finish(self, item: WorkItem, result: Result) -> None:
         if item.index in self.results:
@@ -231,120 +336,59 @@ class _SweepRun:
                 result=result,
                 sweep=self.plan.sweep,
             )
-        span = self.spans.pop(item.index, None)
+        attempt = self.attempts.pop(item.index, None)
+        span = attempt.span if attempt is not None else None
         if result.status == "failed":
             with trace.use_span(span or INVALID_SPAN, end_on_exit=False):
                 log.warning("operation failed", database=result.database, error=result.error)
         self.trace.finish(item, span, result)
 
-    async def bounded(self, item: WorkItem) -> Result:
-        runner = self.runner
-        if item.database in self.unreachable:
-            return _result(
-                item, "failed", error=f"database unreachable: {self.unreachable[item.database]}"
-            )
-        database = runner.databases[item.database]
-        if database.in_recovery:
-            return _result(item, "skipped", error=STANDBY)
-        veto = self.has_veto and runner.pm.hook.sweeperd_skip_operation(
-            operation=item.operation, tenant=item.tenant, sweep=self.plan.sweep
-        )
-        if veto:
-            return _result(item, "skipped", error=str(veto))
-        if self.dry_run and not item.operation.dry_run:
-            # An operation that does not promise to honour ctx.dry_run is not run at all: a
-            # third-party DELETE must never run because someone asked for a dry run.
-            return _result(item, "dry-run", error=None)
-        bounds = runner.bounds
-        # Tables first (all of an item's at once), then the tenant's, the database's and the
-        # global slot, narrowest first: waiting for a busy table holds no slot anybody needs.
-        async with bounds.tables.hold((item.database, item.schema), item.operation.tables):
-            if item.tenant is None:
-                async with bounds.per_database[item.database], bounds.global_slots:
-                    return await self.gated(item, database)
-            tenant = (item.database, item.tenant.name)
-            async with (
-                bounds.tenants.hold(tenant, self.plan.per_tenant_concurrency),
-                bounds.per_database[item.database],
-                bounds.global_slots,
-            ):
-                return await self.gated(item, database)
 
-    async def gated(self, item: WorkItem, database: Database) -> Result:
-        # Asked after the wait for slots, which can be long: the answer may have changed.
-        verdict = self.gate() if self.gate is not None else None
-        if verdict is not None:
-            status, reason = verdict
-            return _result(item, status, error=reason)
-        return await self.execute_item(item, database)
+class _Attempt:
+    """One item's attempt at its operation: when it began, its span and, once it has a
+    connection, its context, which holds what it did so far (``details``, the ``rows`` count)."""
 
-    async def execute_item(self, item: WorkItem, database: Database) -> Result:
-        op = item.operation
-        timeout = item.timeout
-        started_at = datetime.now(UTC)
-        t0 = time.perf_counter()
-        ctx: Context | None = None
-        status: Status = "ok"
-        rows: int | None = None
-        error: str | None = None
-        failure: BaseException | None = None
-        span = self.spans[item.index] = self.trace.start(item, database)
-        try:
-            async with asyncio.timeout(timeout) as deadline:
-                async with database.connection(item.label) as conn:
-                    ctx = Context(
-                        conn=conn,
-                        operation=op,
-                        tenant=item.tenant,
-                        database=item.database,
-                        dry_run=self.dry_run,
-                        settings=self.runner.settings.get(op.plugin, {}),
-                        log=log,  # tenant and operation come from the task's contextvars
-                        sweep=self.plan.sweep,
-                        server_version=database.server_version,
-                        lock_timeout=database.config.lock_timeout,
-                        statement_timeout=database.config.statement_timeout,
-                    )
-                    self.partial[item.index] = lambda reason: _result(
-                        item,
-                        "cancelled",
-                        error=reason,
-                        rows=_rows_so_far(ctx),
-                        ctx=ctx,
-                        since=(started_at, t0),
-                    )
-                    # Outcomes are recorded by tracing.SweepTrace (skips are not errors) and
-                    # with redacted messages: no raw exception text (it may hold a DSN) on spans.
-                    with trace.use_span(
-                        span,
-                        end_on_exit=False,
-                        record_exception=False,
-                        set_status_on_exception=False,
-                    ):
-                        rows = await op.run(ctx)
-            if rows is not None and not isinstance(rows, int):
-                raise TypeError(f"run() returned {type(rows).__name__}, expected int or None")
-            status = "dry-run" if self.dry_run else "ok"
-        except Skip as exc:
-            status, error = "skipped", str(exc) or "skipped by the operation"
-        except TimeoutError as exc:
-            status, failure = "failed", exc
-            if deadline.expired():
-                error = (
-                    f"TimeoutError: exceeded the operation timeout of "
-                    f"{format_duration(timeout or 0)} (query cancelled on the server)"
-                )
-            else:
-                error = describe_error(exc)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            status, error, failure = "failed", describe_error(exc), exc
-        self.partial.pop(item.index, None)
-        if status == "failed" and rows is None and ctx is not None:
-            rows = _rows_so_far(ctx)  # committed before it failed (retention's batches)
-        return _result(
-            item, status, error=error, rows=rows, ctx=ctx, since=(started_at, t0), failure=failure
+    def __init__(self, item: WorkItem, database: Database, sweep_trace: SweepTrace) -> None:
+        self.item = item
+        self.started_at = datetime.now(UTC)
+        self.t0 = time.perf_counter()
+        self.span = sweep_trace.start(item, database)
+        self.ctx: Context | None = None
+        self.ended = False
+
+    def end(
+        self,
+        status: Status,
+        error: str | None,
+        *,
+        rows: int | None = None,
+        failure: BaseException | None = None,
+    ) -> Result:
+        """Its result; failed, it still reports the rows it committed before (retention's
+        batches)."""
+        self.ended = True
+        if status == "failed" and rows is None and self.ctx is not None:
+            rows = _rows_so_far(self.ctx)
+        return self._result(status, error, rows, failure)
+
+    def cut_short(self, reason: str) -> Result | None:
+        """Its result when cancelled while the operation ran (None: it was not running)."""
+        if self.ctx is None or self.ended:
+            return None
+        return self._result("cancelled", reason, _rows_so_far(self.ctx), None)
+
+    def _result(
+        self, status: Status, error: str | None, rows: int | None, failure: BaseException | None
+    ) -> Result:
+        return replace(
+            _not_run(self.item, status, error),
+            rows=rows,
+            started_at=self.started_at,
+            finished_at=datetime.now(UTC),
+            duration_s=time.perf_counter() - self.t0,
+            details=_details(self.ctx) if self.ctx is not None else {},
+            error_type=type(failure).__name__ if failure is not None else None,
+            sqlstate=sqlstate_of(failure) if failure is not None else None,
         )
 
 
@@ -355,6 +399,22 @@ async def _cancel_and_wait(tasks: Sequence[asyncio.Task[None]]) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
+def _not_run(item: WorkItem, status: Status, error: str | None) -> Result:
+    """The result of an item whose operation did not start (no times, rows or details)."""
+    return Result(
+        tenant=item.tenant.name if item.tenant else None,
+        database=item.database,
+        schema=item.schema,
+        operation=item.operation.name,
+        status=status,
+        rows=None,
+        started_at=None,
+        finished_at=None,
+        duration_s=None,
+        error=error,
+    )
+
+
 def _details(ctx: Context) -> dict[str, Any]:
     # "rows" is the running count an operation keeps for partial results; the report has it.
     return {k: v for k, v in ctx.details.items() if k != "rows"}
@@ -363,35 +423,6 @@ def _details(ctx: Context) -> dict[str, Any]:
 def _rows_so_far(ctx: Context) -> int | None:
     rows = ctx.details.get("rows")
     return rows if isinstance(rows, int) and not isinstance(rows, bool) else None
-
-
-def _result(
-    item: WorkItem,
-    status: Status,
-    *,
-    error: str | None,
-    rows: int | None = None,
-    ctx: Context | None = None,
-    since: tuple[datetime, float] | None = None,
-    failure: BaseException | None = None,
-) -> Result:
-    """An item's result; ``since`` is (started_at, perf_counter at start) if it ran at all."""
-    started_at, t0 = since if since is not None else (None, None)
-    return Result(
-        tenant=item.tenant.name if item.tenant else None,
-        database=item.database,
-        schema=item.schema,
-        operation=item.operation.name,
-        status=status,
-        rows=rows,
-        started_at=started_at,
-        finished_at=datetime.now(UTC) if since is not None else None,
-        duration_s=time.perf_counter() - t0 if t0 is not None else None,
-        error=error,
-        details=_details(ctx) if ctx is not None else {},
-        error_type=type(failure).__name__ if failure is not None else None,
-        sqlstate=sqlstate_of(failure) if failure is not None else None,
-    )
 
 
 def _notify(hook: Any, **kwargs: Any) -> None:
