@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .gates import TableGate, TenantGate
-from .stop import Stop as Stop  # re-exported only for controller.py's import
 
 if TYPE_CHECKING:
     from .config import Config

@@ -714,7 +714,7 @@ def test_application_name_labels_each_operation_and_is_reset_after_the_sweep(
         try:
             tenants = [Tenant("acme", "main", "tenant_acme")]
             plan = make_plan(config, operations, tenants, sweep=SWEEP)
-            runner = Runner({"main": database}, new_plugin_manager(), {}, Limits.of(config))
+            runner = Runner({"main": database}, new_plugin_manager(), {}, Bounds(Limits.of(config)))
             report = await runner.run(plan)
             # The sweep is over, the pool still open: its connections are gone (closed when
             # the last sweep using the database ended), labels and all.
