@@ -69,8 +69,11 @@ def test_tenant_gate_counts_across_callers_with_their_own_limits() -> None:
 
 def test_two_sweeps_never_touch_the_same_table_of_a_tenant_at_once(pg_dsn: str) -> None:
     """The nightly and the hourly sweep both prune `cache` of the same tenant."""
-    run_sql(pg_dsn, "CREATE SCHEMA tenant_a",
-            "CREATE TABLE public.log (sweep text, started timestamptz, ended timestamptz)")
+    run_sql(
+        pg_dsn,
+        "CREATE SCHEMA tenant_a",
+        "CREATE TABLE public.log (sweep text, started timestamptz, ended timestamptz)",
+    )
     spans: list[tuple[str, float, float]] = []
 
     def make(label: str) -> Operation:
@@ -84,8 +87,10 @@ def test_two_sweeps_never_touch_the_same_table_of_a_tenant_at_once(pg_dsn: str) 
     doc: dict[str, Any] = {
         "databases": {"main": {"dsn": pg_dsn, "max_connections": 4}},
         "history": {"enabled": False},
-        "sweeps": {"nightly": {"interval": "1h", "operations": ["x.nightly"]},
-                   "hourly": {"interval": "1h", "operations": ["x.hourly"]}},
+        "sweeps": {
+            "nightly": {"interval": "1h", "operations": ["x.nightly"]},
+            "hourly": {"interval": "1h", "operations": ["x.hourly"]},
+        },
     }
     config = parse_config(doc, Path("t.toml"))
     operations = {op.name: op for op in (make("nightly"), make("hourly"))}
@@ -97,8 +102,9 @@ def test_two_sweeps_never_touch_the_same_table_of_a_tenant_at_once(pg_dsn: str) 
         try:
             bounds = Bounds(Limits.of(config))
             runner = Runner({"main": database}, new_plugin_manager(), {}, bounds)
-            plans = [make_plan(config, operations, tenants, sweep=name)
-                     for name in ("nightly", "hourly")]
+            plans = [
+                make_plan(config, operations, tenants, sweep=name) for name in ("nightly", "hourly")
+            ]
             reports = await asyncio.gather(*(runner.run(plan) for plan in plans))
             return [r.status for report in reports for r in report.results]
         finally:

@@ -57,16 +57,22 @@ def make_config(
     main: dict[str, Any] = {"dsn": dsn, "max_connections": max_connections}
     if lock_timeout is not None:
         main["lock_timeout"] = lock_timeout
-    sweep: dict[str, Any] = {"cron": "0 3 * * *", "operations": ["*"], "tenants": ["*"],
-                             "per_tenant_concurrency": per_tenant_concurrency}
+    sweep: dict[str, Any] = {
+        "cron": "0 3 * * *",
+        "operations": ["*"],
+        "tenants": ["*"],
+        "per_tenant_concurrency": per_tenant_concurrency,
+    }
     if sweep_timeout is not None:
         sweep["timeout"] = sweep_timeout
     doc = {
         "daemon": {"max_concurrency": max_concurrency},
         "history": {"enabled": False},
         "databases": {"main": main, **{k: dict(v) for k, v in (databases or {}).items()}},
-        "tenants": [{"name": t[0], "schema": t[1], "database": t[2] if len(t) > 2 else "main"}
-                    for t in tenants],
+        "tenants": [
+            {"name": t[0], "schema": t[1], "database": t[2] if len(t) > 2 else "main"}
+            for t in tenants
+        ],
         "sweeps": {SWEEP: sweep},
     }
     return parse_config(doc, Path("t.toml"))
@@ -79,10 +85,12 @@ def make_plugins(operations: Iterable[Operation], *hook_objects: object) -> Plug
     return Plugins(pm=pm, infos=(), operations={o.name: o for o in operations})
 
 
-def sweep(config: Config, operations: Iterable[Operation], *hook_objects: object,
-          dry_run: bool = False) -> SweepReport:
-    return asyncio.run(sweep_once(config, make_plugins(operations, *hook_objects), sweep=SWEEP,
-                                  dry_run=dry_run))
+def sweep(
+    config: Config, operations: Iterable[Operation], *hook_objects: object, dry_run: bool = False
+) -> SweepReport:
+    return asyncio.run(
+        sweep_once(config, make_plugins(operations, *hook_objects), sweep=SWEEP, dry_run=dry_run)
+    )
 
 
 def results_by(report: SweepReport) -> dict[tuple[str | None, str], Result]:
@@ -100,8 +108,11 @@ def create_tenants(dsn: str, schemas: Iterable[str], tables: Iterable[str] = ())
     for schema in schemas:
         stmts.append(psql.SQL("CREATE SCHEMA {}").format(psql.Identifier(schema)))
         for table in tables:
-            stmts.append(psql.SQL("CREATE TABLE {} (id int PRIMARY KEY, v text)").format(
-                psql.Identifier(schema, table)))
+            stmts.append(
+                psql.SQL("CREATE TABLE {} (id int PRIMARY KEY, v text)").format(
+                    psql.Identifier(schema, table)
+                )
+            )
     run_sql(dsn, *stmts)
 
 
@@ -182,7 +193,8 @@ def active_sweeperd_queries(dsn: str) -> list[tuple[str, str]]:
         rows = conn.execute(
             "SELECT application_name, query FROM pg_catalog.pg_stat_activity "
             "WHERE application_name LIKE 'sweeperd%' AND state <> 'idle' "
-            "AND pid <> pg_catalog.pg_backend_pid()").fetchall()
+            "AND pid <> pg_catalog.pg_backend_pid()"
+        ).fetchall()
     return [(r[0], r[1]) for r in rows]
 
 
@@ -208,8 +220,9 @@ ERROR_ONE_LINE = "\n"
 def test_global_max_concurrency_is_never_exceeded_and_is_reached(pg_dsn: str) -> None:
     tenants = [(f"t{i}", f"tenant_t{i}") for i in range(4)]
     create_tenants(pg_dsn, (s for _, s in tenants))
-    config = make_config(pg_dsn, tenants, max_concurrency=3, max_connections=8,
-                         per_tenant_concurrency=4)
+    config = make_config(
+        pg_dsn, tenants, max_concurrency=3, max_connections=8, per_tenant_concurrency=4
+    )
     operations = [sleep_op("nap.a", "a"), sleep_op("nap.b", "b")]  # 8 items, all independent
     with ActivitySampler(pg_dsn) as sampler:
         report = sweep(config, operations)
@@ -222,9 +235,14 @@ def test_per_database_max_connections_is_never_exceeded_and_is_reached(pg_dsn: s
     # Two configured databases (the same physical database, told apart by tenant names).
     tenants = [("m1", "s_m1"), ("m2", "s_m2"), ("o1", "s_o1", "second"), ("o2", "s_o2", "second")]
     create_tenants(pg_dsn, (t[1] for t in tenants))
-    config = make_config(pg_dsn, tenants, max_concurrency=16, max_connections=2,
-                         per_tenant_concurrency=4,
-                         databases={"second": {"dsn": pg_dsn, "max_connections": 3}})
+    config = make_config(
+        pg_dsn,
+        tenants,
+        max_concurrency=16,
+        max_connections=2,
+        per_tenant_concurrency=4,
+        databases={"second": {"dsn": pg_dsn, "max_connections": 3}},
+    )
     operations = [sleep_op(f"nap.{t}", t) for t in "abc"]  # 6 items per database
     with ActivitySampler(pg_dsn) as sampler:
         report = sweep(config, operations)
@@ -237,15 +255,17 @@ def test_per_database_max_connections_is_never_exceeded_and_is_reached(pg_dsn: s
 def test_per_tenant_concurrency_is_never_exceeded_and_is_reached(pg_dsn: str) -> None:
     tenants = [(f"t{i}", f"tenant_t{i}") for i in range(3)]
     create_tenants(pg_dsn, (s for _, s in tenants))
-    config = make_config(pg_dsn, tenants, max_concurrency=16, max_connections=16,
-                         per_tenant_concurrency=2)
+    config = make_config(
+        pg_dsn, tenants, max_concurrency=16, max_connections=16, per_tenant_concurrency=2
+    )
     operations = [sleep_op(f"nap.{t}", t) for t in "abcde"]  # 5 independent items per tenant
     with ActivitySampler(pg_dsn) as sampler:
         report = sweep(config, operations)
     assert report.counts()["ok"] == 15, report.to_json()
     per_tenant = sampler.max_by(tenant_of)
-    print("per tenant: max concurrent operations seen", per_tenant,
-          "overall", sampler.max_overall())
+    print(
+        "per tenant: max concurrent operations seen", per_tenant, "overall", sampler.max_overall()
+    )
     assert per_tenant == {"t0": 2, "t1": 2, "t2": 2}
     assert sampler.max_overall() == 6
 
@@ -304,6 +324,7 @@ def test_same_table_serialized_prune_before_vacuum_other_tables_concurrent(pg_ds
             finally:
                 running_on_t[name] -= 1
             return None
+
         return run
 
     def meet(mine: str, other: str) -> Callable[[Context], Awaitable[int | None]]:
@@ -317,6 +338,7 @@ def test_same_table_serialized_prune_before_vacuum_other_tables_concurrent(pg_ds
             await asyncio.wait_for(ev.wait(), 10)
             await ctx.conn.execute("SELECT pg_sleep(0.05)")
             return None
+
         return run
 
     operations = [
@@ -327,8 +349,9 @@ def test_same_table_serialized_prune_before_vacuum_other_tables_concurrent(pg_ds
         Operation(name="app.u", run=meet("u", "w"), tables=("u",)),
         Operation(name="app.w", run=meet("w", "u"), tables=("w",)),
     ]
-    report = sweep(make_config(pg_dsn, [("acme", "tenant_acme"), ("globex", "tenant_globex")]),
-                   operations)
+    report = sweep(
+        make_config(pg_dsn, [("acme", "tenant_acme"), ("globex", "tenant_globex")]), operations
+    )
     assert report.counts()["ok"] == 10, report.to_json()
     assert max_on_t == {"acme": 1, "globex": 1}
     res = results_by(report)
@@ -356,27 +379,36 @@ def nopriv_role(pg_dsn: str) -> Iterator[Role]:
 def test_failures_are_isolated_and_reported_with_their_reason(
     pg_dsn: str, nopriv_role: Role
 ) -> None:
-    run_sql(pg_dsn,
-            "CREATE SCHEMA tenant_acme", "CREATE SCHEMA tenant_globex",
-            "CREATE TABLE tenant_acme.good (id int)", "CREATE TABLE tenant_globex.good (id int)",
-            "CREATE TABLE tenant_acme.locked_t (id int)",
-            "CREATE TABLE tenant_acme.secret (id int)")
+    run_sql(
+        pg_dsn,
+        "CREATE SCHEMA tenant_acme",
+        "CREATE SCHEMA tenant_globex",
+        "CREATE TABLE tenant_acme.good (id int)",
+        "CREATE TABLE tenant_globex.good (id int)",
+        "CREATE TABLE tenant_acme.locked_t (id int)",
+        "CREATE TABLE tenant_acme.secret (id int)",
+    )
     limited_dsn = nopriv_role.dsn(pg_dsn)
     config = make_config(
         pg_dsn,
-        [("acme", "tenant_acme"), ("globex", "tenant_globex"),
-         ("acme_limited", "tenant_acme", "limited")],
+        [
+            ("acme", "tenant_acme"),
+            ("globex", "tenant_globex"),
+            ("acme_limited", "tenant_acme", "limited"),
+        ],
         lock_timeout="200ms",
         databases={"limited": {"dsn": limited_dsn, "lock_timeout": "200ms"}},
     )
 
     def only(tenant: str, fn: Callable[[Context], Awaitable[int | None]]) -> Any:
         """The failure happens for one tenant; everywhere else the operation is a no-op."""
+
         async def run(ctx: Context) -> int | None:
             if ctx.tenant is None or ctx.tenant.name != tenant:
                 await ctx.conn.execute("SELECT 1")
                 return None
             return await fn(ctx)
+
         return run
 
     async def raises(ctx: Context) -> int | None:
@@ -392,18 +424,19 @@ def test_failures_are_isolated_and_reported_with_their_reason(
 
     async def denied(ctx: Context) -> int | None:
         cur = await ctx.conn.execute(
-            psql.SQL("SELECT count(*) FROM {}").format(ctx.table("secret")))
+            psql.SQL("SELECT count(*) FROM {}").format(ctx.table("secret"))
+        )
         row = await cur.fetchone()
         return row[0] if row else None
 
     async def missing(ctx: Context) -> int | None:
-        cur = await ctx.conn.execute(
-            psql.SQL("DELETE FROM {}").format(ctx.table("no_such_table")))
+        cur = await ctx.conn.execute(psql.SQL("DELETE FROM {}").format(ctx.table("no_such_table")))
         return cur.rowcount
 
     async def good(ctx: Context) -> int | None:
         cur = await ctx.conn.execute(
-            psql.SQL("INSERT INTO {} VALUES (1)").format(ctx.table("good")))
+            psql.SQL("INSERT INTO {} VALUES (1)").format(ctx.table("good"))
+        )
         return cur.rowcount
 
     operations = [
@@ -459,7 +492,8 @@ def test_operation_timeout_cancels_the_query_on_the_server(pg_dsn: str) -> None:
         # gone from the server already, not merely abandoned by the client.
         cur = await ctx.conn.execute(
             "SELECT count(*) FROM pg_catalog.pg_stat_activity WHERE state = 'active' "
-            "AND query LIKE '%pg_sleep(60)%' AND pid <> pg_catalog.pg_backend_pid()")
+            "AND query LIKE '%pg_sleep(60)%' AND pid <> pg_catalog.pg_backend_pid()"
+        )
         row = await cur.fetchone()
         return row[0] if row else None
 
@@ -488,8 +522,12 @@ def test_sweep_timeout_cancels_everything_on_the_server(pg_dsn: str) -> None:
         sleep_op("slow.c", "c", 60),  # waits for a per-tenant slot
         sleep_op("slow.a_later", "a", 60, phase=Phase.MAINTAIN),  # waits for slow.a
     ]
-    config = make_config(pg_dsn, [("acme", "tenant_acme"), ("globex", "tenant_globex")],
-                         per_tenant_concurrency=2, sweep_timeout="1s")
+    config = make_config(
+        pg_dsn,
+        [("acme", "tenant_acme"), ("globex", "tenant_globex")],
+        per_tenant_concurrency=2,
+        sweep_timeout="1s",
+    )
     with ActivitySampler(pg_dsn) as sampler:
         report = sweep(config, operations)
     assert sampler.max_overall() == 4, "the sleeps were running when the sweep timed out"
@@ -523,16 +561,22 @@ HOSTILE_COLUMN = 'when"; DELETE FROM public.victim; --'
 
 def test_hostile_schema_table_and_column_names_are_quoted(pg_dsn: str) -> None:
     assert len(HOSTILE_SCHEMAS[3].encode()) == 63
-    stmts: list[Any] = ["CREATE TABLE public.victim (id int)",
-                        "INSERT INTO public.victim VALUES (1)"]
+    stmts: list[Any] = [
+        "CREATE TABLE public.victim (id int)",
+        "INSERT INTO public.victim VALUES (1)",
+    ]
     for schema in HOSTILE_SCHEMAS:
         stmts.append(psql.SQL("CREATE SCHEMA {}").format(psql.Identifier(schema)))
         for table in HOSTILE_TABLES:
             ident = psql.Identifier(schema, table)
-            stmts.append(psql.SQL("CREATE TABLE {} (id int, {} int)").format(
-                ident, psql.Identifier(HOSTILE_COLUMN)))
-            stmts.append(psql.SQL("INSERT INTO {} SELECT g, g FROM generate_series(1, 10) g")
-                         .format(ident))
+            stmts.append(
+                psql.SQL("CREATE TABLE {} (id int, {} int)").format(
+                    ident, psql.Identifier(HOSTILE_COLUMN)
+                )
+            )
+            stmts.append(
+                psql.SQL("INSERT INTO {} SELECT g, g FROM generate_series(1, 10) g").format(ident)
+            )
     run_sql(pg_dsn, *stmts)
     tenants = [(f'tenant "{i}"; --', schema) for i, schema in enumerate(HOSTILE_SCHEMAS)]
     config = make_config(pg_dsn, tenants)
@@ -541,12 +585,18 @@ def test_hostile_schema_table_and_column_names_are_quoted(pg_dsn: str) -> None:
         async def run(ctx: Context) -> int | None:
             cur = await ctx.conn.execute(
                 sweeperd.sql.SQL("DELETE FROM {} WHERE {} <= %s").format(
-                    ctx.table(table), sweeperd.sql.Identifier(HOSTILE_COLUMN)), (4,))
+                    ctx.table(table), sweeperd.sql.Identifier(HOSTILE_COLUMN)
+                ),
+                (4,),
+            )
             return cur.rowcount
+
         return run
 
-    operations = [Operation(name=f"hostile.t{i}", run=deleter(t), tables=(t,))
-                  for i, t in enumerate(HOSTILE_TABLES)]
+    operations = [
+        Operation(name=f"hostile.t{i}", run=deleter(t), tables=(t,))
+        for i, t in enumerate(HOSTILE_TABLES)
+    ]
     report = sweep(config, operations)
     assert report.counts()["ok"] == len(HOSTILE_SCHEMAS) * len(HOSTILE_TABLES), report.to_json()
     assert all(r.rows == 4 for r in report.results), report.to_json()
@@ -555,7 +605,8 @@ def test_hostile_schema_table_and_column_names_are_quoted(pg_dsn: str) -> None:
         for schema in HOSTILE_SCHEMAS:
             for table in HOSTILE_TABLES:
                 q = psql.SQL("SELECT min(id), count(*) FROM {}").format(
-                    psql.Identifier(schema, table))
+                    psql.Identifier(schema, table)
+                )
                 assert conn.execute(q).fetchone() == (5, 6), (schema, table)
         # Nothing created or dropped behind our back.
         names = conn.execute(
@@ -571,8 +622,12 @@ def test_hostile_schema_table_and_column_names_are_quoted(pg_dsn: str) -> None:
 
 
 def test_dry_run_runs_only_operations_that_promise_to_honour_it(pg_dsn: str) -> None:
-    run_sql(pg_dsn, "CREATE SCHEMA tenant_acme", "CREATE TABLE tenant_acme.t (id int)",
-            "INSERT INTO tenant_acme.t SELECT generate_series(1, 7)")
+    run_sql(
+        pg_dsn,
+        "CREATE SCHEMA tenant_acme",
+        "CREATE TABLE tenant_acme.t (id int)",
+        "INSERT INTO tenant_acme.t SELECT generate_series(1, 7)",
+    )
     calls: list[tuple[str, bool]] = []
 
     async def unsafe(ctx: Context) -> int | None:
@@ -612,8 +667,9 @@ def test_skip_hook_vetoes_and_a_raising_observer_does_not_fail_the_sweep(pg_dsn:
 
     class Hooks:
         @sweeperd.hookimpl
-        def sweeperd_skip_operation(self, operation: Operation, tenant: sweeperd.Tenant | None,
-                                    sweep: str) -> str | None:
+        def sweeperd_skip_operation(
+            self, operation: Operation, tenant: sweeperd.Tenant | None, sweep: str
+        ) -> str | None:
             if operation.name == "hook.vetoed" and tenant is not None and tenant.name == "acme":
                 return "tenant acme is on legal hold"
             return None
@@ -633,12 +689,18 @@ def test_skip_hook_vetoes_and_a_raising_observer_does_not_fail_the_sweep(pg_dsn:
             await ctx.conn.execute("SELECT 1")
             ran.append((ctx.tenant.name, name))
             return None
+
         return run
 
-    operations = [Operation(name="hook.vetoed", run=recorder("hook.vetoed"), tables=("a",)),
-                  Operation(name="hook.other", run=recorder("hook.other"), tables=("b",))]
-    report = sweep(make_config(pg_dsn, [("acme", "tenant_acme"), ("globex", "tenant_globex")]),
-                   operations, Hooks())
+    operations = [
+        Operation(name="hook.vetoed", run=recorder("hook.vetoed"), tables=("a",)),
+        Operation(name="hook.other", run=recorder("hook.other"), tables=("b",)),
+    ]
+    report = sweep(
+        make_config(pg_dsn, [("acme", "tenant_acme"), ("globex", "tenant_globex")]),
+        operations,
+        Hooks(),
+    )
     res = results_by(report)
     vetoed = res[("acme", "hook.vetoed")]
     assert vetoed.status == "skipped"
@@ -646,8 +708,11 @@ def test_skip_hook_vetoes_and_a_raising_observer_does_not_fail_the_sweep(pg_dsn:
     assert ("acme", "hook.vetoed") not in ran
     for key in [("globex", "hook.vetoed"), ("acme", "hook.other"), ("globex", "hook.other")]:
         assert res[key].status == "ok", res[key]
-    assert sorted(ran) == [("acme", "hook.other"), ("globex", "hook.other"),
-                           ("globex", "hook.vetoed")]
+    assert sorted(ran) == [
+        ("acme", "hook.other"),
+        ("globex", "hook.other"),
+        ("globex", "hook.vetoed"),
+    ]
     assert sorted(observed) == sorted((r.tenant, r.operation, r.status) for r in report.results)
     assert report.exit_code() == 0
 
@@ -657,16 +722,20 @@ def test_skip_hook_vetoes_and_a_raising_observer_does_not_fail_the_sweep(pg_dsn:
 
 def test_unreachable_database_fails_its_items_and_the_rest_still_runs(pg_dsn: str) -> None:
     create_tenants(pg_dsn, ["tenant_acme"])
-    config = make_config(pg_dsn, [("acme", "tenant_acme"), ("lost", "tenant_lost", "gone")],
-                         databases={"gone": {"dsn": UNREACHABLE_DSN, "connect_timeout": "1s"}})
+    config = make_config(
+        pg_dsn,
+        [("acme", "tenant_acme"), ("lost", "tenant_lost", "gone")],
+        databases={"gone": {"dsn": UNREACHABLE_DSN, "connect_timeout": "1s"}},
+    )
 
     async def per_db(ctx: Context) -> int | None:
         await ctx.conn.execute("SELECT 1")
         return None
 
-    operations = [sleep_op("app.work", "t", 0.01),
-                  Operation(name="app.db_wide", run=per_db, tables=("public.sessions",),
-                            scope="database")]
+    operations = [
+        sleep_op("app.work", "t", 0.01),
+        Operation(name="app.db_wide", run=per_db, tables=("public.sessions",), scope="database"),
+    ]
     report = sweep(config, operations)
     res = results_by(report)
     assert res[("acme", "app.work")].status == "ok"
@@ -692,23 +761,29 @@ def test_application_name_labels_each_operation_and_is_reset_after_the_sweep(
 
     async def first(ctx: Context) -> int | None:
         cur = await ctx.conn.execute(
-            "SELECT current_setting('application_name'), pg_catalog.pg_backend_pid()")
+            "SELECT current_setting('application_name'), pg_catalog.pg_backend_pid()"
+        )
         seen["first"] = await cur.fetchone()
         await asyncio.sleep(0.2)  # overlap with the other one: two distinct connections
         return None
 
     async def second(ctx: Context) -> int | None:
         cur = await ctx.conn.execute(
-            "SELECT current_setting('application_name'), pg_catalog.pg_backend_pid()")
+            "SELECT current_setting('application_name'), pg_catalog.pg_backend_pid()"
+        )
         seen["second"] = await cur.fetchone()
         await asyncio.sleep(0.2)
         return None
 
     async def main() -> tuple[SweepReport, list[tuple[Any, ...]]]:
         config = make_config(pg_dsn, [("acme", "tenant_acme")], max_connections=2)
-        operations = {o.name: o for o in (Operation(name="label.first", run=first, tables=("a",)),
-                                          Operation(name="label.second", run=second,
-                                                    tables=("b",)))}
+        operations = {
+            o.name: o
+            for o in (
+                Operation(name="label.first", run=first, tables=("a",)),
+                Operation(name="label.second", run=second, tables=("b",)),
+            )
+        }
         database = Database(config.databases["main"])
         await database.open()
         try:
@@ -721,7 +796,9 @@ def test_application_name_labels_each_operation_and_is_reset_after_the_sweep(
             with psycopg.connect(pg_dsn) as other:
                 rows = other.execute(
                     "SELECT application_name, state FROM pg_catalog.pg_stat_activity "
-                    "WHERE pid = ANY(%s)", ([seen["first"][1], seen["second"][1]],)).fetchall()
+                    "WHERE pid = ANY(%s)",
+                    ([seen["first"][1], seen["second"][1]],),
+                ).fetchall()
             return report, rows
         finally:
             await database.close()
@@ -736,8 +813,10 @@ def test_application_name_labels_each_operation_and_is_reset_after_the_sweep(
 
 def _defaults(dsn: str) -> dict[str, str]:
     with psycopg.connect(dsn, autocommit=True) as conn:
-        return {name: conn.execute(f"SHOW {name}").fetchone()[0]  # type: ignore[index]
-                for name in ("search_path", "work_mem", "TimeZone")}
+        return {
+            name: conn.execute(f"SHOW {name}").fetchone()[0]  # type: ignore[index]
+            for name in ("search_path", "work_mem", "TimeZone")
+        }
 
 
 def test_session_settings_do_not_leak_to_the_next_operation(pg_dsn: str) -> None:
@@ -764,14 +843,16 @@ def test_session_settings_do_not_leak_to_the_next_operation(pg_dsn: str) -> None
             "current_setting('lock_timeout'), current_setting('statement_timeout'), "
             "current_setting('application_name'), "
             "(SELECT count(*) FROM pg_catalog.pg_locks WHERE locktype = 'advisory' "
-            " AND pid = pg_catalog.pg_backend_pid())")
+            " AND pid = pg_catalog.pg_backend_pid())"
+        )
         seen["check"] = await cur.fetchone()
         return None
 
-    operations = [Operation(name="leak.dirty", run=dirty, tables=("t",), phase=Phase.PRUNE),
-                  Operation(name="leak.check", run=check, tables=("t",), phase=Phase.MAINTAIN)]
-    config = make_config(pg_dsn, [("acme", "tenant_acme")], max_connections=1,
-                         lock_timeout="3s")
+    operations = [
+        Operation(name="leak.dirty", run=dirty, tables=("t",), phase=Phase.PRUNE),
+        Operation(name="leak.check", run=check, tables=("t",), phase=Phase.MAINTAIN),
+    ]
+    config = make_config(pg_dsn, [("acme", "tenant_acme")], max_connections=1, lock_timeout="3s")
     report = sweep(config, operations)
     assert report.counts()["ok"] == 2, report.to_json()
     pid, search_path, work_mem, tz, lock_timeout, statement_timeout, app, advisory = seen["check"]
@@ -804,13 +885,16 @@ def test_set_role_does_not_leak_to_the_next_operation(pg_dsn: str) -> None:
         cur = await ctx.conn.execute(psql.SQL("SELECT count(*) FROM {}").format(ctx.table("t")))
         return (await cur.fetchone() or (None,))[0]
 
-    operations = [Operation(name="role.become", run=become, tables=("t",), phase=Phase.PRUNE),
-                  Operation(name="role.check", run=check, tables=("t",), phase=Phase.MAINTAIN)]
+    operations = [
+        Operation(name="role.become", run=become, tables=("t",), phase=Phase.PRUNE),
+        Operation(name="role.check", run=check, tables=("t",), phase=Phase.MAINTAIN),
+    ]
     # The suite's role is a member of it (throwaway_role), so it may SET ROLE to it.
     with throwaway_role(pg_dsn, "sweeperd_leak", login=False) as made:
         role = made.name
-        report = sweep(make_config(pg_dsn, [("acme", "tenant_acme")], max_connections=1),
-                       operations)
+        report = sweep(
+            make_config(pg_dsn, [("acme", "tenant_acme")], max_connections=1), operations
+        )
     assert results_by(report)[("acme", "role.become")].status == "ok", report.to_json()
     assert seen["during"] == (role,), "the SET ROLE took effect"
     assert seen["after"][1] == seen["before"][1], "max_connections = 1: the same connection"
