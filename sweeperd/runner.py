@@ -37,7 +37,7 @@ from .db import STANDBY, AsyncConn, Database
 from .durations import format_duration
 from .errors import describe_error, sqlstate_of
 from .gates import Gate
-from .limits import Bounds, Limits
+from .limits import Bounds
 from .model import Context, Result, Skip, Status
 from .planner import Plan, WorkItem
 from .report import SweepReport
@@ -56,12 +56,12 @@ class Runner:
         databases: Mapping[str, Database],
         pm: pluggy.PluginManager,
         settings: Mapping[str, Mapping[str, Any]],
-        bounds: Bounds | Limits,
+        bounds: Bounds,
     ) -> None:
         self.databases = databases
         self.pm = pm
         self.settings = settings
-        self.bounds = bounds if isinstance(bounds, Bounds) else Bounds(bounds)
+        self.bounds = bounds
         for name, database in databases.items():
             # Bookkeeping (discovery, claims, history) counts against the same per-database cap.
             database.cap_housekeeping(self.bounds.per_database.get(name))

@@ -14,7 +14,7 @@ import structlog
 from .config import Config
 from .databases import open_databases
 from .history import History
-from .limits import Limits
+from .limits import Bounds, Limits
 from .planner import SelectionError, make_plan, matches
 from .plugins import Plugins
 from .report import SweepReport
@@ -67,7 +67,7 @@ async def sweep_once(
             tenant_globs=tenant_globs,
             only_globs=only_globs,
         )
-        runner = Runner(databases, plugins.pm, config.plugins, Limits.of(config))
+        runner = Runner(databases, plugins.pm, config.plugins, Bounds(Limits.of(config)))
         report = await runner.run(plan, dry_run=dry_run, unreachable=unreachable)
         if not dry_run:
             selection = " ".join(

@@ -25,7 +25,7 @@ from sweeperd.controller import Snapshot, SweepController
 from sweeperd.coordination import Claims
 from sweeperd.db import Database
 from sweeperd.firing import item_verdict, on_firing, window_of, window_stop_in
-from sweeperd.limits import Limits
+from sweeperd.limits import Bounds, Limits
 from sweeperd.plugins import Plugins
 from sweeperd.report import SweepReport
 from sweeperd.runner import Runner
@@ -152,7 +152,7 @@ class Host:
             {n: Database(c) for n, c in self.config.databases.items()},
             pm,
             {},
-            Limits.of(self.config),
+            Bounds(Limits.of(self.config)),
         )
         self._snapshot = Snapshot(
             config=self.config, plugins=Plugins(pm=pm, infos=(), operations={}), runner=runner
