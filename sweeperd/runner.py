@@ -12,7 +12,7 @@ Every item is one asyncio task that goes through these stages, in order:
 5. the attempt: a pooled connection, which its slots make sure is free (sweeperd's own
    bookkeeping queries take the database's slot too, see Database.cap_housekeeping), and the
    operation under its timeout; any exception becomes a ``failed`` result with a one-line reason
-   (SQLSTATE included), like ``Promise.allSettled`` in the origin story.
+   (SQLSTATE included): one item's failure never stops the others.
 Cancelling a task while its query runs makes psycopg cancel the query on the server.
 """
 
