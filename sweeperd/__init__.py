@@ -1,7 +1,9 @@
 """sweeperd: PostgreSQL maintenance for multi-tenant (schema-per-tenant) databases.
 
-The public plugin API is ``hookimpl``, ``Operation``, ``Context``, ``Tenant``, ``Phase``, ``Skip``
-and ``sql`` (psycopg's :mod:`psycopg.sql`, for composing queries with safely quoted names).
+The public plugin API is ``hookimpl``, ``Operation``, ``Context``, ``Tenant``, ``Phase``, ``Skip``,
+``sql`` (psycopg's :mod:`psycopg.sql`, for composing queries with safely quoted names) and
+``settings`` (:mod:`sweeperd.settings`: a plugin's settings table read into its own dataclass, with
+every problem named by key, as the core configuration is read).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import pluggy
 from psycopg import sql
 
+from . import settings
 from .model import ALL_TABLES, Context, Operation, Phase, Result, Skip, Tenant
 
 __version__ = "0.1.0"
@@ -25,5 +28,6 @@ __all__ = [
     "Tenant",
     "__version__",
     "hookimpl",
+    "settings",
     "sql",
 ]

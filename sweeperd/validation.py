@@ -1,222 +1,276 @@
-"""Typed, problem-collecting getters for the TOML configuration (used by sweeperd.config).
+"""The readers of the core configuration's own kinds of values (:mod:`sweeperd.settings` reads).
 
-Every getter returns a usable default after recording a problem, so one pass over the document
-reports every mistake at once, each naming the file, the key path and what was expected.
+Paths (``~`` expanded, relative to the config file), DSNs and the files and systemd credentials
+holding them, LIKE patterns, crontab expressions, time windows, globs and PostgreSQL timeouts. Each
+reports its problems at its key, saying what was expected.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
-from .durations import EXPECTATION as DURATION_EXPECTATION
-from .durations import parse_duration
+from . import like
+from .dsn import check_dsn
+from .settings import (
+    NAMEDATALEN,
+    At,
+    Invalid,
+    Reader,
+    duration,
+    kind_of,
+    reader,
+    text,
+    toml_key,
+    zone,
+)
+
+__all__ = ["MAX_PG_TIMEOUT_MS", "NAMEDATALEN", "Known", "kind_of", "toml_key"]
 
 MAX_PG_TIMEOUT_MS = 2_147_483_647  # INT_MAX: PostgreSQL rejects larger timeout settings
-NAMEDATALEN = 63  # PostgreSQL truncates longer identifiers; a truncated schema is another schema
+_MAX_DSN_BYTES = 64 * 1024
 _WINDOW = re.compile(r"(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})")
 
-_MISSING = object()
-_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
+@dataclass(frozen=True, slots=True)
+class Known:
+    """What some sections need from others, taken from the document up front.
 
-def toml_key(key: str) -> str:
-    """``key`` as TOML writes it in a dotted key path: bare, or quoted (``daemon."my key"``)."""
-    if _BARE_KEY.fullmatch(key):
-        return key
-    return '"' + key.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    So each section's problems stand on their own: a tenant naming a database whose table has
+    problems is not also told the database does not exist.
+    """
 
+    base: Path  # the config file's directory: relative paths are relative to it
+    databases: frozenset[str]  # the [databases] keys whose values are tables
+    timezone: str  # [daemon] timezone, or UTC if it is not one: what crons are read in
 
-class Validator:
-    """Typed getters that collect problems (file, key path, expectation) instead of raising."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.problems: list[str] = []
-
-    def error(self, key: str, expectation: str) -> None:
-        self.problems.append(f"{self.path}: {key}: {expectation}")
-
-    # -- typed getters ---------------------------------------------------------------------------
-    def table(
-        self, parent: Mapping[str, Any], key: str, where: str, allowed: set[str]
-    ) -> dict[str, Any]:
-        value = parent.get(key, _MISSING)
-        if value is _MISSING:
-            return {}
-        if not isinstance(value, dict):
-            self.error(where, f"expected a table, got {kind_of(value)}")
-            return {}
-        self.unknown(value, where, allowed)
-        return value
-
-    def unknown(self, table: Mapping[str, Any], where: str, allowed: set[str]) -> None:
-        for key in table:
-            if key not in allowed:
-                prefix = f"{where}." if where else ""
-                self.error(
-                    f"{prefix}{toml_key(key)}",
-                    f"unknown key (expected one of: {', '.join(sorted(allowed))})",
-                )
-
-    def get(
-        self,
-        t: Mapping[str, Any],
-        key: str,
-        where: str,
-        kind: type | tuple[type, ...],
-        default: Any,
-        expectation: str,
-    ) -> Any:
-        value = t.get(key, _MISSING)
-        if value is _MISSING:
-            return default
-        # TOML booleans are not integers here, whatever Python thinks.
-        if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
-            self.error(f"{where}.{key}", f"expected {expectation}, got a boolean")
-            return default
-        if not isinstance(value, kind):
-            self.error(f"{where}.{key}", f"expected {expectation}, got {kind_of(value)}")
-            return default
-        return value
-
-    def string(
-        self,
-        t: Mapping[str, Any],
-        key: str,
-        where: str,
-        default: Any = _MISSING,
-        expectation: str = "a non-empty string",
-        allow_empty: bool = False,
-    ) -> Any:
-        """A string value; one problem at most per key (wrong type, empty, or missing)."""
-        fallback = None if default is _MISSING else default
-        if key not in t:
-            if default is _MISSING:
-                self.error(f"{where}.{key}", f"required: {expectation}")
-            return fallback
-        value = t[key]
-        if not isinstance(value, str):
-            self.error(f"{where}.{key}", f"expected {expectation}, got {kind_of(value)}")
-            return fallback
-        if not value and not allow_empty:
-            self.error(f"{where}.{key}", f"expected {expectation}, got an empty string")
-            return fallback
-        return value
-
-    def positive_int(self, t: Mapping[str, Any], key: str, where: str, default: int) -> int:
-        value = self.get(t, key, where, int, default, "a positive integer")
-        if value < 1:
-            self.error(f"{where}.{key}", f"expected a positive integer, got {value}")
-            return default
-        return int(value)
-
-    def duration(
-        self,
-        t: Mapping[str, Any],
-        key: str,
-        where: str,
-        default: float | None,
-        allow_zero: bool = True,
-    ) -> float | None:
-        value = self.get(t, key, where, str, _MISSING, DURATION_EXPECTATION)
-        if value is _MISSING:
-            return default
+    @classmethod
+    def of(cls, doc: Mapping[str, Any], path: Path) -> Known:
+        databases = doc.get("databases")
+        daemon = doc.get("daemon")
+        timezone = daemon.get("timezone", "UTC") if isinstance(daemon, dict) else "UTC"
         try:
-            seconds = parse_duration(value)
-        except ValueError as exc:
-            self.error(f"{where}.{key}", str(exc))
-            return default
-        if seconds == 0 and not allow_zero:
-            self.error(f"{where}.{key}", "expected a duration greater than zero")
-            return default
-        return seconds
+            zone()(timezone, At())
+        except Invalid:
+            timezone = "UTC"  # reported with [daemon]
+        return cls(
+            base=path.parent,
+            databases=frozenset(name for name, t in databases.items() if isinstance(t, dict))
+            if isinstance(databases, dict)
+            else frozenset(),
+            timezone=timezone,
+        )
 
-    def server_timeout(self, t: Mapping[str, Any], key: str, where: str, default: float) -> float:
-        """A duration PostgreSQL accepts as a timeout setting (at most 2147483647 ms; 0 = off)."""
-        value = self.duration(t, key, where, default) or 0.0
-        if value * 1000 > MAX_PG_TIMEOUT_MS:
-            self.error(
-                f"{where}.{key}",
-                "expected at most 24d20h31m23s (PostgreSQL's limit for "
-                f'timeouts, {MAX_PG_TIMEOUT_MS} ms); use "0s" to disable it',
+
+def _known(at: At) -> Known:
+    assert isinstance(at.context, Known)
+    return at.context
+
+
+_DURATION = duration()
+
+
+@reader(_DURATION.expectation)
+def server_timeout(value: Any, at: At) -> float:
+    """A duration PostgreSQL accepts as a timeout setting (at most 2147483647 ms; 0 = off)."""
+    seconds = _DURATION(value, at)
+    if seconds * 1000 > MAX_PG_TIMEOUT_MS:
+        raise Invalid(
+            "expected at most 24d20h31m23s (PostgreSQL's limit for "
+            f'timeouts, {MAX_PG_TIMEOUT_MS} ms); use "0s" to disable it'
+        )
+    return seconds
+
+
+_GLOBS = 'a non-empty list of glob strings, e.g. ["*"]'
+
+
+@reader(_GLOBS)
+def globs(value: Any, at: At) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value or not all(isinstance(g, str) and g for g in value):
+        raise Invalid(f"expected {_GLOBS}")
+    return tuple(value)
+
+
+_WINDOW_TEXT = text('a time window such as "01:00-05:00" (24-hour clock; may span midnight)')
+
+
+@reader(_WINDOW_TEXT.expectation)
+def window(value: Any, at: At) -> tuple[int, int]:
+    """``"HH:MM-HH:MM"`` as minutes after midnight (start, end)."""
+    written = _WINDOW_TEXT(value, at)
+    match = _WINDOW.fullmatch(written.strip())
+    wrong = Invalid(f"expected {_WINDOW_TEXT.expectation}, got {written!r}")
+    if match is None:
+        raise wrong
+    h1, m1, h2, m2 = (int(g) for g in match.groups())
+    if h1 > 23 or h2 > 24 or m1 > 59 or m2 > 59 or (h2 == 24 and m2) or (h1, m1) == (h2, m2):
+        raise wrong
+    return h1 * 60 + m1, h2 * 60 + m2
+
+
+cron = text('a crontab expression such as "0 3 * * *"', empty=True)
+
+
+def cron_problem(expr: str, timezone: str) -> str | None:
+    """Why APScheduler would refuse ``expr``, or None.
+
+    APScheduler is the authority on what it will accept; validating with it avoids a config that
+    passes check-config and then fails at daemon start.
+    """
+    from apscheduler.triggers.cron import CronTrigger
+
+    try:
+        CronTrigger.from_crontab(expr, timezone=timezone)
+    except (ValueError, TypeError) as exc:
+        return f'expected a 5-field crontab expression such as "0 3 * * *", got {expr!r} ({exc})'
+    return None
+
+
+def expand(value: str, at: At) -> Path | None:
+    """``~``/``~user`` expanded and relative to the config file, or None (reported)."""
+    try:
+        path = Path(value).expanduser()
+    except RuntimeError as exc:  # ~no_such_user, or no home directory for ~
+        at.problem(f"expected a path whose ~ can be expanded, got {value!r} ({exc})")
+        return None
+    return path if path.is_absolute() else _known(at).base / path
+
+
+@reader("a list of directory paths")
+def directories(value: Any, at: At) -> tuple[Path, ...]:
+    if not isinstance(value, list):
+        raise Invalid(f"expected a list of directory paths, got {kind_of(value)}")
+    out: list[Path] = []
+    for i, d in enumerate(value):
+        if not isinstance(d, str) or not d:
+            at.at(i).problem("expected a directory path string")
+            continue
+        # Relative paths are relative to the config file, not to wherever the daemon started.
+        path = expand(d, at.at(i))
+        if path is not None:
+            out.append(path)
+    return tuple(out)
+
+
+LIKE_PATTERN = text('a LIKE pattern such as "tenant_%"')
+
+
+@reader(LIKE_PATTERN.expectation)
+def like_pattern(value: Any, at: At) -> str:
+    pattern = LIKE_PATTERN(value, at)
+    if bad := like.problem(pattern):
+        raise Invalid(f"expected a LIKE pattern: {bad}")
+    return pattern
+
+
+_PREFIX = text("a string", empty=True)
+
+
+@reader(_PREFIX.expectation)
+def prefix(t: Mapping[str, Any], at: At) -> str:
+    """``prefix``, by default the literal text before the first unescaped % of ``schemas``.
+
+    ``"tenant\\\\_%"`` strips ``tenant_``. Reads the whole table (``setting(keys=("prefix",))``).
+    """
+    if "prefix" in t:
+        return at.get("prefix", _PREFIX) or ""
+    schemas = t.get("schemas")
+    return like.prefix(schemas) if isinstance(schemas, str) and not like.problem(schemas) else ""
+
+
+DSN_KEYS = ("dsn", "dsn_file", "dsn_credential")
+_DSN = text("a libpq URI or conninfo string", empty=True)
+_CREDENTIAL = text("a systemd credential name", empty=True)
+_DSN_FILE = text("a path to a file holding the DSN", empty=True)
+
+
+@reader("a libpq URI or conninfo")
+def dsn(t: Mapping[str, Any], at: At) -> str:
+    """One of ``dsn``, ``dsn_file`` or ``dsn_credential``: the DSN. Reads the whole table."""
+    given = [key for key in DSN_KEYS if key in t]
+    if len(given) > 1:
+        raise Invalid(f"expected one of dsn, dsn_file or dsn_credential, got {given}")
+    if not given:
+        at.at("dsn").problem(
+            "required: a libpq URI or conninfo (or dsn_file = a file holding one, or "
+            "dsn_credential = the name of a systemd credential holding one)"
+        )
+        return ""
+    if given == ["dsn"]:
+        value = at.get("dsn", _DSN)
+        if value is not None:
+            _check_dsn(value, at.at("dsn"))
+        return value or ""
+    if given == ["dsn_credential"]:
+        key = at.at("dsn_credential")
+        name = at.get("dsn_credential", _CREDENTIAL)
+        if name is None:
+            return ""
+        if name in ("", ".", "..") or "/" in name:
+            key.problem(f"expected a systemd credential name (no '/'), got {name!r}")
+            return ""
+        # $CREDENTIALS_DIRECTORY rather than /run/credentials/<unit>/: the same config then
+        # works for the service and for `sweeperd --unit`'s transient units.
+        directory = os.environ.get("CREDENTIALS_DIRECTORY")
+        if not directory:
+            key.problem(
+                f"expected $CREDENTIALS_DIRECTORY to be set (systemd sets it for a unit "
+                f"with LoadCredential={name}:<file>); outside the unit, run the command "
+                f"as `sweeperd --unit <unit> <command>`"
             )
-            return default
-        return value
-
-    def globs(self, t: Mapping[str, Any], key: str, where: str) -> tuple[str, ...]:
-        value = t.get(key, _MISSING)
-        if value is _MISSING:
-            return ("*",)
-        if (
-            not isinstance(value, list)
-            or not value
-            or not all(isinstance(g, str) and g for g in value)
-        ):
-            self.error(f"{where}.{key}", 'expected a non-empty list of glob strings, e.g. ["*"]')
-            return ("*",)
-        return tuple(value)
-
-    def identifier(self, t: Mapping[str, Any], key: str, where: str) -> str | None:
-        value = self.string(t, key, where)
-        if isinstance(value, str) and len(value.encode("utf-8")) > NAMEDATALEN:
-            self.error(
-                f"{where}.{key}",
-                f"expected a PostgreSQL name of at most {NAMEDATALEN} bytes "
-                f"(longer names are silently truncated by the server)",
-            )
-            return None
-        return value if isinstance(value, str) and value else None
-
-    # -- sections ---------------------------------------------------------------------------------
-
-    def choice(
-        self, t: Mapping[str, Any], key: str, where: str, options: tuple[str, ...], default: str
-    ) -> Any:
-        expectation = "one of " + ", ".join(f'"{o}"' for o in options)
-        value = self.string(t, key, where, default, expectation)
-        if value not in options:
-            self.error(f"{where}.{key}", f"expected {expectation}, got {value!r}")
-            return default
-        return value
-
-    def window(self, t: Mapping[str, Any], where: str) -> tuple[int, int] | None:
-        expectation = 'a time window such as "01:00-05:00" (24-hour clock; may span midnight)'
-        value = self.string(t, "window", where, None, expectation)
-        if value is None:
-            return None
-        match = _WINDOW.fullmatch(value.strip())
-        if match is None:
-            self.error(f"{where}.window", f"expected {expectation}, got {value!r}")
-            return None
-        h1, m1, h2, m2 = (int(g) for g in match.groups())
-        if h1 > 23 or h2 > 24 or m1 > 59 or m2 > 59 or (h2 == 24 and m2) or (h1, m1) == (h2, m2):
-            self.error(f"{where}.window", f"expected {expectation}, got {value!r}")
-            return None
-        return h1 * 60 + m1, h2 * 60 + m2
-
-    def cron(self, expr: str, where: str, timezone: str) -> None:
-        # APScheduler is the authority on what it will accept; validating with it avoids a
-        # config that passes check-config and then fails at daemon start.
-        from apscheduler.triggers.cron import CronTrigger
-
-        try:
-            CronTrigger.from_crontab(expr, timezone=timezone)
-        except (ValueError, TypeError) as exc:
-            self.error(
-                where,
-                f'expected a 5-field crontab expression such as "0 3 * * *", got {expr!r} ({exc})',
-            )
+            return ""
+        return _read_dsn(Path(directory) / name, key)
+    file_at = at.at("dsn_file")
+    value = at.get("dsn_file", _DSN_FILE)
+    path = None if value is None else expand(value, file_at)
+    return "" if path is None else _read_dsn(path, file_at)
 
 
-def kind_of(value: Any) -> str:
-    return {
-        bool: "a boolean",
-        int: "an integer",
-        float: "a number",
-        str: "a string",
-        list: "an array",
-        dict: "a table",
-    }.get(type(value), type(value).__name__)
+def _read_dsn(path: Path, at: At) -> str:
+    try:
+        # A systemd credential or a secrets mount: DSN and password stay out of the TOML.
+        # A regular file, and a DSN-sized read: a FIFO would block check-config forever,
+        # /dev/zero would eat the memory.
+        if not path.is_file():
+            at.problem(f"expected a readable file, {path}: not a regular file")
+            return ""
+        with path.open("rb") as stream:
+            data = stream.read(_MAX_DSN_BYTES + 1)
+        if len(data) > _MAX_DSN_BYTES:
+            at.problem(f"expected a DSN of at most {_MAX_DSN_BYTES} bytes in {path}")
+            return ""
+        value = data.decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        at.problem(f"expected a readable file, {path}: {reason}")
+        return ""
+    _check_dsn(value, at)
+    return value
+
+
+def _check_dsn(value: str, at: At) -> None:
+    problem = check_dsn(value)
+    if problem:
+        at.problem(f"expected a libpq URI or conninfo string ({problem})")
+
+
+def _plugin_tables(value: Any, at: At) -> Mapping[str, Mapping[str, Any]]:
+    """``[plugins.<name>]`` tables, as written: each plugin reads its own."""
+    if not isinstance(value, dict):
+        raise Invalid(f"expected tables [plugins.<name>], got {kind_of(value)}")
+    out: dict[str, Mapping[str, Any]] = {}
+    for name, settings in value.items():
+        if isinstance(settings, dict):
+            out[name] = MappingProxyType(settings)
+        else:
+            at.at(name).problem(f"expected a table of settings, got {kind_of(settings)}")
+    return MappingProxyType(out)
+
+
+plugin_tables: Reader[Mapping[str, Mapping[str, Any]]] = Reader(_plugin_tables, "tables")
