@@ -41,198 +41,173 @@ import contextlib
 import datetime as dt
 import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from typing import Annotated, Any, Literal, NamedTuple
 
 import sweeperd
 from sweeperd import sql
 from sweeperd.durations import EXPECTATION, format_duration, parse_duration
-from sweeperd.validation import toml_key
+from sweeperd.settings import (
+    At,
+    Invalid,
+    Problem,
+    Reader,
+    array,
+    choice,
+    integer,
+    reader,
+    rules,
+    table,
+    text,
+    zone,
+)
+from sweeperd.validation import MAX_PG_TIMEOUT_MS
 
 # Cutoff column types that carry no time zone: their values mean nothing without one.
 _NAIVE_TYPES = ("timestamp without time zone", "date")
 DEFAULT_BATCH_SIZE = 5000
 MAX_BATCH_SIZE = 1_000_000
 PROGRESS_EVERY_S = 5.0
-_RULE_KEYS = {
-    "name",
-    "table",
-    "column",
-    "older_than",
-    "batch_size",
-    "match",
-    "max_rows",
-    "pause",
-    "lock_timeout",
-    "statement_timeout",
-    "missing",
-    "scope",
-    "schema",
-    "timezone",
-}
 _NAME = re.compile(r"[A-Za-z0-9_-]+")
 _SCALARS = (str, int, float, bool, dt.datetime, dt.date, dt.time)
 
 
+# -- settings: each rule is a Rule, read by sweeperd.settings (keys, defaults, the readers below) --
+
+
+@reader(EXPECTATION)
+def _duration(value: Any, at: At) -> float:
+    if not isinstance(value, str):
+        raise Invalid(f"expected {EXPECTATION}, got {value!r}")
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise Invalid(str(exc)) from None  # the form, or the range (durations.MAX_SECONDS)
+
+
+@reader(EXPECTATION)
+def _timeout(value: Any, at: At) -> float:
+    seconds = _duration(value, at)
+    if seconds * 1000 > MAX_PG_TIMEOUT_MS:
+        raise Invalid("expected at most 24d20h31m23s (PostgreSQL's limit)")
+    return seconds
+
+
+@reader("a table of column = value")
+def _match(value: Any, at: At) -> tuple[tuple[str, Any], ...]:
+    """Equality filters, values bound as parameters."""
+    if not isinstance(value, dict):
+        raise Invalid('expected a table of column = value, e.g. { status = "done" }')
+    for column, wanted in value.items():
+        if not isinstance(wanted, _SCALARS):
+            at.at(column).problem("expected a string, number, boolean or date")
+    return tuple(sorted(value.items()))
+
+
+def _said(expected: str) -> Callable[[Any], str]:
+    return lambda value: f"expected {expected}, got {value!r}"
+
+
+# The kinds of values a rule has, in this plugin's words.
+Text = Annotated[str, text(message="required: a non-empty string")]
+Duration = Annotated[float, _duration]
+Timeout = Annotated[float, _timeout]
+BatchSize = Annotated[
+    int,
+    integer(
+        minimum=1,
+        maximum=MAX_BATCH_SIZE,
+        message=_said(f"a positive integer up to {MAX_BATCH_SIZE}"),
+    ),
+]
+Count = Annotated[int, integer(minimum=1, message=_said("a positive integer"))]
+Missing = Annotated[str, choice("fail", "skip", message=_said('"fail" or "skip"'))]
+Zone = Annotated[str, zone(message=_said('an IANA time zone such as "UTC"'))]
+Scope = Annotated[
+    Literal["tenant", "database"],
+    choice("tenant", "database", message=_said('"tenant" or "database"')),
+]
+# Taken as written: _schema_goes_with_scope says what it must be.
+Schema = Annotated[str, Reader(lambda value, at: value, "the schema holding the table")]
+
+
+def _operation_name(rule: Mapping[str, Any], at: At) -> None:
+    """A rule (sweeperd.settings.rules): the name becomes the operation retention.<name>."""
+    if "name" in rule and not _NAME.fullmatch(rule["name"]):
+        at.at("name").problem("expected letters, digits, '_' or '-' (it becomes retention.<name>)")
+
+
+def _schema_goes_with_scope(rule: Mapping[str, Any], at: At) -> None:
+    """A rule: a database-scope rule names its schema; a tenant rule uses the tenant's."""
+    schema = rule.get("schema")
+    if rule.get("scope") == "database" and not (isinstance(schema, str) and schema):
+        at.at("schema").problem('required with scope = "database": the schema holding the table')
+    elif rule.get("scope") == "tenant" and "schema" in at.raw:
+        at.at("schema").problem(
+            'only allowed with scope = "database" (tenant rules use the tenant schema)'
+        )
+
+
+@rules(_operation_name, _schema_goes_with_scope)
 @dataclass(frozen=True, slots=True)
 class Rule:
-    name: str
-    table: str
-    column: str
-    older_than: float
-    batch_size: int = DEFAULT_BATCH_SIZE
-    match: tuple[tuple[str, Any], ...] = ()
-    max_rows: int | None = None
-    pause: float = 0.0
-    lock_timeout: float | None = None
-    statement_timeout: float | None = None
-    missing: str = "fail"
-    timezone: str | None = None
-    scope: str = "tenant"
-    schema: str | None = None
+    name: Text
+    table: Text
+    column: Text
+    older_than: Duration
+    batch_size: BatchSize = DEFAULT_BATCH_SIZE
+    match: Annotated[tuple[tuple[str, Any], ...], _match] = ()
+    max_rows: Count | None = None
+    pause: Duration = 0.0
+    lock_timeout: Timeout | None = None
+    statement_timeout: Timeout | None = None
+    missing: Missing = "fail"
+    timezone: Zone | None = None
+    scope: Scope = "tenant"
+    schema: Schema | None = None
     # Tables already warned about (no index leading with the cutoff column): once per run of
     # the daemon per rule, not once per tenant.
-    warned: set[str] = field(default_factory=set, compare=False, repr=False)
+    warned: set[str] = field(default_factory=set, init=False, compare=False, repr=False)
+
+
+def _unique_names() -> Callable[[int, Mapping[str, Any], At], None]:
+    seen: set[str] = set()
+
+    def check(i: int, rule: Mapping[str, Any], at: At) -> None:
+        name = rule.get("name")
+        if name is not None:
+            if name in seen:
+                at.at(i).at("name").problem(f"expected a unique rule name, {name!r} is used twice")
+            seen.add(name)
+
+    return check
+
+
+_RULES = array(
+    table(Rule, message="expected a table"),
+    message="expected an array of tables [[plugins.retention.rules]]",
+    each=_unique_names,
+)
+
+
+def _read(settings: Mapping[str, Any]) -> tuple[tuple[Rule, ...], list[Problem]]:
+    """``[plugins.retention]``: its rules, and every problem with them."""
+    at = At(raw=settings)
+    for key in settings:
+        if key != "rules":
+            at.at(key).problem("unknown key (expected: rules)")
+    return at.get("rules", _RULES) or (), at.problems
 
 
 @sweeperd.hookimpl
-def sweeperd_validate_settings(settings: Mapping[str, Any]) -> list[tuple[str, str]]:
-    return list(_problems(settings))
+def sweeperd_validate_settings(settings: Mapping[str, Any]) -> list[Problem]:
+    return _read(settings)[1]
 
 
 @sweeperd.hookimpl
 def sweeperd_operations(settings: Mapping[str, Any]) -> list[sweeperd.Operation]:
-    return [_operation(_rule(raw)) for raw in settings.get("rules", ())]
-
-
-def _problems(settings: Mapping[str, Any]) -> Iterable[tuple[str, str]]:
-    for key in settings:
-        if key != "rules":
-            yield toml_key(key), "unknown key (expected: rules)"
-    rules = settings.get("rules", [])
-    if not isinstance(rules, list):
-        yield "rules", "expected an array of tables [[plugins.retention.rules]]"
-        return
-    seen: set[str] = set()
-    for i, rule in enumerate(rules):
-        where = f"rules[{i}]"
-        if not isinstance(rule, dict):
-            yield where, "expected a table"
-            continue
-        for key in rule:
-            if key not in _RULE_KEYS:
-                yield (
-                    f"{where}.{toml_key(key)}",
-                    f"unknown key (expected one of: {', '.join(sorted(_RULE_KEYS))})",
-                )
-        for key in ("name", "table", "column"):
-            if not isinstance(rule.get(key), str) or not rule.get(key):
-                yield f"{where}.{key}", "required: a non-empty string"
-        name = rule.get("name")
-        if isinstance(name, str) and name:
-            if not _NAME.fullmatch(name):
-                yield (
-                    f"{where}.name",
-                    "expected letters, digits, '_' or '-' (it becomes retention.<name>)",
-                )
-            if name in seen:
-                yield f"{where}.name", f"expected a unique rule name, {name!r} is used twice"
-            seen.add(name)
-        if "older_than" not in rule:
-            yield f"{where}.older_than", f"required: {EXPECTATION}"
-        for key in ("older_than", "pause", "lock_timeout", "statement_timeout"):
-            if key in rule and (problem := _duration_problem(rule[key])):
-                yield f"{where}.{key}", problem
-            elif (
-                key in ("lock_timeout", "statement_timeout")
-                and key in rule
-                and parse_duration(rule[key]) * 1000 > 2_147_483_647
-            ):
-                yield f"{where}.{key}", "expected at most 24d20h31m23s (PostgreSQL's limit)"
-        for key, upper in (("batch_size", MAX_BATCH_SIZE), ("max_rows", None)):
-            value = rule.get(key)
-            if key in rule and (
-                not isinstance(value, int)
-                or isinstance(value, bool)
-                or value < 1
-                or (upper is not None and value > upper)
-            ):
-                limit = f" up to {upper}" if upper else ""
-                yield f"{where}.{key}", f"expected a positive integer{limit}, got {value!r}"
-        match = rule.get("match", {})
-        if not isinstance(match, dict):
-            yield f"{where}.match", 'expected a table of column = value, e.g. { status = "done" }'
-        else:
-            for column, value in match.items():
-                if not isinstance(value, _SCALARS):
-                    key = f"{where}.match.{toml_key(column)}"
-                    yield key, "expected a string, number, boolean or date"
-        if "timezone" in rule and not _is_zone(rule["timezone"]):
-            yield (
-                f"{where}.timezone",
-                f'expected an IANA time zone such as "UTC", got {rule["timezone"]!r}',
-            )
-        if rule.get("missing", "fail") not in ("fail", "skip"):
-            yield f"{where}.missing", f'expected "fail" or "skip", got {rule.get("missing")!r}'
-        scope = rule.get("scope", "tenant")
-        if scope not in ("tenant", "database"):
-            yield f"{where}.scope", f'expected "tenant" or "database", got {scope!r}'
-        elif scope == "database" and not (
-            isinstance(rule.get("schema"), str) and rule.get("schema")
-        ):
-            yield (
-                f"{where}.schema",
-                'required with scope = "database": the schema holding the table',
-            )
-        elif scope == "tenant" and "schema" in rule:
-            yield (
-                f"{where}.schema",
-                'only allowed with scope = "database" (tenant rules use the tenant schema)',
-            )
-
-
-def _is_zone(value: Any) -> bool:
-    if not isinstance(value, str) or not value:
-        return False
-    try:
-        ZoneInfo(value)
-    except (ZoneInfoNotFoundError, ValueError):
-        return False
-    return True
-
-
-def _duration_problem(value: Any) -> str | None:
-    if not isinstance(value, str):
-        return f"expected {EXPECTATION}, got {value!r}"
-    try:
-        parse_duration(value)
-    except ValueError as exc:
-        return str(exc)  # the form, or the range (durations.MAX_SECONDS)
-    return None
-
-
-def _rule(raw: Mapping[str, Any]) -> Rule:
-    def seconds(key: str) -> float | None:
-        return parse_duration(raw[key]) if key in raw else None
-
-    return Rule(
-        name=raw["name"],
-        table=raw["table"],
-        column=raw["column"],
-        older_than=parse_duration(raw["older_than"]),
-        batch_size=raw.get("batch_size", DEFAULT_BATCH_SIZE),
-        match=tuple(sorted(raw.get("match", {}).items())),
-        max_rows=raw.get("max_rows"),
-        pause=seconds("pause") or 0.0,
-        lock_timeout=seconds("lock_timeout"),
-        statement_timeout=seconds("statement_timeout"),
-        missing=raw.get("missing", "fail"),
-        timezone=raw.get("timezone"),
-        scope=raw.get("scope", "tenant"),
-        schema=raw.get("schema"),
-    )
+    return [_operation(rule) for rule in _read(settings)[0]]
 
 
 def _operation(rule: Rule) -> sweeperd.Operation:
@@ -245,7 +220,7 @@ def _operation(rule: Rule) -> sweeperd.Operation:
         name=f"retention.{rule.name}",
         run=run,
         tables=(table,),
-        scope=rule.scope,  # type: ignore[arg-type]
+        scope=rule.scope,
         phase=sweeperd.Phase.PRUNE,
         db_operation="DELETE",
         dry_run=True,

@@ -29,23 +29,26 @@ always quoted (``vacuum."auto"``), so they never collide with this plugin's own 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import sweeperd
 from sweeperd import sql
 from sweeperd.model import operation_name, quote_name
-from sweeperd.validation import NAMEDATALEN, toml_key
+from sweeperd.settings import (
+    NAMEDATALEN,
+    At,
+    Invalid,
+    Problem,
+    flag,
+    integer,
+    number,
+    read,
+    reader,
+    text,
+)
 
-_KEYS = {
-    "tables",
-    "analyze",
-    "skip_locked",
-    "buffer_usage_limit",
-    "min_dead_tuples",
-    "min_dead_ratio",
-}
 LOCK_NOT_AVAILABLE = "55P03"
 # This plugin's own operations: a table of the same name gets a quoted operation name.
 _OWN_OPERATIONS = {"auto", "database_stats"}
@@ -62,26 +65,55 @@ class VacuumRefused(Exception):
     """VACUUM skipped the table for a reason other than a lock (typically privileges)."""
 
 
+# -- settings: [plugins.vacuum] is a Settings, read by sweeperd.settings ---------------------------
+
+
+@reader('a list of table names or "auto"')
+def _tables(value: Any, at: At) -> tuple[str, ...] | None:
+    if value == "auto":
+        return None
+    if not isinstance(value, list):
+        raise Invalid('expected a list of table names or "auto"')
+    seen: dict[str, int] = {}
+    for i, table in enumerate(value):
+        problem = _table_problem(table)
+        if problem is not None:
+            at.at(i).problem(problem)
+        elif table in seen:
+            at.at(i).problem(f"expected each table once, {table!r} is also tables[{seen[table]}]")
+        else:
+            seen[table] = i
+    return tuple(value)
+
+
+# The kinds of values [plugins.vacuum] has, in this plugin's words.
+Tables = Annotated[tuple[str, ...] | None, _tables]
+Flag = Annotated[bool, flag(message="expected true or false")]
+Size = Annotated[str, text(empty=True, message='expected a size string such as "256MB"')]
+Count = Annotated[int, integer(minimum=0, message="expected a non-negative integer")]
+Ratio = Annotated[float, number(minimum=0, maximum=1, message="expected a number between 0 and 1")]
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
-    tables: tuple[str, ...] | None  # None: "auto"
-    analyze: bool = True
-    skip_locked: bool = True
-    buffer_usage_limit: str | None = None
-    min_dead_tuples: int = 1000
-    min_dead_ratio: float = 0.05
+    tables: Tables = ()  # None: "auto"
+    analyze: Flag = True
+    skip_locked: Flag = True
+    buffer_usage_limit: Size | None = None  # PostgreSQL 16+
+    min_dead_tuples: Count = 1000  # "auto" only
+    min_dead_ratio: Ratio = 0.05  # "auto" only: dead / (live + dead)
 
 
 @sweeperd.hookimpl
-def sweeperd_validate_settings(settings: Mapping[str, Any]) -> list[tuple[str, str]]:
-    return list(_problems(settings))
+def sweeperd_validate_settings(settings: Mapping[str, Any]) -> list[Problem]:
+    return read(Settings, settings)[1]
 
 
 @sweeperd.hookimpl
 def sweeperd_operations(settings: Mapping[str, Any]) -> list[sweeperd.Operation]:
-    if "tables" not in settings:
+    s, _problems = read(Settings, settings)
+    if s is None or "tables" not in settings:
         return []
-    s = _settings(settings)
     ops = []
     if s.tables is None:
         ops.append(
@@ -113,39 +145,6 @@ def sweeperd_operations(settings: Mapping[str, Any]) -> list[sweeperd.Operation]
     return ops
 
 
-def _problems(settings: Mapping[str, Any]) -> Iterable[tuple[str, str]]:
-    for key in settings:
-        if key not in _KEYS:
-            yield toml_key(key), f"unknown key (expected one of: {', '.join(sorted(_KEYS))})"
-    tables = settings.get("tables", [])
-    if tables != "auto" and not isinstance(tables, list):
-        yield "tables", 'expected a list of table names or "auto"'
-    elif isinstance(tables, list):
-        seen: dict[str, int] = {}
-        for i, table in enumerate(tables):
-            problem = _table_problem(table)
-            if problem is not None:
-                yield f"tables[{i}]", problem
-            elif table in seen:
-                yield (
-                    f"tables[{i}]",
-                    f"expected each table once, {table!r} is also tables[{seen[table]}]",
-                )
-            else:
-                seen[table] = i
-    for key in ("analyze", "skip_locked"):
-        if key in settings and not isinstance(settings[key], bool):
-            yield key, "expected true or false"
-    if "buffer_usage_limit" in settings and not isinstance(settings["buffer_usage_limit"], str):
-        yield "buffer_usage_limit", 'expected a size string such as "256MB"'
-    value = settings.get("min_dead_tuples", 0)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        yield "min_dead_tuples", "expected a non-negative integer"
-    ratio = settings.get("min_dead_ratio", 0.0)
-    if not isinstance(ratio, int | float) or isinstance(ratio, bool) or not 0 <= ratio <= 1:
-        yield "min_dead_ratio", "expected a number between 0 and 1"
-
-
 def _table_problem(table: Any) -> str | None:
     """What is wrong with one entry of ``tables`` (None: it names a table PostgreSQL can hold).
 
@@ -167,18 +166,6 @@ def _table_problem(table: Any) -> str | None:
             f"(PostgreSQL would cut it short and vacuum another table): {table!r}"
         )
     return None
-
-
-def _settings(raw: Mapping[str, Any]) -> Settings:
-    tables = raw.get("tables", [])
-    return Settings(
-        tables=None if tables == "auto" else tuple(tables),
-        analyze=raw.get("analyze", True),
-        skip_locked=raw.get("skip_locked", True),
-        buffer_usage_limit=raw.get("buffer_usage_limit"),
-        min_dead_tuples=raw.get("min_dead_tuples", 1000),
-        min_dead_ratio=float(raw.get("min_dead_ratio", 0.05)),
-    )
 
 
 def _table_operation(table: str, s: Settings) -> sweeperd.Operation:
