@@ -5,8 +5,10 @@ Pure logic: nothing here connects to a database.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -17,11 +19,20 @@ from sweeperd.config import (
     DEFAULT_CONFIG_PATH,
     Config,
     ConfigError,
+    DaemonConfig,
     DatabaseConfig,
+    HistoryConfig,
+    LogConfig,
+    SweepConfig,
+    TelemetryConfig,
+    TenantConfig,
+    TenantSource,
     load_config,
     parse_config,
     resolve_config_path,
 )
+from sweeperd.settings import Duration, read
+from sweeperd.validation import Known
 
 DSN = 'dsn = "host=/nonexistent dbname=app"'
 TENANT = 'name = "acme"\ndatabase = "main"\nschema = "tenant_acme"'
@@ -137,6 +148,79 @@ def test_minimal_config_defaults(tmp_path: Path) -> None:
     assert config.tenants == ()
     assert config.tenant_sources == ()
     assert config.plugin_settings("vacuum") == {}
+
+
+def test_the_defaults_are_the_dataclasses_own(tmp_path: Path) -> None:
+    """Nothing restates a default: what a config leaves out is what the dataclass says."""
+    config = load_ok(tmp_path, f"[databases.main]\n{DSN}\n[sweeps.nightly]\n{CRON}\n")
+    assert config.daemon == DaemonConfig()
+    assert config.log == LogConfig()
+    assert config.history == HistoryConfig()
+    assert config.telemetry == TelemetryConfig()
+    dsn = "host=/nonexistent dbname=app"
+    assert config.databases["main"] == DatabaseConfig(name="main", dsn=dsn)
+    assert config.databases["main"].dsn == dsn
+    assert config.sweeps["nightly"] == SweepConfig(name="nightly", cron="0 3 * * *")
+
+
+# Each section: where an unknown key lands, its dataclass, the fields that are no keys (a table's
+# name, the file's path) and the keys that are no fields (the DSN's sources).
+SECTIONS = [
+    ({"top": "bogus = 1"}, "bogus", Config, {"path"}, set()),
+    ({"daemon": "bogus = 1"}, "daemon.bogus", DaemonConfig, set(), set()),
+    ({"log": "bogus = 1"}, "log.bogus", LogConfig, set(), set()),
+    ({"history": "bogus = 1"}, "history.bogus", HistoryConfig, set(), set()),
+    ({"top": "[telemetry]\nbogus = 1"}, "telemetry.bogus", TelemetryConfig, set(), set()),
+    (
+        {"database": DSN + "\nbogus = 1"},
+        "databases.main.bogus",
+        DatabaseConfig,
+        {"name"},
+        {"dsn_file", "dsn_credential"},
+    ),
+    ({"tenant": TENANT + "\nbogus = 1"}, "tenants[0].bogus", TenantConfig, set(), set()),
+    (
+        {"source": 'database = "main"\nschemas = "t_%"\nbogus = 1'},
+        "tenant_sources[0].bogus",
+        TenantSource,
+        set(),
+        set(),
+    ),
+    ({"sweep": CRON + "\nbogus = 1"}, "sweeps.nightly.bogus", SweepConfig, {"name"}, set()),
+]
+
+
+@pytest.mark.parametrize(("overrides", "key", "cls", "given", "extra"), SECTIONS)
+def test_each_section_allows_exactly_the_fields_of_its_dataclass(
+    tmp_path: Path,
+    overrides: dict[str, str],
+    key: str,
+    cls: type,
+    given: set[str],
+    extra: set[str],
+) -> None:
+    line = single_problem(tmp_path, make_config(**overrides), key, "unknown key")
+    keys = {f.name for f in dataclasses.fields(cls)} - given | extra
+    assert line.endswith(f"(expected one of: {', '.join(sorted(keys))})")
+
+
+def test_a_new_setting_is_a_field_with_a_type_and_a_default(tmp_path: Path) -> None:
+    @dataclass(frozen=True, slots=True)
+    class Daemon(DaemonConfig):
+        nap: Duration = 5.0
+
+    known = Known(base=tmp_path, databases=frozenset(), timezone="UTC")
+    assert read(Daemon, {}, "daemon", context=known)[0] == Daemon()
+    assert read(Daemon, {"nap": "1m", "max_concurrency": 2}, context=known)[0] == Daemon(
+        max_concurrency=2, nap=60.0
+    )
+    assert read(Daemon, {"nap": 5}, "daemon", context=known)[1] == [
+        (
+            "daemon.nap",
+            'expected a duration such as "500ms", "30s", "15m", "2h", "90d" or "1h30m", '
+            "got an integer",
+        )
+    ]
 
 
 def test_empty_file_is_valid(tmp_path: Path) -> None:

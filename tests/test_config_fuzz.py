@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import io
 import itertools
@@ -32,8 +33,19 @@ import tomli_w
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support import REPO
+from sweeperd.bundled import retention, vacuum
 
 from sweeperd.cli import main
+from sweeperd.config import (
+    DaemonConfig,
+    DatabaseConfig,
+    HistoryConfig,
+    LogConfig,
+    SweepConfig,
+    TelemetryConfig,
+    TenantConfig,
+    TenantSource,
+)
 from sweeperd.db import Database
 from sweeperd.limits import Bounds, Limits
 from sweeperd.model import Tenant
@@ -41,60 +53,30 @@ from sweeperd.planner import make_plan
 from sweeperd.runner import Runner
 from sweeperd.schedule import SweepScheduler, Window, nominal_firing
 from sweeperd.startup import prepare
+from sweeperd.validation import DSN_KEYS
 
 SHIPPED = REPO / "config" / "sweeperd.toml"
 BASE: dict[str, Any] = tomllib.loads(SHIPPED.read_text(encoding="utf-8"))
 
-# Keys the shipped file leaves out (commented), so that mutations also add them.
+
+def keys(cls: type, *, given: tuple[str, ...] = (), extra: tuple[str, ...] = ()) -> list[str]:
+    """The keys of a settings table: its dataclass's fields (less those given) and ``extra``."""
+    return [f.name for f in dataclasses.fields(cls) if f.init and f.name not in given] + [*extra]
+
+
+# Every key of every section, read from the dataclasses (so a new setting is fuzzed too), the
+# shipped file leaving some out (commented): mutations also add them.
 KNOWN = {
-    ("daemon",): ["timezone", "max_concurrency", "drain_timeout", "plugin_dirs"],
-    ("log",): ["format", "level"],
-    ("history",): ["enabled", "keep"],
-    ("telemetry",): ["tenant_metrics"],
-    ("databases", "main"): [
-        "dsn",
-        "dsn_file",
-        "dsn_credential",
-        "max_connections",
-        "lock_timeout",
-        "statement_timeout",
-        "connect_timeout",
-        "pooler",
-        "connect_retry",
-    ],
-    ("sweeps", "nightly"): [
-        "cron",
-        "interval",
-        "operations",
-        "tenants",
-        "per_tenant_concurrency",
-        "timeout",
-        "operation_timeout",
-        "overlap",
-        "jitter",
-        "window",
-        "window_end",
-        "misfire_grace_time",
-    ],
-    ("tenants", 0): ["name", "database", "schema"],
-    ("tenant_sources", 0): ["database", "schemas", "prefix"],
-    ("plugins", "vacuum"): ["tables", "analyze", "skip_locked", "freeze", "verbose"],
-    ("plugins", "retention", "rules", 0): [
-        "name",
-        "table",
-        "column",
-        "older_than",
-        "batch_size",
-        "max_rows",
-        "match",
-        "pause",
-        "missing",
-        "scope",
-        "schema",
-        "timezone",
-        "lock_timeout",
-        "statement_timeout",
-    ],
+    ("daemon",): keys(DaemonConfig),
+    ("log",): keys(LogConfig),
+    ("history",): keys(HistoryConfig),
+    ("telemetry",): keys(TelemetryConfig),
+    ("databases", "main"): keys(DatabaseConfig, given=("name",), extra=DSN_KEYS[1:]),
+    ("sweeps", "nightly"): keys(SweepConfig, given=("name",)),
+    ("tenants", 0): keys(TenantConfig),
+    ("tenant_sources", 0): keys(TenantSource),
+    ("plugins", "vacuum"): keys(vacuum.Settings, extra=("freeze", "verbose")),  # two unknown
+    ("plugins", "retention", "rules", 0): keys(retention.Rule),
 }
 
 Path_ = tuple[str | int, ...]

@@ -8,13 +8,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import MappingProxyType
 from typing import Annotated, Any, Literal
 
 import pytest
+from support import write_config
 
 import sweeperd
 from sweeperd import settings
+from sweeperd.config import ConfigError, load_config
+from sweeperd.plugins import load_plugins
 from sweeperd.settings import (
     At,
     Duration,
@@ -347,3 +351,77 @@ def test_the_public_api() -> None:
     assert sweeperd.settings is settings
     assert "settings" in sweeperd.__all__
     assert set(settings.__all__) <= set(dir(settings))
+
+
+# -- a plugin's settings, end to end --------------------------------------------------------------
+
+JOBS_PLUGIN = """
+from dataclasses import dataclass
+from typing import Literal
+
+import sweeperd
+from sweeperd.settings import Duration, PositiveInt, read
+
+
+@dataclass(frozen=True)
+class Jobs:
+    table: str
+    older_than: Duration = 7 * 86400.0
+    batch_size: PositiveInt = 1000
+    mode: Literal["fast", "careful"] = "careful"
+
+
+async def purge(ctx):
+    return 0
+
+
+@sweeperd.hookimpl
+def sweeperd_validate_settings(settings):
+    return read(Jobs, settings)[1] if settings else []
+
+
+@sweeperd.hookimpl
+def sweeperd_operations(settings):
+    jobs, _problems = read(Jobs, settings)
+    if jobs is None:
+        return []
+    return [sweeperd.Operation(name="jobs.purge", run=purge, tables=(jobs.table,),
+                               description=f"{jobs.mode}, {jobs.older_than:.0f}s")]
+"""
+
+
+def _jobs_config(tmp_path: Path, jobs: str) -> Path:
+    (tmp_path / "plugins.d").mkdir(exist_ok=True)
+    (tmp_path / "plugins.d" / "jobs.py").write_text(JOBS_PLUGIN, encoding="utf-8")
+    return write_config(
+        tmp_path,
+        f"""
+        [daemon]
+        plugin_dirs = ["plugins.d"]
+        [databases.main]
+        dsn = "dbname=app"
+        [sweeps.nightly]
+        cron = "0 3 * * *"
+        {jobs}
+        """,
+    )
+
+
+def test_a_drop_in_plugin_reads_its_settings_like_the_core(tmp_path: Path) -> None:
+    path = _jobs_config(tmp_path, '[plugins.jobs]\ntable = "jobs"\nolder_than = "1h"')
+    operations = load_plugins(load_config(path), entry_points=False).operations
+    assert operations["jobs.purge"].description == "careful, 3600s"
+    assert operations["jobs.purge"].tables == ("jobs",)
+
+    path = _jobs_config(tmp_path, "")  # not configured: no problem, no operation
+    assert "jobs.purge" not in load_plugins(load_config(path), entry_points=False).operations
+
+    path = _jobs_config(tmp_path, '[plugins.jobs]\ntable = 5\nbatch_size = 0\nmod = "x"')
+    with pytest.raises(ConfigError) as excinfo:
+        load_plugins(load_config(path), entry_points=False)
+    assert excinfo.value.problems == [
+        f"{path}: plugins.jobs.mod: unknown key (expected one of: batch_size, mode, "
+        "older_than, table)",
+        f"{path}: plugins.jobs.table: expected a non-empty string, got an integer",
+        f"{path}: plugins.jobs.batch_size: expected a positive integer, got 0",
+    ]
