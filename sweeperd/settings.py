@@ -19,74 +19,80 @@ table against it and builds it::
 
     @sweeperd.hookimpl
     def sweeperd_validate_settings(settings):
-        return read(Jobs, settings)[1]
+        return read(Jobs, settings)[1] if settings else []  # no [plugins.jobs]: nothing to check
 
     @sweeperd.hookimpl
     def sweeperd_operations(settings):
-        jobs, _problems = read(Jobs, settings)   # validated already: never None here
-        ...
+        jobs, _problems = read(Jobs, settings)  # validated: None only when not configured
+        return [] if jobs is None else [sweeperd.Operation(name="jobs.purge", ...)]
 
 ``read(cls, raw, where="")`` returns ``(value, problems)``: the instance, or None when anything is
 wrong, and *every* problem found, as ``(key, expectation)`` pairs such as
-``("older_than", 'expected a duration such as "500ms", …, got an integer')`` — exactly what
+``("older_than", 'expected a duration such as "500ms", …, got an integer')``: what
 ``sweeperd_validate_settings`` returns. Keys are TOML key paths (segments quoted with
 :func:`toml_key`, ``[i]`` for array items), prefixed with ``where``: read each entry of an array
-with ``read(Rule, raw, where=f"rules[{i}]")``. ``context`` is handed to readers and rules as
-``at.context``; ``given`` supplies fields that are not keys of the table (the core gives each
-``[databases.<name>]`` its name this way).
+with ``read(Rule, raw, where=f"rules[{i}]")``. ``context`` reaches readers and rules as
+``at.context``; ``given`` supplies fields that are no keys of the table (the core gives each
+``[databases.<name>]`` its name so).
 
 **Fields.** Each field is the key of its name. Absent, it takes the field's default (or
 ``default_factory()``); without one it is the problem ``required: <expectation>``. Keys that are no
 field are problems (``unknown key (expected one of: …)``): a typo must not go unnoticed. Fields
-declared with ``init=False`` are not settings. A present value goes through the field's *reader*,
-found in this order:
+declared with ``init=False`` are no settings. A value given goes through the field's *reader*,
+the first of:
 
-* ``setting(reader=…)`` as the field's definition (it also takes ``default``, ``default_factory``,
-  ``repr`` and ``compare``, like :func:`dataclasses.field`);
-* ``Annotated[T, reader]`` as its type; :data:`Duration`, :data:`PositiveDuration`,
-  :data:`PositiveInt` and :data:`Identifier` are such types;
+* ``setting(reader=…)`` as the field's definition (which also takes ``default``,
+  ``default_factory``, ``repr`` and ``compare``, as :func:`dataclasses.field` does);
+* ``Annotated[T, reader]`` as its type, such as :data:`Duration`, :data:`PositiveDuration`,
+  :data:`PositiveInt` and :data:`Identifier`;
 * its type: ``str`` (non-empty), ``bool``, ``int``, ``float`` (finite; an integer is fine),
   ``Literal["a", "b"]`` (one of them), ``X | None`` (absent: None), ``tuple[X, ...]`` (an array of
   X), another settings dataclass (a table), ``Mapping[str, X]`` with X a dataclass (tables by name).
 
 The standard readers are :func:`text`, :func:`flag`, :func:`integer`, :func:`number`,
-:func:`choice`, :func:`duration` (via :func:`sweeperd.durations.parse_duration`, so capped at
-36500d), :func:`identifier` (a PostgreSQL name), :func:`array`, :func:`table` and :func:`tables`.
-Their problems read ``expected <what>, got <what it was>``.
+:func:`choice`, :func:`duration` (:func:`sweeperd.durations.parse_duration`: capped at 36500d),
+:func:`identifier` (a PostgreSQL name), :func:`zone` (an IANA time zone), :func:`array`,
+:func:`table` and :func:`tables`. Their problems read ``expected <what>, got <what it was>``; given
+``message=`` (a string, or a function of the value as written) they say that instead.
 
-**Readers** of one's own are functions ``(value, at) -> T`` made into a :class:`Reader` with
-:func:`reader` (its ``expectation`` completes ``required: …``)::
+**Readers** of one's own are functions ``(value, at) -> T`` made a :class:`Reader` by
+:func:`reader`, whose argument completes ``required: …``::
 
-    @reader("a size such as \\"256MB\\"")
+    @reader('a size such as "256MB"')
     def size(value: Any, at: At) -> str:
         if not isinstance(value, str) or not SIZE.fullmatch(value):
             raise Invalid(f'expected a size such as "256MB", got {value!r}')
         return value
 
-Raise :class:`Invalid` with the expectation for a problem at the value's own key, or report as
-many as there are with ``at.at(segment).problem(expectation)`` (``at.at(2)`` for an array item):
-a field whose reader reported anything is left out. A reader given as ``setting(reader=…,
-keys=(…))`` reads the whole table instead of one value, and owns those keys (one of several keys,
-a default that depends on another key).
+    buffer: Annotated[str, size] = "256MB"
 
-**Rules** across fields are functions ``(values, at)`` listed on the class with
-``@rules(…)`` (above ``@dataclass``). They run after the fields, with ``values`` holding every
-field that was read well (defaults included, bad ones left out) and ``at.raw`` the table as
-written, and report with ``at.at(key).problem(…)`` (or ``raise Invalid(…)`` for the table itself).
-A problem reported by a rule keeps the class from being built but leaves ``values`` alone, so
-that every rule sees what was read::
+Raise :class:`Invalid` for a problem at the value's own key, or report as many as there are with
+``at.at(segment).problem(expectation)`` (``at.at(2)``: an array item); a field whose reader
+reported anything is left out. ``setting(reader=…, keys=(…))`` hands the reader the whole table
+instead, for a field read from one of several keys or with a default that depends on another.
+Readers work outside :func:`read` too: ``at = At("rules", raw)``, ``value = reader(raw, at)``,
+then ``at.problems``; ``at.get(key, reader)`` reads one key of the table ``at.raw``.
 
-    def _cutoff_needs_column(values: Mapping[str, Any], at: At) -> None:
+**Rules** across fields are functions ``(values, at)`` listed on the class with ``@rules(…)`` (above
+``@dataclass``). They run after the fields, ``values`` holding every field that was read well
+(defaults included, bad ones left out) and ``at.raw`` the table as written, and report with
+``at.at(key).problem(…)`` (or ``raise Invalid(…)``, for the table itself). Their problems keep the
+class from being built, not the other rules from seeing ``values``::
+
+    def _column_when_careful(values: Mapping[str, Any], at: At) -> None:
         if values.get("mode") == "careful" and "column" not in at.raw:
             at.at("column").problem('required with mode = "careful"')
 
-Annotations must be resolvable when :func:`read` first meets the class (module level, no
-``TYPE_CHECKING``-only names). The plan of each class is built once; reading is then one pass.
+Across the items of an array of tables (names unique, say), ``array(table(Cls), each=…)``.
+
+Annotations must resolve when :func:`read` first meets the class (module level, no
+``TYPE_CHECKING``-only names): each class's plan is built once, then every table is one pass.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import types
 import typing
@@ -135,6 +141,7 @@ NAMEDATALEN: Final = 63  # PostgreSQL truncates longer identifiers; a truncated 
 _BARE_KEY = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
 _SPEC = "sweeperd.settings"  # the key of a field's metadata
 _RULES = "__sweeperd_rules__"  # the attribute @rules sets on a class
+_PLANS = "__sweeperd_plans__"  # a class's plans (by the fields given), kept and freed with it
 
 
 def toml_key(key: str) -> str:
@@ -591,7 +598,6 @@ class _Field:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Plan:
-    fields: tuple[_Field, ...]
     # (name, key, read, leaf, field) of each field: the loop over 50 000 tenants unpacks them
     rows: tuple[tuple[str, str | None, Callable[[Any, At], Any], bool, _Field], ...]
     allowed: frozenset[str]
@@ -599,15 +605,15 @@ class _Plan:
     rules: tuple[Rule, ...]
 
 
-_PLANS: dict[tuple[type, frozenset[str]], _Plan] = {}
-
-
 def _plan(cls: type, given: frozenset[str]) -> _Plan:
-    plan = _PLANS.get((cls, given))
-    if plan is not None:
-        return plan
+    plans: dict[frozenset[str], _Plan] | None = cls.__dict__.get(_PLANS)  # not a base's
+    if plans is not None and given in plans:
+        return plans[given]
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"{cls!r} is not a dataclass")
+    if plans is None:
+        plans = {}
+        setattr(cls, _PLANS, plans)
     hints = typing.get_type_hints(cls, include_extras=True)
     fields: list[_Field] = []
     keys: set[str] = set()
@@ -630,13 +636,12 @@ def _plan(cls: type, given: frozenset[str]) -> _Plan:
             )
         )
     plan = _Plan(
-        fields=tuple(fields),
         rows=tuple((f.name, f.key, f.read, f.leaf, f) for f in fields),
         allowed=frozenset(keys),
         unknown=f"unknown key (expected one of: {', '.join(sorted(keys))})",
         rules=tuple(getattr(cls, _RULES, ())),
     )
-    _PLANS[cls, given] = plan
+    plans[given] = plan
     return plan
 
 
@@ -645,6 +650,11 @@ def _reader_for(tp: Any, where: str) -> Reader[Any]:
     origin = get_origin(tp)
     args = get_args(tp)
     if origin is Annotated:
+        for extra in args[1:]:
+            if inspect.isfunction(extra):  # a reader without its expectation
+                raise TypeError(
+                    f"{where}: make {extra.__name__} a Reader with @reader(expectation)"
+                )
         found = [extra for extra in args[1:] if isinstance(extra, Reader)]
         return found[-1] if found else _reader_for(args[0], where)
     if origin is typing.Union or origin is types.UnionType:

@@ -338,6 +338,10 @@ def test_problems_deep_inside() -> None:
     ]
 
 
+def _plain(value: Any, at: At) -> int:
+    return 1
+
+
 def test_a_type_without_a_reader_is_the_authors_mistake() -> None:
     @dataclass(frozen=True)
     class Odd:
@@ -345,6 +349,15 @@ def test_a_type_without_a_reader_is_the_authors_mistake() -> None:
 
     with pytest.raises(TypeError, match=r"Odd.when: no reader for <class 'complex'>"):
         read(Odd, {})
+
+    @dataclass(frozen=True)
+    class Unwrapped:
+        n: Annotated[int, _plain] = 0
+
+    with pytest.raises(TypeError, match=r"Unwrapped.n: make _plain a Reader with @reader"):
+        read(Unwrapped, {})
+    with pytest.raises(TypeError, match="is not a dataclass"):
+        read(dict, {})
 
 
 def test_the_public_api() -> None:
