@@ -34,6 +34,8 @@ def sweeperd_validate_settings(
     as ``(key, expectation)`` pairs, where ``key`` is relative to ``plugins.<name>``
     (``"rules[0].older_than"``) and ``expectation`` says what was expected; all problems of all
     plugins are reported together with the core configuration errors.
+    :func:`sweeperd.settings.read` reads a table into a dataclass of the plugin's own and returns
+    exactly these pairs (the bundled plugins do that).
 
     :param settings: the plugin's ``[plugins.<name>]`` table (empty if absent).
     :param config: the validated core configuration.
