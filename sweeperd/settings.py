@@ -92,6 +92,7 @@ Annotations must resolve when :func:`read` first meets the class (module level, 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import inspect
 import math
 import types
@@ -166,6 +167,12 @@ def kind_of(value: Any) -> str:
     return _KINDS.get(type(value), type(value).__name__)
 
 
+class _Failed(enum.Enum):
+    """What :meth:`At.read` returns when the value was not read (None may be a value)."""
+
+    FAILED = 0
+
+
 class Invalid(Exception):
     """A value (or, from a rule, a table) is not what was expected; ``expectation`` says what was.
 
@@ -215,14 +222,19 @@ class At:
         if key not in self.raw:
             return None
         value = self.raw[key]
-        child = self.at(key, value)
+        got = self.at(key, value).read(reader, value)
+        return None if got is _Failed.FAILED else got
+
+    def read(self, reader: Callable[[Any, At], T], value: Any) -> T | Literal[_Failed.FAILED]:
+        """``value`` read by ``reader`` here; ``_Failed.FAILED`` if it raised :class:`Invalid`
+        (recorded at this key) or reported a problem itself."""
         before = len(self._problems)
         try:
-            got = reader(value, child)
+            got = reader(value, self)
         except Invalid as exc:
-            child.problem(exc.expectation)
-            return None
-        return got if len(self._problems) == before else None
+            self.problem(exc.expectation)
+            return _Failed.FAILED
+        return got if len(self._problems) == before else _Failed.FAILED
 
     def problem(self, expectation: str) -> None:
         """Record a problem at this key."""
@@ -496,7 +508,6 @@ def array(
         if not isinstance(value, list):
             raise Invalid(message or f"expected an array, got {kind_of(value)}")
         out: list[T] = []
-        problems = at._problems
         seen = each() if each is not None else None
         for i, raw in enumerate(value):
             item_at = at.at(i, raw)
@@ -507,13 +518,8 @@ def array(
                 if got is not None:
                     out.append(got)
                 continue
-            before = len(problems)
-            try:
-                got_item = item(raw, item_at)
-            except Invalid as exc:
-                item_at.problem(exc.expectation)
-                continue
-            if len(problems) == before:
+            got_item = item_at.read(item, raw)
+            if got_item is not _Failed.FAILED:
                 out.append(got_item)
         return tuple(out)
 
@@ -739,13 +745,8 @@ class _TableReader(Reader[T]):
             else:
                 at.at(key).problem(f"required: {f.expectation}")
                 continue
-            reported = len(problems)
-            try:
-                got = read_value(value, field_at)
-            except Invalid as exc:
-                field_at.problem(exc.expectation)
-                continue
-            if len(problems) == reported:
+            got = field_at.read(read_value, value)
+            if got is not _Failed.FAILED:
                 values[name] = got
         for rule in plan.rules:
             try:
