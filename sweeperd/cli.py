@@ -294,14 +294,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from .logs import setup_logging
+    from .planner import require_sweep
     from .status import collect, render, to_json
 
     config = load_config(resolve_config_path(args.config))
     _preflight(config)
     setup_logging(config.log)
-    if args.sweep is not None and args.sweep not in config.sweeps:
-        known = ", ".join(sorted(config.sweeps)) or "none configured"
-        raise UsageError([f"no sweep named {args.sweep!r} in {config.path} (known: {known})"])
+    if args.sweep is not None:
+        require_sweep(config, args.sweep)
     runs, last_ok, unreachable = asyncio.run(
         collect(config, sweep=args.sweep, tenant=args.tenant, failed_only=args.failed)
     )

@@ -177,12 +177,17 @@ def _timeout(op: Operation, sweep: SweepConfig) -> float | None:
     return op.timeout if op.timeout is not None else sweep.operation_timeout
 
 
+def require_sweep(config: Config, sweep: str) -> SweepConfig:
+    """``[sweeps.<sweep>]``, or :class:`SelectionError` naming the sweeps there are."""
+    if sweep not in config.sweeps:
+        known = ", ".join(sorted(config.sweeps)) or "none configured"
+        raise SelectionError(f"no sweep named {sweep!r} in {config.path} (known: {known})")
+    return config.sweeps[sweep]
+
+
 def _sweeps(config: Config, sweep: str | None) -> list[SweepConfig]:
     if sweep is not None:
-        if sweep not in config.sweeps:
-            known = ", ".join(sorted(config.sweeps)) or "none configured"
-            raise SelectionError(f"no sweep named {sweep!r} in {config.path} (known: {known})")
-        return [config.sweeps[sweep]]
+        return [require_sweep(config, sweep)]
     if config.sweeps:
         return list(config.sweeps.values())
     # No sweeps configured: "every operation once" still means something useful.

@@ -15,7 +15,7 @@ from .config import Config
 from .databases import open_databases
 from .history import History
 from .limits import Bounds, Limits
-from .planner import SelectionError, make_plan, matches
+from .planner import SelectionError, make_plan, matches, require_sweep
 from .plugins import Plugins
 from .report import SweepReport
 from .runner import Runner
@@ -43,9 +43,8 @@ async def sweep_once(
     dry_run: bool = False,
 ) -> SweepReport:
     """Run one sweep now. Raises SelectionError for an unknown sweep before connecting."""
-    if sweep is not None and sweep not in config.sweeps:
-        known = ", ".join(sorted(config.sweeps)) or "none configured"
-        raise SelectionError(f"no sweep named {sweep!r} in {config.path} (known: {known})")
+    if sweep is not None:
+        require_sweep(config, sweep)
     for glob in only_globs:
         # A typo in --only must not look like a clean run of nothing (exit 0).
         if not any(matches(name, [glob]) for name in plugins.operations):
