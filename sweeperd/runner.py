@@ -285,9 +285,11 @@ class _SweepRun:
                         record_exception=False,
                         set_status_on_exception=False,
                     ):
-                        rows = await item.operation.run(attempt.ctx)
-            if rows is not None and not isinstance(rows, int):
-                raise TypeError(f"run() returned {type(rows).__name__}, expected int or None")
+                        returned = await item.operation.run(attempt.ctx)
+            # Checked before it becomes the result's rows: a str there would fail the history.
+            if returned is not None and not isinstance(returned, int):
+                raise TypeError(f"run() returned {type(returned).__name__}, expected int or None")
+            rows = returned
         except Skip as exc:
             return attempt.end("skipped", str(exc) or "skipped by the operation")
         except TimeoutError as exc:

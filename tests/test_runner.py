@@ -9,6 +9,7 @@ nothing here asserts how long something took.
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from collections import Counter
@@ -900,3 +901,22 @@ def test_set_role_does_not_leak_to_the_next_operation(pg_dsn: str) -> None:
     assert seen["after"][1] == seen["before"][1], "max_connections = 1: the same connection"
     assert seen["after"][0] == seen["before"][0], "SET ROLE leaked into the next operation"
     assert results_by(report)[("acme", "role.check")].status == "ok"
+
+
+def test_run_returning_something_other_than_rows_fails_without_it_in_the_result(
+    pg_dsn: str,
+) -> None:
+    """``run()`` returns an int or None; anything else fails the item with TypeError, and the
+    result's ``rows`` stays an int or None (the history's column is an integer)."""
+    run_sql(pg_dsn, "CREATE SCHEMA tenant_acme")
+
+    async def wrong(_ctx: Context) -> Any:
+        return "abc"
+
+    config = make_config(pg_dsn, [("acme", "tenant_acme")])
+    report = sweep(config, [Operation(name="t.wrong", run=wrong, tables=("x",))])
+    (result,) = report.results
+    assert result.status == "failed", result
+    assert result.error is not None and result.error.startswith("TypeError: run() returned str")
+    assert result.rows is None
+    json.dumps(report.to_json())  # the report still serializes
