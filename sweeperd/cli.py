@@ -17,7 +17,7 @@ from typing import Any
 from . import __version__
 from .config import Config, load_config, resolve_config_path
 from .plugins import Plugins
-from .problems import ExitCode, Problems
+from .problems import ExitCode, Problems, printable
 
 
 class UsageError(Problems):
@@ -160,12 +160,7 @@ def _error(problem: str) -> None:
     from .logs import under_journald
 
     prefix = "<3>" if under_journald(sys.stderr) else ""
-    print(f"{prefix}sweeperd: {_one_line(problem)}", file=sys.stderr)
-
-
-def _one_line(text: str) -> str:
-    """``text`` with what does not print escaped (a newline, U+0085, U+2028...)."""
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+    print(f"{prefix}sweeperd: {printable(problem)}", file=sys.stderr)
 
 
 def _in_unit(args: argparse.Namespace, argv: list[str]) -> int:
@@ -236,7 +231,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
             print("    (no operations with the current configuration)")
         for op in ops:
             # A table name may hold anything, a newline included: one operation, one line.
-            tables = _one_line(", ".join(op.tables)) or "-"
+            tables = printable(", ".join(op.tables)) or "-"
             desc = f"  {op.description}" if op.description else ""
             print(f"    {op.name}  [scope {op.scope}; tables {tables}]{desc}")
     return ExitCode.OK

@@ -24,7 +24,7 @@ import pluggy
 from . import __version__, hookspecs, model
 from .config import Config, ConfigError
 from .model import Operation, OperationError
-from .problems import Problems
+from .problems import Problems, printable
 from .validation import toml_key
 
 PROJECT = "sweeperd"
@@ -232,7 +232,7 @@ def _load_failure(info: PluginInfo, exc: BaseException) -> str:
 def _one_line(exc: BaseException) -> str:
     # One line per problem, whatever the exception text looks like (libpq and C extensions
     # produce multi-line messages).
-    return _printable(" ".join(str(exc).split()))
+    return printable(" ".join(str(exc).split()))
 
 
 def _innermost_location(exc: BaseException, *, skip: frozenset[str] = frozenset()) -> str:
@@ -294,17 +294,7 @@ def _call_per_plugin(
 
 def _plugin_key(config: Config, name: str) -> str:
     """Where a plugin's settings live (``<config>: plugins.<name>``): what its problems name."""
-    return f"{config.path}: plugins.{_printable(toml_key(name))}"
-
-
-def _printable(text: str) -> str:
-    """``text`` with anything that would not print as itself escaped (one problem, one line).
-
-    Settings keys come from TOML, whose quoted keys may hold newlines or control characters.
-    """
-    if text.isprintable():
-        return text
-    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+    return f"{config.path}: plugins.{printable(toml_key(name))}"
 
 
 def _validate_settings(pm: pluggy.PluginManager, config: Config) -> list[str]:
@@ -326,7 +316,7 @@ def _validate_settings(pm: pluggy.PluginManager, config: Config) -> list[str]:
             continue
         for key, expectation in pairs:
             problems.append(
-                f"{_plugin_key(config, name)}.{_printable(key)}: {_one_line_text(expectation)}"
+                f"{_plugin_key(config, name)}.{printable(key)}: {_one_line_text(expectation)}"
             )
     return problems
 
@@ -348,7 +338,7 @@ def _problem_pairs(found: Any) -> list[tuple[str, str]] | None:
 
 
 def _one_line_text(text: str) -> str:
-    return _printable(" ".join(text.split()))
+    return printable(" ".join(text.split()))
 
 
 def _one_line_repr(value: Any) -> str:

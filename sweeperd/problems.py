@@ -27,3 +27,11 @@ class Problems(Exception):
     def __init__(self, problems: Iterable[str] | str) -> None:
         self.problems = [problems] if isinstance(problems, str) else list(problems)
         super().__init__("\n".join(self.problems))
+
+
+def printable(text: str) -> str:
+    """``text`` with what would not print as itself escaped: one problem stays one line, whatever
+    a TOML key, a value or an exception holds (a newline, U+0085, U+2028, control characters)."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
