@@ -20,7 +20,7 @@ from pathlib import Path
 from .config import Config, ConfigError, load_config
 from .limits import Bounds, Limits
 from .model import Tenant
-from .planner import PlanError, make_plan
+from .planner import PlanError, make_plan, matches
 from .plugins import Plugins, load_plugins
 from .schedule import Window, build_trigger, misfire_grace, nominal_firing
 
@@ -29,6 +29,23 @@ def _a_match(glob: str) -> str:
     """A name ``glob`` matches (fnmatch): its wildcards filled in, a set by its first member."""
     name = re.sub(r"\[!?(.)[^\]]*\]", lambda m: m.group(1) if m.group(0)[1] != "!" else "\0", glob)
     return name.replace("*", "").replace("?", "x") or "x"
+
+
+def _representatives(config: Config, tenants: list[Tenant]) -> list[Tenant]:
+    """One tenant per database and set of sweeps selecting it: the others plan the same items.
+
+    A plan's items and their order depend on which sweeps select a tenant, never on the tenant
+    itself, so 50 000 tenants rehearse as a handful (planning all of them took 8 s).
+    """
+    sweeps = list(config.sweeps.values())
+    seen: set[tuple[str, tuple[bool, ...]]] = set()
+    out = []
+    for tenant in tenants:
+        key = (tenant.database, tuple(matches(tenant.name, sw.tenants) for sw in sweeps))
+        if key not in seen:
+            seen.add(key)
+            out.append(tenant)
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +92,7 @@ def rehearse(config: Config, plugins: Plugins, *, now: dt.datetime | None = None
                 if fnmatchcase(name, glob):  # best effort: an odd set may find no stand-in
                     schema = source.prefix + name
                     tenants.append(Tenant(name=name, database=source.database, schema=schema))
+    tenants = _representatives(config, tenants)
     selections: list[str | None] = [None, *config.sweeps]
     for selection in selections:
         try:
