@@ -24,6 +24,7 @@ from . import validation
 from .problems import Problems
 from .settings import (
     At,
+    Bytes,
     Duration,
     Identifier,
     Invalid,
@@ -32,6 +33,7 @@ from .settings import (
     Reader,
     array,
     choice,
+    integer,
     read,
     rules,
     setting,
@@ -109,6 +111,24 @@ class TelemetryConfig:
     tenant_metrics: bool = False
 
 
+NonNegativeInt = Annotated[int, integer(minimum=0)]
+
+
+@dataclass(frozen=True, slots=True)
+class ThrottleConfig:
+    """``[databases.<name>.throttle]``: while a signal is over its limit (or the database is
+    paused) no new operation and no new retention batch starts there (:mod:`sweeperd.throttle`).
+    No limit set: no health query at all; the pause is still checked."""
+
+    max_replica_lag: PositiveDuration | None = None  # replay_lag of a standby of this primary
+    max_replica_lag_bytes: Bytes | None = None  # WAL a standby has not replayed yet
+    max_slot_lag_bytes: Bytes | None = None  # WAL retained by a replication slot
+    max_archive_backlog: NonNegativeInt | None = None  # WAL segments waiting for the archiver
+    max_active_sessions: PositiveInt | None = None  # active client backends, sweeperd's aside
+    check_every: PositiveDuration = 1.0
+    resume_after: Duration = 5.0  # under every limit this long before work resumes
+
+
 @dataclass(frozen=True, slots=True)
 class DatabaseConfig:
     name: str
@@ -124,6 +144,7 @@ class DatabaseConfig:
     # How long transient connection failures (too many connections, starting up, refused) are
     # waited out before the work that needed a connection fails.
     connect_retry: Duration = 30.0
+    throttle: ThrottleConfig = field(default_factory=ThrottleConfig)
 
 
 @rules(_known_database)

@@ -262,7 +262,14 @@ class Context:
     Never change session state on ``conn`` (``SET``, session advisory locks, temporary tables,
     ``PREPARE``): behind a transaction pooler it lands on other clients' sessions. ``tenant`` is
     None for scope ``database``. ``details`` is a dict the operation may fill (e.g. dead tuples
-    before/after); it appears in the JSON report under ``details``.
+    before/after); it appears in the JSON report under ``details``. ``shared`` is one dict for
+    every operation of the same sweep run in the same database: what a plugin asks of the
+    database once per sweep (its xmin horizon, say) it keeps there, under a key of its own
+    plugin's name (``"vacuum.horizon"``).
+
+    An operation that works in steps (retention's batches) calls :meth:`throttle` between them,
+    so it yields to the database's health gates and pauses (``[databases.<name>.throttle]``,
+    ``sweeperd pause``) like a new operation does before it starts.
     """
 
     conn: AsyncConnection[Any]
@@ -278,6 +285,22 @@ class Context:
     # The database's configured timeouts (seconds; 0 = off), applied by transaction().
     lock_timeout: float = 0.0
     statement_timeout: float = 0.0
+    shared: dict[str, Any] = field(default_factory=dict)
+    # Set by the runner: waits while the database is throttled or paused, records the wait in
+    # details and returns its seconds (see throttle()).
+    pacer: Callable[[Context], Awaitable[float]] | None = None
+
+    async def throttle(self) -> float:
+        """Wait while the database is throttled or paused; the seconds waited (0.0: it was not).
+
+        Call it between steps, never inside a transaction (a transaction held open across a
+        wait is what a throttle is meant to avoid). Costs nothing most of the time: the health
+        gates are sampled once per ``check_every`` per database, by whichever operation asks
+        first. A dry run is never throttled. The wait is added to ``details["throttled_s"]``.
+        """
+        if self.pacer is None or self.dry_run:
+            return 0.0
+        return await self.pacer(self)
 
     def transaction(
         self, *, lock_timeout: float | None = None, statement_timeout: float | None = None

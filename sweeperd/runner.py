@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import time
 from asyncio import FIRST_COMPLETED
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -156,6 +156,8 @@ class _SweepRun:
         self.attempts: dict[int, _Attempt] = {}
         self.done = [asyncio.Event() for _ in plan.items]
         self.results: dict[int, Result] = {}
+        # Context.shared: one dict per database for every operation of this run.
+        self.shared: defaultdict[str, dict[str, Any]] = defaultdict(dict)
         # Calling a hook nobody implements still costs; ask once per sweep, not once per item.
         hook = runner.pm.hook
         self.has_veto = bool(hook.sweeperd_skip_operation.get_hookimpls())
@@ -318,6 +320,7 @@ class _SweepRun:
             server_version=database.server_version,
             lock_timeout=database.config.lock_timeout,
             statement_timeout=database.config.statement_timeout,
+            shared=self.shared[item.database],
         )
 
     def cancelled(self, item: WorkItem) -> Result:

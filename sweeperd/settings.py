@@ -51,6 +51,7 @@ the first of:
 
 The standard readers are :func:`text`, :func:`flag`, :func:`integer`, :func:`number`,
 :func:`choice`, :func:`duration` (:func:`sweeperd.durations.parse_duration`: capped at 36500d),
+:func:`size` (:func:`sweeperd.sizes.parse_size`),
 :func:`identifier` (a PostgreSQL name), :func:`zone` (an IANA time zone), :func:`array`,
 :func:`table` and :func:`tables`. Their problems read ``expected <what>, got <what it was>``; given
 ``message=`` (a string, or a function of the value as written) they say that instead.
@@ -104,9 +105,12 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from .durations import EXPECTATION as DURATION_EXPECTATION
 from .durations import parse_duration
+from .sizes import EXPECTATION as SIZE_EXPECTATION
+from .sizes import parse_size
 
 __all__ = [
     "At",
+    "Bytes",
     "Duration",
     "Identifier",
     "Invalid",
@@ -126,6 +130,7 @@ __all__ = [
     "reader",
     "rules",
     "setting",
+    "size",
     "table",
     "tables",
     "text",
@@ -456,6 +461,20 @@ def duration(*, zero: bool = True, message: Message = None) -> Reader[float]:
     return _worded(Reader(read_duration, DURATION_EXPECTATION), message)
 
 
+def size(*, message: Message = None) -> Reader[int]:
+    """A size in bytes: ``"64MB"``, ``"1GB"``, ``"512kB"`` (:mod:`sweeperd.sizes`) or an integer."""
+
+    def read_size(value: Any, at: At) -> int:
+        if not isinstance(value, str | int) or isinstance(value, bool):
+            raise Invalid(f"expected {SIZE_EXPECTATION}, got {kind_of(value)}")
+        try:
+            return parse_size(value)
+        except ValueError as exc:
+            raise Invalid(str(exc)) from None
+
+    return _worded(Reader(read_size, SIZE_EXPECTATION), message)
+
+
 def identifier(*, message: Message = None) -> Reader[str]:
     """A PostgreSQL name: a non-empty string the server keeps whole (at most 63 bytes)."""
     as_text = text()._read
@@ -574,6 +593,8 @@ PositiveDuration = Annotated[float, duration(zero=False)]
 """Seconds, written as a duration greater than zero."""
 PositiveInt = Annotated[int, integer(minimum=1)]
 """An integer of at least 1."""
+Bytes = Annotated[int, size()]
+"""Bytes, written as a size: ``"64MB"``, ``"1GB"``, or an integer."""
 Identifier = Annotated[str, identifier()]
 """A PostgreSQL name (schema, table, column): at most 63 bytes."""
 
