@@ -29,7 +29,10 @@ sorts all its expired rows (sweeperd warns once, with the ``CREATE INDEX`` that 
 partitioned or inherited table is ordered across all its partitions: a batch locks the oldest
 rows of the whole table, then deletes them partition by partition in the same transaction. A crash
 or cancel keeps the batches already committed, rows locked by the application are skipped rather
-than waited for, and the cutoff is re-checked at delete time. The
+than waited for, and the cutoff is re-checked at delete time. Before every batch after the first
+the operation yields to the database's health gates and pauses (``ctx.throttle()``): no batch
+starts while a standby lags or the database is paused, and no transaction is held open meanwhile.
+The
 cutoff is computed once per run from the server's clock, so rows ageing past it during the run are
 not chased. There is no free-form ``where``: raw SQL in a config file would be an injection hole.
 """
@@ -395,6 +398,7 @@ async def _prune(
             return  # a short batch: nothing older than the cutoff is left (or it is all locked)
         if rule.pause:
             await asyncio.sleep(rule.pause)
+        await ctx.throttle()  # no next batch while the database is throttled or paused
 
 
 async def _prune_across(
@@ -438,6 +442,7 @@ async def _prune_across(
             return  # a short batch: nothing older than the cutoff is left (or it is all locked)
         if rule.pause:
             await asyncio.sleep(rule.pause)
+        await ctx.throttle()  # no next batch while the database is throttled or paused
 
 
 def param_safe(conn: Any, composable: sql.Composable) -> sql.Composable:

@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .gates import TableGate, TenantGate
+from .throttle import Throttle
 
 if TYPE_CHECKING:
-    from .config import Config
+    from .config import Config, ThrottleConfig
 
 
 @dataclass(frozen=True, slots=True)
 class Limits:
     max_concurrency: int
     per_database: Mapping[str, int]
+    throttles: Mapping[str, ThrottleConfig] = field(default_factory=dict)
 
     @classmethod
     def of(cls, config: Config) -> Limits:
@@ -24,6 +26,7 @@ class Limits:
         return cls(
             max_concurrency=config.daemon.max_concurrency,
             per_database={name: db.max_connections for name, db in config.databases.items()},
+            throttles={name: db.throttle for name, db in config.databases.items()},
         )
 
 
@@ -49,3 +52,12 @@ class Bounds:
             old = previous.per_database.get(name) if previous is not None else None
             same = previous is not None and previous.limits.per_database.get(name) == n
             self.per_database[name] = old if same and old is not None else asyncio.Semaphore(n)
+        # One sampler per database per process; a reload that keeps a database's [throttle]
+        # keeps its state (a throttled database stays throttled, no fresh sample needed).
+        self.throttles: dict[str, Throttle] = {}
+        for name, throttle_config in limits.throttles.items():
+            kept = previous.throttles.get(name) if previous is not None else None
+            if kept is not None and kept.config == throttle_config:
+                self.throttles[name] = kept
+            else:
+                self.throttles[name] = Throttle(name, throttle_config)

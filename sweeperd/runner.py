@@ -23,7 +23,7 @@ import contextlib
 import time
 from asyncio import FIRST_COMPLETED
 from collections import Counter, defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
@@ -31,7 +31,7 @@ from typing import Any
 import pluggy
 import structlog
 from opentelemetry import trace
-from opentelemetry.trace import INVALID_SPAN
+from opentelemetry.trace import INVALID_SPAN, Span
 
 from .db import STANDBY, AsyncConn, Database
 from .durations import format_duration
@@ -43,6 +43,7 @@ from .planner import Plan, WorkItem
 from .report import SweepReport
 from .stop import Stop
 from .telemetry import telemetry
+from .throttle import Wait
 from .tracing import SweepTrace
 
 log = structlog.get_logger("sweeperd.runner")
@@ -156,6 +157,8 @@ class _SweepRun:
         self.attempts: dict[int, _Attempt] = {}
         self.done = [asyncio.Event() for _ in plan.items]
         self.results: dict[int, Result] = {}
+        # Throttled waits of items before their operation started (item index → the wait).
+        self.waits: dict[int, Wait] = {}
         # Context.shared: one dict per database for every operation of this run.
         self.shared: defaultdict[str, dict[str, Any]] = defaultdict(dict)
         # Calling a hook nobody implements still costs; ask once per sweep, not once per item.
@@ -250,9 +253,28 @@ class _SweepRun:
             bounds.tables.hold((item.database, item.schema), item.operation.tables),
             self.tenant_slot(item),
             bounds.per_database[item.database],
-            bounds.global_slots,
         ):
-            return self.start_check(item) or await self.attempt(item)
+            # A throttled database holds back its own items only: they wait here, before the
+            # global slot, so every other database keeps all of max_concurrency.
+            verdict = await self.until_open(item)
+            if verdict is not None:
+                return verdict
+            async with bounds.global_slots:
+                return self.start_check(item) or await self.attempt(item)
+
+    async def until_open(self, item: WorkItem) -> Result | None:
+        """Wait while the item's database is throttled or paused (sampling it with a connection
+        the item's database slot makes room for); the gate's result if it closed meanwhile."""
+        throttle = self.runner.bounds.throttles.get(item.database)
+        if throttle is None or self.dry_run or throttle.fresh_and_open():
+            return None
+        database = self.runner.databases[item.database]
+        waited, verdict = await throttle.wait(
+            lambda: database.connection("throttle"), lambda: self.start_check(item)
+        )
+        if waited.seconds:
+            self.waits[item.index] = waited
+        return verdict if isinstance(verdict, Result) else None
 
     def tenant_slot(self, item: WorkItem) -> contextlib.AbstractAsyncContextManager[None]:
         if item.tenant is None:
@@ -279,6 +301,8 @@ class _SweepRun:
             async with asyncio.timeout(item.timeout) as deadline:
                 async with database.connection(item.label) as conn:
                     attempt.ctx = self.context(item, database, conn)
+                    if (waited := self.waits.pop(item.index, None)) is not None:
+                        _record_wait(attempt.ctx, waited, attempt.span, before_start=True)
                     # Outcomes are recorded by tracing.SweepTrace (skips are not errors) and
                     # with redacted messages: no raw exception text (it may hold a DSN) on spans.
                     with trace.use_span(
@@ -321,7 +345,25 @@ class _SweepRun:
             lock_timeout=database.config.lock_timeout,
             statement_timeout=database.config.statement_timeout,
             shared=self.shared[item.database],
+            pacer=self.pace if item.database in self.runner.bounds.throttles else None,
         )
+
+    async def pace(self, ctx: Context) -> float:
+        """Context.throttle(): wait on the operation's own connection, record what it cost."""
+        throttle = self.runner.bounds.throttles[ctx.database]
+        if throttle.fresh_and_open():
+            return 0.0
+        conn = ctx.conn
+
+        @contextlib.asynccontextmanager
+        async def own() -> AsyncIterator[AsyncConn]:
+            yield conn
+
+        waited, _ = await throttle.wait(own)
+        if not waited.seconds:
+            return 0.0
+        _record_wait(ctx, waited, trace.get_current_span(), before_start=False)
+        return waited.seconds
 
     def cancelled(self, item: WorkItem) -> Result:
         """An item's result when its task is cancelled: what it had done so far if it ran."""
@@ -417,6 +459,26 @@ def _not_run(item: WorkItem, status: Status, error: str | None) -> Result:
         finished_at=None,
         duration_s=None,
         error=error,
+    )
+
+
+def _record_wait(ctx: Context, waited: Wait, span: Span, *, before_start: bool) -> None:
+    """A throttled wait in the result's details, the metric and the operation's span."""
+    details = ctx.details
+    details["throttled_s"] = round(details.get("throttled_s", 0.0) + waited.seconds, 3)
+    by = details.setdefault("throttled_by", {})
+    for reason, seconds in waited.by_reason.items():
+        by[reason] = round(by.get(reason, 0.0) + seconds, 3)
+        telemetry().throttled.add(
+            seconds, {"sweeperd.database": ctx.database, "sweeperd.reason": reason}
+        )
+    span.add_event(
+        "throttled",
+        {
+            "sweeperd.throttled_s": waited.seconds,
+            "sweeperd.throttle.reasons": sorted(waited.by_reason),
+            "sweeperd.throttle.before_start": before_start,
+        },
     )
 
 

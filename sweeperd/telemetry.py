@@ -56,6 +56,12 @@ class Telemetry:
             unit="{tuple}",
             description="Dead tuples removed by VACUUM operations",
         )
+        self.throttled = m.create_counter(
+            "sweeperd.throttled",
+            unit="s",
+            description="Seconds operations waited for a throttled or paused database, by "
+            "database and reason (the sum of the results' details.throttled_s)",
+        )
         self.operation_duration = m.create_histogram(
             "sweeperd.operation.duration", unit="s", description="Duration of operations"
         )
