@@ -302,6 +302,7 @@ class Daemon:
     # -- STATUS= --------------------------------------------------------------------------------
     def _status(self) -> str:
         databases = self._snapshot.runner.databases if self._snapshot is not None else {}
+        throttles = self._snapshot.runner.bounds.throttles if self._snapshot is not None else {}
         return status_line(
             running=[c.name for c in self.controllers.values() if c.running],
             unreachable=[n for n, db in databases.items() if not db.is_open or db.down is not None],
@@ -312,6 +313,11 @@ class Daemon:
                 if c.last_report is not None
             },
             reload_problems=self._reload_problems,
+            throttled={
+                name: why
+                for name, throttle in throttles.items()
+                if (why := throttle.holding_back()) is not None
+            },
         )
 
     def _update_status(self) -> None:

@@ -2,8 +2,8 @@
 
 ``systemctl status`` shows it, and operators and monitoring match it (tests/system/debian.sh
 does): ``[reload failed (N problem(s)); running the previous configuration; ]idle | running
-<sweeps>[; unreachable: <databases> (retrying)][; next <sweep> <YYYY-MM-DD HH:MM:SS TZ>][; last
-<sweep>: <n> ok, <m> failed]``.
+<sweeps>[; throttled: <database> (<why>)[, …]][; unreachable: <databases> (retrying)][; next <sweep>
+<YYYY-MM-DD HH:MM:SS TZ>][; last <sweep>: <n> ok, <m> failed]``.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ def status_line(
     next_firings: Mapping[str, dt.datetime],
     last_reports: Mapping[str, SweepReport],
     reload_problems: int = 0,
+    throttled: Mapping[str, str] | None = None,
 ) -> str:
     """The STATUS line.
 
@@ -29,6 +30,8 @@ def status_line(
     (the first one given among equals). ``last_reports``: each sweep's latest report; the one
     that finished last is shown. ``reload_problems``: the last reload's problems if it failed
     (0 when it did not), shown first because the running configuration is not the file's.
+    ``throttled``: the databases whose work is held back now, and why (``replica lag 14s >
+    10s``, ``paused by …``).
     """
     parts = []
     if reload_problems:
@@ -36,6 +39,9 @@ def status_line(
             f"reload failed ({reload_problems} problem(s)); running the previous configuration"
         )
     parts.append(f"running {', '.join(running)}" if running else "idle")
+    if throttled:
+        held = ", ".join(f"{name} ({why})" for name, why in sorted(throttled.items()))
+        parts.append(f"throttled: {held}")
     down = sorted(unreachable)
     if down:
         parts.append(f"unreachable: {', '.join(down)} (retrying)")

@@ -221,7 +221,8 @@ class Throttle:
         # Gates that cannot be read here (name → why), reported once; "pause" too.
         self.unavailable: dict[str, str] = {}
         self._usable: tuple[Gate, ...] | None = None  # known after the privilege check
-        self._pause_table: bool | None = None  # does sweeperd.pause exist (None: not asked)
+        # sweeperd.pause: True it exists, None not (yet), False it cannot be read (privileges).
+        self._pause_table: bool | None = None
         self.sampled_at = -math.inf
         self.reading: Reading | None = None
         self.throttled = False
@@ -231,6 +232,12 @@ class Throttle:
         self._since: float | None = None  # when it became throttled
         self._sampling: asyncio.Task[None] | None = None
         self._failure: str | None = None  # the last sample's failure, said once per episode
+
+    def holding_back(self) -> str | None:
+        """Why work on the database is held back now (None: it is not, or nothing is waiting
+        for it: a state nobody has sampled for a while is no news)."""
+        stale = self._clock() - self.sampled_at > 3 * self.config.check_every + 1.0
+        return None if not self.throttled or stale else self.reason
 
     # -- asking ------------------------------------------------------------------------------------
     def due(self) -> bool:
@@ -303,8 +310,9 @@ class Throttle:
                 if sqlstate_of(exc) == _UNDEFINED_TABLE and self._pause_table:
                     self._pause_table = None  # dropped since: ask again
                     continue
+                pause_table = self._pause_table
                 await self._find_broken(conn, exc)
-                if self._usable == gates and self._pause_table is not False:
+                if self._usable == gates and self._pause_table == pause_table:
                     raise  # nothing to leave out: the database's failure, not a gate's
         assert row is not None
         signals = []
@@ -315,10 +323,11 @@ class Throttle:
         rest = row[2 * len(gates) :]
         if self._pause_table:
             pause = Pause.of(tuple(rest))
-        elif self._pause_table is None:
-            self._pause_table = bool(rest[0])
-            if self._pause_table:
-                return await self.read(conn)  # the table exists now: read the pause
+        elif rest[0]:
+            # The table exists now (`sweeperd pause` makes it when first used): read the pause.
+            # Until then every sample asks again, so a first pause is seen within check_every.
+            self._pause_table = True
+            return await self.read(conn)
         return Reading(tuple(signals), pause)
 
     def _limit(self, gate: Gate) -> float:

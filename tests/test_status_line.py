@@ -65,6 +65,20 @@ def test_running_sweeps_in_the_order_given_and_unreachable_databases_sorted() ->
     )
 
 
+def test_throttled_databases_come_after_the_running_sweeps_sorted_with_their_reasons() -> None:
+    line = status_line(
+        running=["nightly"],
+        unreachable=["archive"],
+        next_firings={},
+        last_reports={},
+        throttled={"main": "replica lag 14s > 10s (standby b)", "billing": "paused by ops@h"},
+    )
+    assert line == (
+        "running nightly; throttled: billing (paused by ops@h), main (replica lag 14s > 10s "
+        "(standby b)); unreachable: archive (retrying)"
+    )
+
+
 def test_a_failed_reload_comes_first() -> None:
     line = status_line(
         running=["s"],
