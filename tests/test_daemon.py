@@ -40,7 +40,7 @@ from servers import (  # noqa: F401
     scratch_server_fixture,
     standby_of,
 )
-from support import run_sql
+from support import run_cli, run_sql
 
 from sweeperd.config import ConfigError, load_config
 from sweeperd.sdnotify import monotonic_usec
@@ -1274,3 +1274,84 @@ def test_behind_pgbouncer_a_daemon_stays_bounded_over_firings_and_stops_at_once(
     assert max(clients) <= 4, Counter(clients)
     assert all(e["ok"] == len(tenants) for e in finished_sweeps(daemon)[:8])
     no_traceback(daemon)
+
+
+# -- sweeperd pause / resume: two instances, one database -------------------------------------
+
+PAUSE_CHECK_EVERY = 0.5
+
+
+def paused_daemon_config(directory: Path, dsn: str, sweep: str) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    return write_daemon_config(
+        directory,
+        dsn,
+        sweeps={sweep: {"interval": "1s"}},
+        tenants=("acme", "globex"),
+        seconds=0.1,
+        database={"throttle": {"check_every": f"{PAUSE_CHECK_EVERY}s"}},
+    )
+
+
+def started_since(dsn: str, sweep: str, since: dt.datetime) -> int:
+    return sum(1 for r in runs(dsn, sweep=sweep) if r.started > since)
+
+
+def test_pause_stops_every_instance_within_check_every_and_resume_restarts_them(
+    tmp_path: Path, db: str, start_daemon: Callable[..., Daemon]
+) -> None:
+    configs = {name: paused_daemon_config(tmp_path / name, db, name) for name in ("a", "b")}
+    daemons = {name: start_daemon(path) for name, path in configs.items()}
+    for name, daemon in daemons.items():
+        daemon.ready()
+        wait_until(lambda name=name: runs(db, sweep=name), 20, f"sweep {name} to run")
+
+    paused = run_cli("pause", "-c", str(configs["a"]), "--reason", "incident 42")
+    assert paused.returncode == 0, paused.stderr
+    assert "incident 42" in paused.stdout
+    [(paused_at,)] = query(db, "SELECT paused_at FROM sweeperd.pause")
+    took_effect = paused_at + dt.timedelta(seconds=PAUSE_CHECK_EVERY + 1.0)
+    # Both instances: within check_every + 1 s nothing new starts, then nothing for 3 s more.
+    time.sleep(PAUSE_CHECK_EVERY + 1.0 + 3.0)
+    for name in daemons:
+        assert started_since(db, name, took_effect) == 0, runs(db, sweep=name)
+    # Each says so in its STATUS line.
+    for daemon in daemons.values():
+        daemon.notify.expect(
+            lambda m: any(
+                f.startswith("STATUS=") and "throttled: main (paused by " in f for f in m
+            ),
+            5,
+            "STATUS saying the database is paused",
+        )
+
+    resumed = run_cli("resume", "-c", str(configs["b"]))
+    assert resumed.returncode == 0, resumed.stderr
+    [(resumed_at,)] = query(db, "SELECT now()")
+    for name in daemons:
+        wait_until(
+            lambda name=name: started_since(db, name, resumed_at),
+            PAUSE_CHECK_EVERY + 5,
+            f"sweep {name} to start work again",
+        )
+    for daemon in daemons.values():
+        assert daemon.stop() == 0
+        assert "Traceback" not in daemon.stderr()
+
+
+def test_a_pause_for_a_duration_ends_by_itself(
+    tmp_path: Path, db: str, start_daemon: Callable[..., Daemon]
+) -> None:
+    config = paused_daemon_config(tmp_path, db, "a")
+    daemon = start_daemon(config)
+    daemon.ready()
+    wait_until(lambda: runs(db, sweep="a"), 20, "the sweep to run")
+    paused = run_cli("pause", "-c", str(config), "--for", "3s")
+    assert paused.returncode == 0, paused.stderr
+    [(paused_at, until)] = query(db, "SELECT paused_at, until FROM sweeperd.pause")
+    assert until - paused_at == dt.timedelta(seconds=3)
+    time.sleep(PAUSE_CHECK_EVERY + 1.0)
+    quiet_from = paused_at + dt.timedelta(seconds=PAUSE_CHECK_EVERY + 1.0)
+    wait_until(lambda: started_since(db, "a", until), 10, "work after the pause expired")
+    assert [r for r in runs(db, sweep="a") if quiet_from < r.started <= until] == []
+    assert daemon.stop() == 0
