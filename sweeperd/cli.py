@@ -11,13 +11,16 @@ import argparse
 import asyncio
 import json
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .config import Config, load_config, resolve_config_path
 from .plugins import Plugins
 from .problems import ExitCode, Problems, printable
+
+if TYPE_CHECKING:
+    from .db import Database
 
 
 class UsageError(Problems):
@@ -36,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--unit",
         metavar="UNIT",
         help="run the command as the systemd unit UNIT runs (its user, credentials and config), "
-        "in a transient unit: for check-config, status, sweep and discover beside the service",
+        "in a transient unit: for check-config, status, sweep, discover, pause and resume "
+        "beside the service",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -100,6 +104,56 @@ def build_parser() -> argparse.ArgumentParser:
         help="LIKE pattern for tenant schemas (default: tenant_%%)",
     )
     discover.set_defaults(func=cmd_discover)
+
+    pause = with_config(
+        add(
+            "pause",
+            help="pause databases: no new operation or retention batch starts there, "
+            "for every sweeperd instance",
+            description="Pause databases: no sweeperd instance, on any host, starts a new "
+            "operation or retention batch there until the pause is resumed or ends (statements "
+            "already running finish). The pause is kept in the database (table sweeperd.pause) "
+            "and honoured within each instance's check_every. Pausing a paused database replaces "
+            "its pause (who, reason and end).",
+        )
+    )
+    pause.add_argument(
+        "--database",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="the [databases.<name>] to pause (repeatable; default: every configured database)",
+    )
+    pause.add_argument(
+        "--for",
+        dest="duration",
+        metavar="DURATION",
+        help='end the pause by itself after DURATION, e.g. "30m", "2h", "1h30m" '
+        "(default: until sweeperd resume)",
+    )
+    pause.add_argument(
+        "--reason",
+        metavar="TEXT",
+        help="why, shown by sweeperd status and in the logs of every instance (one line)",
+    )
+    pause.set_defaults(func=cmd_pause)
+
+    resume = with_config(
+        add(
+            "resume",
+            help="end the pause of databases",
+            description="End the pause of databases (sweeperd pause): every sweeperd instance "
+            "starts work there again within its check_every. Says who had paused each one.",
+        )
+    )
+    resume.add_argument(
+        "--database",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="the [databases.<name>] to resume (repeatable; default: every configured database)",
+    )
+    resume.set_defaults(func=cmd_resume)
 
     check = with_config(add("check-config", help="validate the configuration (never connects)"))
     check.set_defaults(func=cmd_check_config)
@@ -297,17 +351,147 @@ def cmd_status(args: argparse.Namespace) -> int:
     setup_logging(config.log)
     if args.sweep is not None:
         require_sweep(config, args.sweep)
-    runs, last_ok, unreachable = asyncio.run(
+    got = asyncio.run(
         collect(config, sweep=args.sweep, tenant=args.tenant, failed_only=args.failed)
     )
     if args.json:
-        json.dump(to_json(runs, last_ok, unreachable), sys.stdout)
+        doc = to_json(got.runs, got.last_ok, got.unreachable, got.paused, got.pause_unknown)
+        json.dump(doc, sys.stdout)
         sys.stdout.write("\n")
     else:
-        enabled = config.history.enabled
-        n = len(config.databases)
-        print(render(runs, last_ok, unreachable, enabled, args.failed, databases=n))
-    return ExitCode.UNREACHABLE if unreachable else ExitCode.OK
+        print(
+            render(
+                got.runs,
+                got.last_ok,
+                got.unreachable,
+                config.history.enabled,
+                args.failed,
+                databases=len(config.databases),
+                paused=got.paused,
+                pause_unknown=got.pause_unknown,
+            )
+        )
+    return ExitCode.UNREACHABLE if got.unreachable else ExitCode.OK
+
+
+def _chosen_databases(config: Config, names: Sequence[str]) -> list[str]:
+    """``--database`` names in the order given, once each (none: every configured database)."""
+    if not config.databases:
+        raise UsageError([f"no databases configured in {config.path}"])
+    if not names:
+        return list(config.databases)
+    known = ", ".join(sorted(config.databases))
+    unknown = [n for n in dict.fromkeys(names) if n not in config.databases]
+    if unknown:
+        raise UsageError(
+            [f"no database named {n!r} in {config.path} (known: {known})" for n in unknown]
+        )
+    return list(dict.fromkeys(names))
+
+
+def cmd_pause(args: argparse.Namespace) -> int:
+    from .durations import parse_duration
+    from .pause import one_line, pause, who
+
+    # The configuration only, not the plugins: a plugin that fails to load must not keep
+    # anyone from stopping the work on a database.
+    config = load_config(resolve_config_path(args.config))
+    names = _chosen_databases(config, args.database)
+    problems = []
+    duration = None
+    if args.duration is not None:
+        try:
+            duration = parse_duration(args.duration)
+        except ValueError as exc:
+            problems.append(f"--for: {exc}")
+        else:
+            if duration <= 0:
+                problems.append(f"--for: expected a duration longer than 0, got {args.duration!r}")
+    reason = None
+    if args.reason is not None:
+        try:
+            reason = one_line(args.reason)
+        except ValueError as exc:
+            problems.append(f"--reason: {exc}")
+    if problems:
+        raise UsageError(problems)
+    _preflight(config)
+    from .logs import setup_logging
+
+    setup_logging(config.log)
+    by = who()
+
+    async def act(database: Database) -> str:
+        now, replaced = await pause(database, by=by, reason=reason, duration=duration)
+        line = now.describe()
+        if replaced is not None:
+            line += f" (replaces: {replaced.describe(open_end=False)})"
+        return line
+
+    return asyncio.run(_each_database(config, names, "pause", act))
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from .logs import setup_logging
+    from .pause import resume
+
+    config = load_config(resolve_config_path(args.config))
+    names = _chosen_databases(config, args.database)
+    _preflight(config)
+    setup_logging(config.log)
+
+    async def act(database: Database) -> str:
+        ended = await resume(database)
+        if ended is None:
+            return "was not paused"
+        return f"resumed (was {ended.describe(open_end=False)})"
+
+    return asyncio.run(_each_database(config, names, "resume", act))
+
+
+async def _each_database(
+    config: Config,
+    names: list[str],
+    verb: str,
+    act: Callable[[Database], Awaitable[str]],
+) -> int:
+    """``act`` on each named database, each as soon as it is open (one that is down and waited
+    for does not hold up the others); one line per database, in the order given: stdout for
+    those done, stderr for the others. Exit 3 if one was unreachable, else 1 if one failed."""
+    from .databases import open_databases
+    from .db import STANDBY
+    from .errors import DatabaseUnreachable, describe_error
+    from .pause import NoPrivilege
+
+    async def one(name: str) -> tuple[int, str]:
+        opened, unreachable = await open_databases(config, [name])
+        if name in unreachable:
+            return ExitCode.UNREACHABLE, f"{name}: unreachable: {unreachable[name]}"
+        database = opened[name]
+        try:
+            if database.in_recovery:  # nothing is written on a standby (its primary replicates)
+                return ExitCode.FAILED, f"{name}: cannot {verb}: {STANDBY}"
+            return ExitCode.OK, f"{name}: {await act(database)}"
+        except DatabaseUnreachable as exc:
+            return ExitCode.UNREACHABLE, f"{name}: unreachable: {exc.reason}"
+        except NoPrivilege as exc:
+            return ExitCode.FAILED, f"{name}: cannot {verb}: missing privileges: {exc}"
+        except Exception as exc:
+            return ExitCode.FAILED, f"{name}: cannot {verb}: {describe_error(exc)}"
+        finally:
+            await database.close()
+
+    outcomes = await asyncio.gather(*(one(name) for name in names))
+    for code, line in outcomes:
+        if code == ExitCode.OK:
+            print(printable(line))
+        else:
+            _error(line)
+    codes = {code for code, _line in outcomes}
+    for worst in (ExitCode.UNREACHABLE, ExitCode.FAILED):
+        if worst in codes:
+            return worst
+    return ExitCode.OK
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:

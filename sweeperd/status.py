@@ -6,13 +6,17 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+import psycopg
 
 from .config import Config
 from .databases import open_databases
-from .db import Database
+from .db import AsyncConn, Database
 from .errors import describe_error, is_insufficient_privilege
+from .pause import Pause
+from .pause import read as read_pause
 
 
 def glob_to_regex(glob: str) -> str:
@@ -56,21 +60,36 @@ def glob_to_regex(glob: str) -> str:
     return "".join(out)
 
 
+@dataclass(frozen=True, slots=True)
+class Collected:
+    """What ``sweeperd status`` read: the runs, each operation's last success, the databases that
+    could not be read (name → why), the pauses in force (name → pause) and the databases whose
+    pause could not be read (name → why; their run history still could)."""
+
+    runs: list[StatusRow]
+    last_ok: list[dict[str, Any]]
+    unreachable: dict[str, str]
+    paused: dict[str, Pause] = field(default_factory=dict)
+    pause_unknown: dict[str, str] = field(default_factory=dict)
+
+
 async def collect(
     config: Config, *, sweep: str | None, tenant: str | None, failed_only: bool
-) -> tuple[list[StatusRow], list[dict[str, Any]], dict[str, str]]:
+) -> Collected:
     databases, unreachable = await open_databases(config, list(config.databases))
     try:
         # As sweep --tenant: the glob, or a tenant's exact name (glob characters and all).
         pattern = f"^{re.escape(tenant)}$|{glob_to_regex(tenant)}" if tenant else None
         outcomes = await asyncio.gather(
             *(
-                latest_runs(db, sweep=sweep, tenant_regex=pattern, failed_only=failed_only)
+                _database_status(db, sweep=sweep, tenant_regex=pattern, failed_only=failed_only)
                 for db in databases.values()
             ),
             return_exceptions=True,
         )
         found = []
+        paused: dict[str, Pause] = {}
+        pause_unknown: dict[str, str] = {}
         for name, outcome in zip(databases, outcomes, strict=True):
             if isinstance(outcome, BaseException):
                 if not isinstance(outcome, Exception):
@@ -84,21 +103,33 @@ async def collect(
                 )
                 unreachable[name] = f"cannot read the run history: {describe_error(outcome)}{hint}"
             else:
-                found.append(outcome)
+                rows, ops, pause = outcome
+                found.append((rows, ops))
+                if isinstance(pause, Pause):
+                    paused[name] = pause
+                elif pause is not None:
+                    pause_unknown[name] = pause
     finally:
         await asyncio.gather(*(db.close() for db in databases.values()), return_exceptions=True)
     runs = [r for rows, _ in found for r in rows]
     last_ok = [o for _, ops in found for o in ops]
-    return runs, last_ok, unreachable
+    return Collected(runs, last_ok, unreachable, paused, pause_unknown)
 
 
 def to_json(
-    runs: list[StatusRow], last_ok: list[dict[str, Any]], unreachable: dict[str, str]
+    runs: list[StatusRow],
+    last_ok: list[dict[str, Any]],
+    unreachable: dict[str, str],
+    paused: dict[str, Pause] | None = None,
+    pause_unknown: dict[str, str] | None = None,
 ) -> dict[str, Any]:
+    """The ``status --json`` document; ``paused`` (database → its pause) and ``pause_unknown``
+    (database → why its pause could not be read) only when there is one."""
+
     def iso(value: Any) -> Any:
         return value.isoformat() if isinstance(value, dt.datetime) else value
 
-    return {
+    doc: dict[str, Any] = {
         "runs": [
             {
                 "database": r.database,
@@ -117,6 +148,11 @@ def to_json(
         "last_success": [{**o, "last_success": iso(o["last_success"])} for o in last_ok],
         "unreachable": unreachable,
     }
+    if paused:
+        doc["paused"] = {name: p.to_json() for name, p in sorted(paused.items())}
+    if pause_unknown:
+        doc["pause_unknown"] = dict(sorted(pause_unknown.items()))
+    return doc
 
 
 def render(
@@ -126,13 +162,20 @@ def render(
     enabled: bool,
     failed_only: bool = False,
     databases: int | None = None,
+    paused: dict[str, Pause] | None = None,
+    pause_unknown: dict[str, str] | None = None,
 ) -> str:
-    """The text ``sweeperd status`` prints; ``databases`` is how many are configured."""
+    """The text ``sweeperd status`` prints; ``databases`` is how many are configured, ``paused``
+    the pause in force per database, ``pause_unknown`` why a database's pause could not be read."""
     lines: list[str] = []
     if not enabled:
         lines.append("note: [history] enabled = false: nothing new is recorded")
     for name, reason in sorted(unreachable.items()):
         lines.append(f"database {name} unreachable: {reason}")
+    for name, pause in sorted((paused or {}).items()):
+        lines.append(f"database {name} {pause.describe()}")
+    for name, reason in sorted((pause_unknown or {}).items()):
+        lines.append(f"database {name}: cannot read its pause: {reason}")
     if not runs:
         if failed_only and last_ok:
             lines.append("no runs with failures")
@@ -193,75 +236,136 @@ async def latest_runs(
 ) -> tuple[list[StatusRow], list[dict[str, Any]]]:
     """The latest run per sweep with its failures, and each operation's last success."""
     async with database.housekeeping("status") as conn:
-        cur = await conn.execute("SELECT to_regclass('sweeperd.runs') IS NOT NULL")
-        row = await cur.fetchone()
-        if not row or not row[0]:
+        has_runs, _has_pause = await _tables(conn)
+        if not has_runs:
             return [], []
-        cur = await conn.execute(
-            """
-            SELECT DISTINCT ON (sweep, trigger) run_id, sweep, instance, started_at,
-                   finished_at, ok, failed, skipped, cancelled, trigger, selection
-              FROM sweeperd.runs WHERE %(sweep)s::text IS NULL OR sweep = %(sweep)s
-             ORDER BY sweep, trigger DESC, started_at DESC
-            """,
-            {"sweep": sweep},
+        return await _runs_on(
+            conn, database.name, sweep=sweep, tenant_regex=tenant_regex, failed_only=failed_only
         )
-        runs = await cur.fetchall()
-        out: list[StatusRow] = []
-        for (
-            run_id,
-            name,
-            instance,
-            started,
-            finished,
-            ok,
-            failed,
-            skipped,
-            cancelled,
-            trigger,
-            selection,
-        ) in runs:
-            if failed_only and not (failed or cancelled):
-                continue
-            cur = await conn.execute(
-                """
-                SELECT tenant, operation, status, error FROM sweeperd.results
-                 WHERE run_id = %(run)s AND status IN ('failed', 'cancelled')
-                   AND (%(tenant)s::text IS NULL OR tenant ~ %(tenant)s)
-                 ORDER BY operation, tenant
-                """,
-                {"run": run_id, "tenant": tenant_regex},
+
+
+async def _database_status(
+    database: Database, *, sweep: str | None, tenant_regex: str | None, failed_only: bool
+) -> tuple[list[StatusRow], list[dict[str, Any]], Pause | str | None]:
+    """:func:`latest_runs` and the pause in force (or why it could not be read), on one
+    connection: one query more than the runs' where a pause table exists, none elsewhere."""
+    async with database.housekeeping("status") as conn:
+        has_runs, has_pause = await _tables(conn)
+        runs: tuple[list[StatusRow], list[dict[str, Any]]] = ([], [])
+        if has_runs:
+            runs = await _runs_on(
+                conn,
+                database.name,
+                sweep=sweep,
+                tenant_regex=tenant_regex,
+                failed_only=failed_only,
             )
-            failures = [
-                dict(zip(("tenant", "operation", "status", "error"), r, strict=True))
-                for r in await cur.fetchall()
-            ]
-            out.append(
-                StatusRow(
-                    database.name,
-                    name,
-                    str(run_id),
-                    instance,
-                    started,
-                    finished,
-                    {"ok": ok, "failed": failed, "skipped": skipped, "cancelled": cancelled},
-                    failures,
-                    trigger,
-                    selection,
+        pause: Pause | str | None = None
+        if has_pause:
+            try:
+                pause = await read_pause(conn)
+            except psycopg.errors.UndefinedTable:
+                pause = None  # dropped since we looked
+            except psycopg.errors.InsufficientPrivilege as exc:
+                # The run history stays readable: a role that may read it (GRANT ... ON ALL
+                # TABLES, before the first pause created the table) is not locked out of status.
+                role = database.user or "this role"
+                pause = (
+                    f"{describe_error(exc)} (GRANT USAGE ON SCHEMA sweeperd and SELECT ON "
+                    f"sweeperd.pause to {role})"
                 )
-            )
+        return *runs, pause
+
+
+async def _tables(conn: AsyncConn) -> tuple[bool, bool]:
+    """Whether sweeperd.runs and sweeperd.pause exist (one query).
+
+    The runs by ``to_regclass``, which fails without USAGE on the schema (status then says which
+    GRANT it needs); the pause from the catalogs, which need no privilege.
+    """
+    cur = await conn.execute(
+        "SELECT pg_catalog.to_regclass('sweeperd.runs') IS NOT NULL, "
+        "EXISTS (SELECT FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n "
+        "ON n.oid = c.relnamespace WHERE n.nspname = 'sweeperd' AND c.relname = 'pause')"
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    return bool(row[0]), bool(row[1])
+
+
+async def _runs_on(
+    conn: AsyncConn,
+    database: str,
+    *,
+    sweep: str | None,
+    tenant_regex: str | None,
+    failed_only: bool,
+) -> tuple[list[StatusRow], list[dict[str, Any]]]:
+    cur = await conn.execute(
+        """
+        SELECT DISTINCT ON (sweep, trigger) run_id, sweep, instance, started_at,
+               finished_at, ok, failed, skipped, cancelled, trigger, selection
+          FROM sweeperd.runs WHERE %(sweep)s::text IS NULL OR sweep = %(sweep)s
+         ORDER BY sweep, trigger DESC, started_at DESC
+        """,
+        {"sweep": sweep},
+    )
+    runs = await cur.fetchall()
+    out: list[StatusRow] = []
+    for (
+        run_id,
+        name,
+        instance,
+        started,
+        finished,
+        ok,
+        failed,
+        skipped,
+        cancelled,
+        trigger,
+        selection,
+    ) in runs:
+        if failed_only and not (failed or cancelled):
+            continue
         cur = await conn.execute(
             """
-            SELECT r.operation, max(r.finished_at), count(DISTINCT r.tenant)
-              FROM sweeperd.results r JOIN sweeperd.runs u USING (run_id)
-             WHERE r.status = 'ok' AND (%(sweep)s::text IS NULL OR u.sweep = %(sweep)s)
-               AND (%(tenant)s::text IS NULL OR r.tenant ~ %(tenant)s)
-             GROUP BY r.operation ORDER BY r.operation
+            SELECT tenant, operation, status, error FROM sweeperd.results
+             WHERE run_id = %(run)s AND status IN ('failed', 'cancelled')
+               AND (%(tenant)s::text IS NULL OR tenant ~ %(tenant)s)
+             ORDER BY operation, tenant
             """,
-            {"sweep": sweep, "tenant": tenant_regex},
+            {"run": run_id, "tenant": tenant_regex},
         )
-        last_ok = [
-            {"database": database.name, "operation": op, "last_success": when, "tenants": n}
-            for op, when, n in await cur.fetchall()
+        failures = [
+            dict(zip(("tenant", "operation", "status", "error"), r, strict=True))
+            for r in await cur.fetchall()
         ]
-        return out, last_ok
+        out.append(
+            StatusRow(
+                database,
+                name,
+                str(run_id),
+                instance,
+                started,
+                finished,
+                {"ok": ok, "failed": failed, "skipped": skipped, "cancelled": cancelled},
+                failures,
+                trigger,
+                selection,
+            )
+        )
+    cur = await conn.execute(
+        """
+        SELECT r.operation, max(r.finished_at), count(DISTINCT r.tenant)
+          FROM sweeperd.results r JOIN sweeperd.runs u USING (run_id)
+         WHERE r.status = 'ok' AND (%(sweep)s::text IS NULL OR u.sweep = %(sweep)s)
+           AND (%(tenant)s::text IS NULL OR r.tenant ~ %(tenant)s)
+         GROUP BY r.operation ORDER BY r.operation
+        """,
+        {"sweep": sweep, "tenant": tenant_regex},
+    )
+    last_ok = [
+        {"database": database, "operation": op, "last_success": when, "tenants": n}
+        for op, when, n in await cur.fetchall()
+    ]
+    return out, last_ok
