@@ -56,11 +56,12 @@ SELECT new.*, old.* FROM new LEFT JOIN old ON true
 """
 # Whether schema sweeperd and the table exist, from the catalogs: unlike to_regclass() this needs
 # no USAGE on the schema, so a role without it learns which GRANT it lacks rather than failing.
-_STATE = """
-SELECT pg_catalog.to_regnamespace('sweeperd') IS NOT NULL,
-       EXISTS (SELECT FROM pg_catalog.pg_class c
+EXISTS = """EXISTS (SELECT FROM pg_catalog.pg_class c
                  JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-                WHERE n.nspname = 'sweeperd' AND c.relname = 'pause')
+                WHERE n.nspname = 'sweeperd' AND c.relname = 'pause')"""
+_STATE = f"""
+SELECT pg_catalog.to_regnamespace('sweeperd') IS NOT NULL,
+       {EXISTS}
 """
 
 

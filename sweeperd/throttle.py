@@ -49,6 +49,7 @@ import structlog
 from .durations import format_duration
 from .errors import describe_error, sqlstate_of
 from .pause import COLUMNS as PAUSE_COLUMNS
+from .pause import EXISTS as PAUSE_EXISTS
 from .pause import IN_FORCE as PAUSE_IN_FORCE
 from .pause import Pause
 from .sizes import format_size
@@ -340,7 +341,7 @@ class Throttle:
             columns.append(", ".join(f"p.{c.strip()}" for c in PAUSE_COLUMNS.split(",")))
             joins.append(f" LEFT JOIN sweeperd.pause AS p ON ({PAUSE_IN_FORCE})")
         elif self._pause_table is None:
-            columns.append("pg_catalog.to_regclass('sweeperd.pause') IS NOT NULL")
+            columns.append(PAUSE_EXISTS)  # to_regclass would need USAGE on the schema
         else:
             columns.append("NULL")
         return f"SELECT {', '.join(columns)} FROM (SELECT) AS one{''.join(joins)}"
@@ -387,14 +388,25 @@ class Throttle:
                 self._unusable("pause", describe_error(part))
 
     def _unusable(self, key: str, why: str) -> None:
-        if key not in self.unavailable:
-            self.unavailable[key] = why
-            log.warning(
-                "health gate unavailable; treated as open",
+        if key in self.unavailable:
+            return
+        self.unavailable[key] = why
+        if key == "pause":
+            # Somebody may have paused the database and believe it paused: loud.
+            log.error(
+                "cannot read sweeperd.pause: a pause of this database would not be honoured",
                 database=self.database,
-                gate=key,
                 error=why,
+                fix="GRANT USAGE ON SCHEMA sweeperd TO <role>; GRANT SELECT ON sweeperd.pause "
+                "TO <role>",
             )
+            return
+        log.warning(
+            "health gate unavailable; treated as open",
+            database=self.database,
+            gate=key,
+            error=why,
+        )
 
     # -- deciding ----------------------------------------------------------------------------------
     def _decide(self, reading: Reading) -> None:

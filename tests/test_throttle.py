@@ -23,6 +23,7 @@ from servers import ScratchServer, scratch_server_fixture, standby_of  # noqa: F
 from structlog.testing import capture_logs
 from support import toml_str, write_config
 
+import sweeperd.pause as pause_module
 import sweeperd.telemetry as telemetry_module
 from sweeperd.config import load_config
 from sweeperd.plugins import load_plugins
@@ -348,3 +349,54 @@ def test_sampling_costs_one_statement_per_check_every(
     # At most one sample per check_every (plus the first), and never one per batch or item.
     assert 1 <= samples <= elapsed / 0.2 + 2, (samples, elapsed)
     assert samples < items * 3
+
+
+def test_a_pause_the_role_cannot_read_is_an_error_and_with_pg_monitor_every_gate_reads(
+    tmp_path: Path, scratch_server: Callable[..., ScratchServer], metrics: InMemoryMetricReader
+) -> None:
+    primary = scratch_server()
+    make_events(primary, rows=50)
+    primary.execute("CREATE ROLE plain LOGIN")
+    primary.execute("GRANT USAGE ON SCHEMA tenant_a TO plain")
+    primary.execute("GRANT SELECT, UPDATE, DELETE ON ALL TABLES IN SCHEMA tenant_a TO plain")
+    # A DBA paused the database as postgres: schema and table are not the sweeping role's.
+    primary.execute("CREATE SCHEMA sweeperd")
+    primary.execute(pause_module.DDL)
+    primary.execute(
+        "INSERT INTO sweeperd.pause (paused_by, reason, until) VALUES"
+        " ('dba@ops', 'incident', now() + interval '2 seconds')"
+    )
+    gates = 'max_replica_lag = "10s"\nmax_archive_backlog = 10\ncheck_every = "100ms"'
+    path = config(tmp_path, primary.dsn(user="plain"), gates)
+    with capture_logs() as logs:
+        cfg = load_config(path)
+        report = asyncio.run(sweep_once(cfg, load_plugins(cfg)))
+    [result] = report.results
+    assert result.status == "ok" and "throttled_s" not in result.details, result
+    # (The run history cannot be written there either: another error, not this test's.)
+    errors = [e for e in logs if e["event"].startswith("cannot read sweeperd.pause")]
+    assert len(errors) == 1, errors
+    [error] = errors
+    assert error["log_level"] == "error", error
+    assert "permission denied for schema sweeperd" in error["error"], error
+
+    # With pg_monitor and the pause readable, every gate reads and the pause holds the work.
+    primary.execute("GRANT pg_monitor TO plain")
+    primary.execute("GRANT USAGE ON SCHEMA sweeperd TO plain")
+    primary.execute("GRANT SELECT ON sweeperd.pause TO plain")
+    primary.execute("UPDATE sweeperd.pause SET until = now() + interval '2 seconds'")
+    primary.execute(
+        "INSERT INTO tenant_a.events (created_at) SELECT now() - interval '100 days'"
+        " FROM generate_series(1, 10)"
+    )
+    with capture_logs() as logs:
+        cfg = load_config(path)
+        report = asyncio.run(sweep_once(cfg, load_plugins(cfg)))
+    [result] = report.results
+    assert result.status == "ok" and result.rows == 10, result
+    assert result.details["throttled_by"].keys() == {"paused"}
+    assert 1.0 < result.details["throttled_s"] < 30, result.details
+    assert not [e for e in logs if e["log_level"] in ("warning", "error") and "gate" in e]
+    [throttled] = [e for e in logs if e["event"] == "database throttled"]
+    assert throttled["reason"].startswith("paused by dba@ops since "), throttled
+    assert throttled["reason"].endswith(": incident"), throttled
