@@ -355,7 +355,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         collect(config, sweep=args.sweep, tenant=args.tenant, failed_only=args.failed)
     )
     if args.json:
-        doc = to_json(got.runs, got.last_ok, got.unreachable, got.paused, got.pause_unknown)
+        doc = to_json(
+            got.runs, got.last_ok, got.unreachable, got.paused, got.pause_unknown, got.gates
+        )
         json.dump(doc, sys.stdout)
         sys.stdout.write("\n")
     else:
@@ -369,6 +371,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 databases=len(config.databases),
                 paused=got.paused,
                 pause_unknown=got.pause_unknown,
+                gates=got.gates,
             )
         )
     return ExitCode.UNREACHABLE if got.unreachable else ExitCode.OK

@@ -15,8 +15,9 @@ from .config import Config
 from .databases import open_databases
 from .db import AsyncConn, Database
 from .errors import describe_error, is_insufficient_privilege
-from .pause import Pause
+from .pause import EXISTS, Pause
 from .pause import read as read_pause
+from .throttle import Signal, Throttle
 
 
 def glob_to_regex(glob: str) -> str:
@@ -71,6 +72,44 @@ class Collected:
     unreachable: dict[str, str]
     paused: dict[str, Pause] = field(default_factory=dict)
     pause_unknown: dict[str, str] = field(default_factory=dict)
+    # The health gates of the databases that set any, as read now.
+    gates: dict[str, Gates] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Gates:
+    """One database's ``[throttle]`` gates as ``status`` read them: each readable signal against
+    its limit, and the gates that could not be read (key → why; sweeps treat them as open)."""
+
+    signals: tuple[Signal, ...]
+    unavailable: dict[str, str]
+
+    def describe(self) -> str:
+        parts = []
+        if self.signals:
+            parts.append(", ".join(s.describe() for s in self.signals))
+        if self.unavailable:
+            parts.append(
+                "not read (treated as open): "
+                + ", ".join(f"{key} ({why})" for key, why in sorted(self.unavailable.items()))
+            )
+        over = any(s.over for s in self.signals)
+        return ("over a limit: " if over else "") + "; ".join(parts)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "signals": [
+                {
+                    "key": s.gate.key,
+                    "value": s.value,
+                    "limit": s.limit,
+                    "over": s.over,
+                    "what": s.what,
+                }
+                for s in self.signals
+            ],
+            "unavailable": dict(sorted(self.unavailable.items())),
+        }
 
 
 async def collect(
@@ -90,6 +129,7 @@ async def collect(
         found = []
         paused: dict[str, Pause] = {}
         pause_unknown: dict[str, str] = {}
+        gates: dict[str, Gates] = {}
         for name, outcome in zip(databases, outcomes, strict=True):
             if isinstance(outcome, BaseException):
                 if not isinstance(outcome, Exception):
@@ -103,8 +143,10 @@ async def collect(
                 )
                 unreachable[name] = f"cannot read the run history: {describe_error(outcome)}{hint}"
             else:
-                rows, ops, pause = outcome
+                rows, ops, pause, read_gates = outcome
                 found.append((rows, ops))
+                if read_gates is not None:
+                    gates[name] = read_gates
                 if isinstance(pause, Pause):
                     paused[name] = pause
                 elif pause is not None:
@@ -113,7 +155,7 @@ async def collect(
         await asyncio.gather(*(db.close() for db in databases.values()), return_exceptions=True)
     runs = [r for rows, _ in found for r in rows]
     last_ok = [o for _, ops in found for o in ops]
-    return Collected(runs, last_ok, unreachable, paused, pause_unknown)
+    return Collected(runs, last_ok, unreachable, paused, pause_unknown, gates)
 
 
 def to_json(
@@ -122,9 +164,11 @@ def to_json(
     unreachable: dict[str, str],
     paused: dict[str, Pause] | None = None,
     pause_unknown: dict[str, str] | None = None,
+    gates: dict[str, Gates] | None = None,
 ) -> dict[str, Any]:
-    """The ``status --json`` document; ``paused`` (database → its pause) and ``pause_unknown``
-    (database → why its pause could not be read) only when there is one."""
+    """The ``status --json`` document; ``paused`` (database → its pause), ``pause_unknown``
+    (database → why its pause could not be read) and ``gates`` (database → its health gates now)
+    only when there is one."""
 
     def iso(value: Any) -> Any:
         return value.isoformat() if isinstance(value, dt.datetime) else value
@@ -152,6 +196,8 @@ def to_json(
         doc["paused"] = {name: p.to_json() for name, p in sorted(paused.items())}
     if pause_unknown:
         doc["pause_unknown"] = dict(sorted(pause_unknown.items()))
+    if gates:
+        doc["gates"] = {name: g.to_json() for name, g in sorted(gates.items())}
     return doc
 
 
@@ -164,6 +210,7 @@ def render(
     databases: int | None = None,
     paused: dict[str, Pause] | None = None,
     pause_unknown: dict[str, str] | None = None,
+    gates: dict[str, Gates] | None = None,
 ) -> str:
     """The text ``sweeperd status`` prints; ``databases`` is how many are configured, ``paused``
     the pause in force per database, ``pause_unknown`` why a database's pause could not be read."""
@@ -176,6 +223,8 @@ def render(
         lines.append(f"database {name} {pause.describe()}")
     for name, reason in sorted((pause_unknown or {}).items()):
         lines.append(f"database {name}: cannot read its pause: {reason}")
+    for name, read in sorted((gates or {}).items()):
+        lines.append(f"database {name} gates: {read.describe()}")
     if not runs:
         if failed_only and last_ok:
             lines.append("no runs with failures")
@@ -246,7 +295,7 @@ async def latest_runs(
 
 async def _database_status(
     database: Database, *, sweep: str | None, tenant_regex: str | None, failed_only: bool
-) -> tuple[list[StatusRow], list[dict[str, Any]], Pause | str | None]:
+) -> tuple[list[StatusRow], list[dict[str, Any]], Pause | str | None, Gates | None]:
     """:func:`latest_runs` and the pause in force (or why it could not be read), on one
     connection: one query more than the runs' where a pause table exists, none elsewhere."""
     async with database.housekeeping("status") as conn:
@@ -274,7 +323,21 @@ async def _database_status(
                     f"{describe_error(exc)} (GRANT USAGE ON SCHEMA sweeperd and SELECT ON "
                     f"sweeperd.pause to {role})"
                 )
-        return *runs, pause
+        return *runs, pause, await _gates(database, conn)
+
+
+async def _gates(database: Database, conn: AsyncConn) -> Gates | None:
+    """The database's health gates read now, as a sweep's sampler reads them (None: it sets
+    none). A gate that cannot be read is in ``unavailable``, as it is for a sweep."""
+    throttle = Throttle(database.name, database.config.throttle)
+    if not throttle.gates:
+        return None
+    try:
+        reading = await throttle.read(conn)
+    except Exception as exc:
+        return Gates((), {"*": describe_error(exc)})
+    unavailable = {k: v for k, v in throttle.unavailable.items() if k != "pause"}
+    return Gates(reading.signals, unavailable)
 
 
 async def _tables(conn: AsyncConn) -> tuple[bool, bool]:
@@ -284,9 +347,7 @@ async def _tables(conn: AsyncConn) -> tuple[bool, bool]:
     GRANT it needs); the pause from the catalogs, which need no privilege.
     """
     cur = await conn.execute(
-        "SELECT pg_catalog.to_regclass('sweeperd.runs') IS NOT NULL, "
-        "EXISTS (SELECT FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n "
-        "ON n.oid = c.relnamespace WHERE n.nspname = 'sweeperd' AND c.relname = 'pause')"
+        f"SELECT pg_catalog.to_regclass('sweeperd.runs') IS NOT NULL, {EXISTS}"
     )
     row = await cur.fetchone()
     assert row is not None

@@ -8,6 +8,7 @@ the lag in ``pg_stat_replication`` and the rows left in the table, every few mil
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,7 +22,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from servers import ScratchServer, scratch_server_fixture, standby_of  # noqa: F401
 from structlog.testing import capture_logs
-from support import toml_str, write_config
+from support import run_cli, toml_str, write_config
 
 import sweeperd.pause as pause_module
 import sweeperd.telemetry as telemetry_module
@@ -400,3 +401,42 @@ def test_a_pause_the_role_cannot_read_is_an_error_and_with_pg_monitor_every_gate
     [throttled] = [e for e in logs if e["event"] == "database throttled"]
     assert throttled["reason"].startswith("paused by dba@ops since "), throttled
     assert throttled["reason"].endswith(": incident"), throttled
+
+
+def test_status_reads_every_gate_now_and_says_which_it_cannot(
+    tmp_path: Path, scratch_server: Callable[..., ScratchServer]
+) -> None:
+    primary = scratch_server()
+    make_events(primary, rows=10)
+    standby = standby_of(primary)
+    standby.wait_caught_up()
+    standby.pause_replay()
+    primary.execute(
+        "CREATE TABLE public.filler AS SELECT repeat('x', 500) FROM generate_series(1, 5000)"
+    )
+    primary.execute("CREATE ROLE plain LOGIN")
+    gates = 'max_replica_lag_bytes = "64kB"\nmax_slot_lag_bytes = "1GB"'
+    (tmp_path / "a").mkdir()
+    as_postgres = config(tmp_path / "a", primary.dsn(), gates)
+    shown = run_cli("status", "-c", str(as_postgres))
+    assert shown.returncode == 0, shown.stderr
+    [line] = [ln for ln in shown.stdout.splitlines() if ln.startswith("database main gates: ")]
+    assert line.startswith("database main gates: over a limit: replica lag "), line
+    assert "> 64kB (standby standby_" in line and "slot lag 0B <= 1GB" in line, line
+    as_json = run_cli("status", "-c", str(as_postgres), "--json")
+    doc = json.loads(as_json.stdout)
+    signals = {s["key"]: s for s in doc["gates"]["main"]["signals"]}
+    assert signals["max_replica_lag_bytes"]["over"] is True
+    assert signals["max_replica_lag_bytes"]["value"] > 64 * 1024
+    assert doc["gates"]["main"]["unavailable"] == {}
+
+    (tmp_path / "b").mkdir()
+    as_plain = config(tmp_path / "b", primary.dsn(user="plain"), gates)
+    shown = run_cli("status", "-c", str(as_plain))
+    assert shown.returncode == 0, shown.stderr
+    [line] = [ln for ln in shown.stdout.splitlines() if ln.startswith("database main gates: ")]
+    assert line == (
+        "database main gates: slot lag 0B <= 1GB; not read (treated as open): "
+        "max_replica_lag_bytes (needs pg_read_all_stats (GRANT pg_monitor TO plain))"
+    ), line
+    standby.resume_replay()
