@@ -20,7 +20,7 @@ import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from servers import ScratchServer, scratch_server_fixture, standby_of  # noqa: F401
+from servers import PgBouncer, ScratchServer, scratch_server_fixture, standby_of  # noqa: F401
 from structlog.testing import capture_logs
 from support import run_cli, toml_str, write_config
 
@@ -444,3 +444,43 @@ def test_status_reads_every_gate_now_and_says_which_it_cannot(
         "max_replica_lag_bytes (needs pg_read_all_stats (GRANT pg_monitor TO plain))"
     ), line
     standby.resume_replay()
+
+
+@pytest.mark.parametrize("mode", ["transaction", "session"])
+def test_behind_pgbouncer_the_pause_and_the_gates_hold(
+    tmp_path: Path, pg_dsn: str, mode: str
+) -> None:
+    """One statement per sample, nothing kept on a server session: any pooler mode will do."""
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA tenant_a")
+        conn.execute(
+            "CREATE TABLE tenant_a.events (id bigserial PRIMARY KEY, created_at timestamptz)"
+        )
+        conn.execute(
+            "INSERT INTO tenant_a.events (created_at) SELECT now() - interval '100 days'"
+            " FROM generate_series(1, 500)"
+        )
+        conn.execute("CREATE SCHEMA sweeperd")
+        conn.execute(pause_module.DDL)
+        conn.execute(
+            "INSERT INTO sweeperd.pause (paused_by, reason, until)"
+            " VALUES ('ops@h', 'drill', now() + interval '2 seconds')"
+        )
+    with PgBouncer(pg_dsn, pool_mode=mode, default_pool_size=2) as bouncer:
+        path = config(
+            tmp_path,
+            bouncer.through(pg_dsn),
+            'max_slot_lag_bytes = "1TB"\ncheck_every = "100ms"\nresume_after = "0s"',
+        )
+        path.write_text(
+            path.read_text().replace(
+                "max_connections = 4", f'max_connections = 4\npooler = "{mode}"'
+            )
+        )
+        done = run_cli("sweep", "-c", str(path), "--json")
+    assert done.returncode == 0, done.stderr
+    [result] = json.loads(done.stdout)["results"]
+    assert result["status"] == "ok" and result["rows"] == 500, result
+    assert result["details"]["throttled_by"].keys() == {"paused"}, result
+    assert result["details"]["throttled_s"] >= 1.0, result
+    assert "Traceback" not in done.stderr
