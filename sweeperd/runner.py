@@ -301,6 +301,10 @@ class _SweepRun:
             async with asyncio.timeout(item.timeout) as deadline:
                 async with database.connection(item.label) as conn:
                     attempt.ctx = self.context(item, database, conn)
+                    throttle = self.runner.bounds.throttles.get(item.database)
+                    if throttle is not None and throttle.gates and not self.dry_run:
+                        # Where limits are set every result says how long it waited, 0 too.
+                        attempt.ctx.details["throttled_s"] = 0.0
                     if (waited := self.waits.pop(item.index, None)) is not None:
                         _record_wait(attempt.ctx, waited, attempt.span, before_start=True)
                     # Outcomes are recorded by tracing.SweepTrace (skips are not errors) and
