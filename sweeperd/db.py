@@ -139,7 +139,9 @@ class Database:
         self.server_version = 0
         self.server_address: str | None = None  # host name, address or unix socket directory
         self.server_port: int | None = None
-        self._housekeeping_slot: asyncio.Semaphore | None = None  # see cap_housekeeping()
+        self._housekeeping_slot: AbstractAsyncContextManager[Any] | None = (
+            None  # see cap_housekeeping()
+        )
         self.dbname: str | None = None
         self.user: str | None = None
         self.in_recovery = False  # as of the last refresh()
@@ -455,7 +457,7 @@ class Database:
                 await pool.putconn(conn)
                 raise
 
-    def cap_housekeeping(self, slot: asyncio.Semaphore | None) -> None:
+    def cap_housekeeping(self, slot: AbstractAsyncContextManager[Any] | None) -> None:
         """Make :meth:`housekeeping` take a slot of ``slot`` first: the per-database slot that
         the operations a runner runs here take, so that together they stay within the cap.
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .gates import TableGate, TenantGate
+from .slots import PrioritySlots
 from .throttle import Throttle
 
 if TYPE_CHECKING:
@@ -42,16 +42,16 @@ class Bounds:
         # Not tied to any limit: always carried over, so exclusion holds across a reload.
         self.tables: TableGate = previous.tables if previous is not None else TableGate()
         self.tenants: TenantGate = previous.tenants if previous is not None else TenantGate()
-        self.global_slots: asyncio.Semaphore
+        self.global_slots: PrioritySlots
         if previous is not None and previous.limits.max_concurrency == limits.max_concurrency:
             self.global_slots = previous.global_slots
         else:
-            self.global_slots = asyncio.Semaphore(limits.max_concurrency)
-        self.per_database: dict[str, asyncio.Semaphore] = {}
+            self.global_slots = PrioritySlots(limits.max_concurrency)
+        self.per_database: dict[str, PrioritySlots] = {}
         for name, n in limits.per_database.items():
             old = previous.per_database.get(name) if previous is not None else None
             same = previous is not None and previous.limits.per_database.get(name) == n
-            self.per_database[name] = old if same and old is not None else asyncio.Semaphore(n)
+            self.per_database[name] = old if same and old is not None else PrioritySlots(n)
         # One sampler per database per process; a reload that keeps a database's [throttle]
         # keeps its state (a throttled database stays throttled, no fresh sample needed).
         self.throttles: dict[str, Throttle] = {}

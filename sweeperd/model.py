@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import enum
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -149,6 +149,58 @@ RunFn = Callable[["Context"], Awaitable[int | None]]
 
 
 @dataclass(frozen=True, slots=True)
+class Target:
+    """One work item that an expanding operation (``Operation.expand``) found at plan time.
+
+    :param tenant: the tenant it belongs to (None for scope ``database``).
+    :param name: what it works on (a table's name): the item's label in ``application_name``,
+        logs and spans, and the run history's ``target``; ``ctx.target.name`` when it runs.
+    :param tables: the tables it touches, as ``Operation.tables`` (same-table ordering, the
+        exclusion between sweeps, prune-before-vacuum all hold per target).
+    :param score: how urgent it is: items start in descending score across every tenant and
+        database of the sweep (static operations have 0).
+    :param details: what its result's ``details`` start with (why it was chosen, its score).
+    :param params: anything ``run`` needs to know about it (``ctx.target.params``).
+    :param expected_s: how long it is expected to take (seconds; None: unknown). With a
+        maintenance window, an item that would not finish before the window closes is skipped.
+    """
+
+    tenant: Tenant | None
+    name: str
+    tables: tuple[str, ...] = ()
+    score: float = 0.0
+    details: Mapping[str, Any] = field(default_factory=dict)
+    params: Mapping[str, Any] = field(default_factory=dict)
+    expected_s: float | None = None
+
+
+@dataclass(slots=True)
+class PlanContext:
+    """What ``Operation.expand`` receives, once per database per sweep.
+
+    ``conn`` is a connection to the database (autocommit; the same rules as ``Context.conn``),
+    ``tenants`` every tenant of this database the sweep selected for the operation (empty for
+    scope ``database``), ``settings`` the plugin's own table. Count what was looked at and
+    found not to need work in ``not_needed``: the report sums it per operation instead of one
+    result line each.
+    """
+
+    conn: AsyncConnection[Any]
+    operation: Operation
+    database: str
+    tenants: Sequence[Tenant]
+    settings: Mapping[str, Any]
+    log: FilteringBoundLogger
+    sweep: str = ""
+    server_version: int = 0
+    dry_run: bool = False
+    not_needed: int = 0
+
+
+ExpandFn = Callable[[PlanContext], Awaitable[Iterable[Target]]]
+
+
+@dataclass(frozen=True, slots=True)
 class Operation:
     """A cleanup step a plugin contributes.
 
@@ -173,6 +225,11 @@ class Operation:
         rows it would affect). Operations that do not promise this are not run at all in a dry
         run, so a plugin that forgot to check the flag cannot delete anything.
     :param description: one line for ``sweeperd plugins``.
+    :param expand: ``async def expand(plan_ctx) -> Iterable[Target]``: the operation's work items
+        are found when the sweep is planned, by one call per database (one catalog query, say,
+        for every tenant at once) rather than fixed per tenant: each :class:`Target` becomes an
+        item of its own (its own result, span, tables and ordering), named like the operation.
+        An expansion that raises fails that database's items of the operation with the reason.
     """
 
     name: str
@@ -185,6 +242,7 @@ class Operation:
     after: tuple[str, ...] = ()
     dry_run: bool = False
     description: str = ""
+    expand: ExpandFn | None = field(default=None, compare=False)
     plugin: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -286,6 +344,8 @@ class Context:
     lock_timeout: float = 0.0
     statement_timeout: float = 0.0
     shared: dict[str, Any] = field(default_factory=dict)
+    # The plan-time target this item works on (Operation.expand), None for static operations.
+    target: Target | None = None
     # Set by the runner: waits while the database is throttled or paused, records the wait in
     # details and returns its seconds (see throttle()).
     pacer: Callable[[Context], Awaitable[float]] | None = None

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
 from .config import Config, SweepConfig
-from .model import ALL_TABLES, Operation, Tenant, escape_glob
+from .model import ALL_TABLES, Operation, Target, Tenant, escape_glob
 from .problems import Problems
 
 ALL_SWEEPS = "*"
@@ -37,15 +37,28 @@ class WorkItem:
     database: str
     deps: list[int] = field(default_factory=list)
     timeout: float | None = None  # seconds before the runner cancels it
+    target: Target | None = None  # what an expanding operation found for it at plan time
+    failure: str | None = None  # it could not be planned: reported failed with this reason
 
     @property
     def schema(self) -> str | None:
         return self.tenant.schema if self.tenant else None
 
     @property
+    def tables(self) -> tuple[str, ...]:
+        return self.target.tables if self.target is not None else self.operation.tables
+
+    @property
+    def priority(self) -> float:
+        """Higher starts first (the target's score; static operations 0)."""
+        return self.target.score if self.target is not None else 0.0
+
+    @property
     def label(self) -> str:
         """How the item appears in ``application_name`` and logs."""
         where = self.tenant.name if self.tenant else self.database
+        if self.target is not None:
+            return f"{self.operation.name} {where} {self.target.name}"
         return f"{self.operation.name} {where}"
 
 
@@ -55,6 +68,8 @@ class Plan:
     items: tuple[WorkItem, ...]
     per_tenant_concurrency: int
     timeout: float | None
+    # Per expanding operation: how much its expansion looked at and found no work for.
+    not_needed: Mapping[str, int] = field(default_factory=dict)
 
 
 def matches(name: str, globs: Iterable[str]) -> bool:
@@ -158,10 +173,7 @@ def make_plan(
                 timeout=_timeout(op, sw),
             )
         )
-    _link_same_table_items(items)
-    _link_after(items)
-    _check_acyclic(items)
-
+    link(items)
     return Plan(
         sweep=sweep or ALL_SWEEPS,
         items=tuple(items),
@@ -170,6 +182,16 @@ def make_plan(
         # timeouts (one sweep's shorter bound would cut another's work short).
         timeout=_max_optional(s.timeout for s in sweeps),
     )
+
+
+def link(items: Sequence[WorkItem]) -> None:
+    """Set every item's dependencies from its tables, phases and ``after`` (indices must be
+    positions); raise :class:`PlanError` on a cycle."""
+    for item in items:
+        item.deps = []
+    _link_same_table_items(items)
+    _link_after(items)
+    _check_acyclic(items)
 
 
 def _timeout(op: Operation, sweep: SweepConfig) -> float | None:
@@ -208,7 +230,7 @@ def _link_same_table_items(items: Sequence[WorkItem]) -> None:
     """
     domains: dict[tuple[str, str | None], list[WorkItem]] = defaultdict(list)
     for item in items:
-        if item.operation.tables:
+        if item.tables:
             domains[(item.database, item.schema)].append(item)
     for members in domains.values():
         members.sort(key=lambda it: (it.operation.phase, it.index))
@@ -217,14 +239,14 @@ def _link_same_table_items(items: Sequence[WorkItem]) -> None:
         since_all: list[int] = []
         for item in members:
             deps: set[int] = set()
-            if ALL_TABLES in item.operation.tables:
+            if ALL_TABLES in item.tables:
                 deps.update(since_all)
                 if last_all is not None:
                     deps.add(last_all)
                 last_all, since_all = item.index, []
                 last_by_table.clear()
             else:
-                for table in item.operation.tables:
+                for table in item.tables:
                     previous = last_by_table.get(table, last_all)
                     if previous is not None:
                         deps.add(previous)

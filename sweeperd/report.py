@@ -19,6 +19,8 @@ class SweepReport:
     finished_at: datetime
     results: list[Result] = field(default_factory=list)
     unreachable: dict[str, str] = field(default_factory=dict)
+    # Per expanding operation (vacuum.auto): how many it looked at and found no work for.
+    not_needed: dict[str, int] = field(default_factory=dict)
 
     @property
     def duration_s(self) -> float:
@@ -28,7 +30,7 @@ class SweepReport:
         return status_counts(self.results)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        doc: dict[str, Any] = {
             "sweep": self.sweep,
             "started_at": self.started_at.isoformat(),
             "finished_at": self.finished_at.isoformat(),
@@ -36,6 +38,9 @@ class SweepReport:
             "counts": self.counts(),
             "results": [r.to_json() for r in self.results],
         }
+        if self.not_needed:
+            doc["not_needed"] = dict(sorted(self.not_needed.items()))
+        return doc
 
     def exit_code(self) -> ExitCode:
         """OK all succeeded or were skipped by policy; FAILED a failure; UNREACHABLE no database
@@ -83,6 +88,8 @@ def render_text(report: SweepReport) -> str:
     ]
     for name, reason in sorted(report.unreachable.items()):
         lines.append(f"  database {name} unreachable: {reason}")
+    for name, n in sorted(report.not_needed.items()):
+        lines.append(f"  {name}: {n} not needed (under every threshold)")
     # Tenants are (database, name): a name found in two databases is shown with its database.
     dbs_of: dict[str, set[str]] = {}
     for r in report.results:

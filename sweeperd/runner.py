@@ -36,6 +36,7 @@ from opentelemetry.trace import INVALID_SPAN, Span
 from .db import STANDBY, AsyncConn, Database
 from .durations import format_duration
 from .errors import describe_error, sqlstate_of
+from .expansion import expand
 from .gates import Gate
 from .limits import Bounds
 from .model import Context, Result, Skip, Status
@@ -88,23 +89,29 @@ class Runner:
         stop = stop or Stop()
         if plan.timeout is not None:
             stop.at(plan.timeout, "sweep timed out")
-        run = _SweepRun(self, plan, dry_run, dict(unreachable or {}), gate)
-        _notify(self.pm.hook.sweeperd_sweep_started, sweep=plan.sweep, items=len(plan.items))
-        # Tasks copy the context they are created in: every item inherits the sweep's span and
-        # log fields from here.
+        async with contextlib.AsyncExitStack() as using:
+            # Idle connections close when the last sweep using a database ends: nothing an
+            # operation left on a session outlives the sweep, and none are held between.
+            for name in sorted({item.database for item in plan.items}):
+                if (database := self.databases.get(name)) is not None:
+                    await using.enter_async_context(database.use())
+            # Operations whose items are found now (Operation.expand): one query per database.
+            plan = await expand(plan, self.databases, self.settings, dry_run=dry_run)
+            run = _SweepRun(self, plan, dry_run, dict(unreachable or {}), gate)
+            _notify(self.pm.hook.sweeperd_sweep_started, sweep=plan.sweep, items=len(plan.items))
+            # Tasks copy the context they are created in: every item inherits the sweep's span
+            # and log fields from here.
+            with (
+                trace.use_span(run.trace.span, end_on_exit=False),
+                structlog.contextvars.bound_contextvars(sweep=plan.sweep),
+            ):
+                log.info("sweep started", items=len(plan.items), dry_run=dry_run)
+                await self._warm(plan)
+                await run.execute(stop)
         with (
             trace.use_span(run.trace.span, end_on_exit=False),
             structlog.contextvars.bound_contextvars(sweep=plan.sweep),
         ):
-            log.info("sweep started", items=len(plan.items), dry_run=dry_run)
-            async with contextlib.AsyncExitStack() as using:
-                # Idle connections close when the last sweep using a database ends: nothing an
-                # operation left on a session outlives the sweep, and none are held between.
-                for name in sorted({item.database for item in plan.items}):
-                    if (database := self.databases.get(name)) is not None:
-                        await using.enter_async_context(database.use())
-                await self._warm(plan)
-                await run.execute(stop)
             if run.stop_reason is not None:
                 log.warning(
                     "sweep stopped early; unfinished operations cancelled", reason=run.stop_reason
@@ -115,6 +122,7 @@ class Runner:
                 finished_at=datetime.now(UTC),
                 results=run.results_in_plan_order(),
                 unreachable=dict(unreachable or {}),
+                not_needed=dict(plan.not_needed),
             )
             log.info("sweep finished", duration_s=round(report.duration_s, 3), **report.counts())
         run.trace.close(report.counts(), report.duration_s)
@@ -228,6 +236,8 @@ class _SweepRun:
 
     def refusal(self, item: WorkItem) -> Result | None:
         """Why the item does not run at all, known before it takes anything; None: it may."""
+        if item.failure is not None:
+            return _not_run(item, "failed", item.failure)
         if item.database in self.unreachable:
             reason = f"database unreachable: {self.unreachable[item.database]}"
             return _not_run(item, "failed", reason)
@@ -250,16 +260,16 @@ class _SweepRun:
         # Tables first (all of an item's at once), then the slots narrowest first: waiting for
         # a busy table holds no slot anybody needs, waiting for a busy database no global one.
         async with (
-            bounds.tables.hold((item.database, item.schema), item.operation.tables),
+            bounds.tables.hold((item.database, item.schema), item.tables),
             self.tenant_slot(item),
-            bounds.per_database[item.database],
+            bounds.per_database[item.database].take(item.priority),
         ):
             # A throttled database holds back its own items only: they wait here, before the
             # global slot, so every other database keeps all of max_concurrency.
             verdict = await self.until_open(item)
             if verdict is not None:
                 return verdict
-            async with bounds.global_slots:
+            async with bounds.global_slots.take(item.priority):
                 return self.start_check(item) or await self.attempt(item)
 
     async def until_open(self, item: WorkItem) -> Result | None:
@@ -349,6 +359,8 @@ class _SweepRun:
             lock_timeout=database.config.lock_timeout,
             statement_timeout=database.config.statement_timeout,
             shared=self.shared[item.database],
+            target=item.target,
+            details=dict(item.target.details) if item.target is not None else {},
             pacer=self.pace if item.database in self.runner.bounds.throttles else None,
         )
 
@@ -451,7 +463,8 @@ async def _cancel_and_wait(tasks: Sequence[asyncio.Task[None]]) -> None:
 
 
 def _not_run(item: WorkItem, status: Status, error: str | None) -> Result:
-    """The result of an item whose operation did not start (no times, rows or details)."""
+    """The result of an item whose operation did not start (no times or rows; the details its
+    plan-time target came with, which say what it was for)."""
     return Result(
         tenant=item.tenant.name if item.tenant else None,
         database=item.database,
@@ -463,6 +476,7 @@ def _not_run(item: WorkItem, status: Status, error: str | None) -> Result:
         finished_at=None,
         duration_s=None,
         error=error,
+        details=dict(item.target.details) if item.target is not None else {},
     )
 
 

@@ -199,7 +199,7 @@ def _tenant_key(item: WorkItem) -> tuple[str, str]:
 
 
 def _collection(item: WorkItem) -> str | None:
-    tables = [t for t in item.operation.tables if t != ALL_TABLES]
+    tables = [t for t in item.tables if t != ALL_TABLES]
     if len(tables) != 1:
         return None
     return f"{item.schema}.{tables[0]}" if item.schema else tables[0]
