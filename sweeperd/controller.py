@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -29,6 +29,7 @@ from .db import Database
 from .durations import format_duration
 from .errors import describe_error
 from .firing import item_verdict, on_firing, window_of, window_stop_in
+from .gates import Gate
 from .model import Status, Tenant
 from .planner import make_plan
 from .plugins import Plugins
@@ -331,8 +332,13 @@ class SweepController:
         db_scope = {db for db, names in owned.items() if DATABASE_SCOPE in names} | set(failed)
         return mine, db_scope, failed
 
-    def _gate(self, window: Window | None) -> Callable[[], tuple[Status, str] | None]:
-        def gate() -> tuple[Status, str] | None:
-            return item_verdict(window, dt.datetime.now(dt.UTC), stopping=self.host.stopping())
+    def _gate(self, window: Window | None) -> Gate:
+        def gate(expected_s: float | None) -> tuple[Status, str] | None:
+            return item_verdict(
+                window,
+                dt.datetime.now(dt.UTC),
+                stopping=self.host.stopping(),
+                expected_s=expected_s,
+            )
 
         return gate

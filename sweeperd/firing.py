@@ -10,6 +10,7 @@ import datetime as dt
 from typing import Literal
 
 from .config import Overlap, SweepConfig
+from .durations import format_duration
 from .model import Status
 from .schedule import Window
 
@@ -53,11 +54,24 @@ def window_stop_in(sweep: SweepConfig, window: Window | None, now: dt.datetime) 
 
 
 def item_verdict(
-    window: Window | None, now: dt.datetime, *, stopping: bool
+    window: Window | None, now: dt.datetime, *, stopping: bool, expected_s: float | None = None
 ) -> tuple[Status, str] | None:
-    """Asked before each item starts: None to run it, or the status and reason to report."""
+    """Asked before each item starts: None to run it, or the status and reason to report.
+
+    ``expected_s``: how long the item is expected to take; one that would still be running when
+    the window closes is not started (a vacuum cut off at the window's end wasted its I/O).
+    """
     if stopping:
         return "cancelled", "daemon stopping"
-    if window is not None and not window.contains(now):
+    if window is None:
+        return None
+    if not window.contains(now):
         return "skipped", f"outside the maintenance window {window.describe()}"
+    if expected_s is not None:
+        left = (window.closes_after(now) - now).total_seconds()
+        if expected_s > left:
+            return "skipped", (
+                f"would not finish before the window closes (≈ {format_duration(expected_s)} "
+                f"needed, {format_duration(max(left, 0.0))} left)"
+            )
     return None

@@ -17,9 +17,10 @@ from contextlib import asynccontextmanager
 
 from .model import ALL_TABLES, Status
 
-# Asked right before an item starts: None to run it, or the status and reason to report instead
-# (the daemon is stopping, the maintenance window has closed).
-Gate = Callable[[], tuple[Status, str] | None]
+# Asked right before an item starts, with how long the item is expected to take (seconds, None:
+# unknown): None to run it, or the status and reason to report instead (the daemon is stopping,
+# the maintenance window has closed or would close before the item could finish).
+Gate = Callable[[float | None], tuple[Status, str] | None]
 
 # (database, schema): schema None holds the schema-qualified tables of database-scope operations.
 Domain = tuple[str, str | None]

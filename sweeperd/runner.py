@@ -295,7 +295,8 @@ class _SweepRun:
     def start_check(self, item: WorkItem) -> Result | None:
         """The caller's gate: None to go on, else the item's result without running it."""
         # Asked after the wait for slots, which can be long: the answer may have changed.
-        verdict = self.gate() if self.gate is not None else None
+        expected = item.target.expected_s if item.target is not None else None
+        verdict = self.gate(expected) if self.gate is not None else None
         if verdict is None:
             return None
         status, reason = verdict

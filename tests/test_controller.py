@@ -127,6 +127,28 @@ def test_an_item_starts_only_inside_the_window(
     assert item_verdict(window, now, stopping=False) == verdict
 
 
+@pytest.mark.parametrize(
+    ("expected_s", "verdict"),
+    [
+        (None, None),
+        (5 * 60.0, None),
+        (6 * 60.0, None),  # ends exactly as the window closes
+        (
+            14 * 60.0,
+            ("skipped", "would not finish before the window closes (≈ 14m needed, 6m left)"),
+        ),
+    ],
+    ids=["unknown", "fits", "just fits", "too long"],
+)
+def test_an_item_that_would_outlast_the_window_is_not_started(
+    expected_s: float | None, verdict: tuple[str, str] | None
+) -> None:
+    window = Window((minutes("02:00"), minutes("04:00")), "UTC")
+    assert item_verdict(window, utc(3, 54), stopping=False, expected_s=expected_s) == verdict
+    # Without a window nothing is too long.
+    assert item_verdict(None, utc(3, 54), stopping=False, expected_s=1e9) is None
+
+
 @pytest.mark.parametrize("now", [utc(3, 0), utc(5, 0)], ids=["inside", "outside"])
 def test_an_item_does_not_start_once_the_daemon_stops(now: dt.datetime) -> None:
     window = Window((minutes("02:00"), minutes("04:00")), "UTC")
