@@ -21,7 +21,7 @@ import structlog
 from psycopg import sql
 
 from .config import HistoryConfig
-from .db import Database
+from .db import AsyncConn, Database
 from .errors import describe_error, is_insufficient_privilege
 from .model import Result
 from .report import SweepReport, status_counts
@@ -61,6 +61,8 @@ CREATE TABLE IF NOT EXISTS sweeperd.results (
     duration_s  double precision,
     error       text
 );
+-- The plan-time target (a table of vacuum.auto): what an expanding operation's item worked on.
+ALTER TABLE sweeperd.results ADD COLUMN IF NOT EXISTS target text;
 CREATE INDEX IF NOT EXISTS results_run ON sweeperd.results (run_id);
 CREATE INDEX IF NOT EXISTS results_operation ON sweeperd.results (operation, tenant, finished_at)
 """
@@ -76,6 +78,7 @@ _COLUMNS = (
     "finished_at",
     "duration_s",
     "error",
+    "target",
 )
 
 
@@ -167,6 +170,7 @@ class History:
                                 r.finished_at,
                                 r.duration_s,
                                 r.error,
+                                r.target,
                             )
                         )
             now = time.monotonic()
@@ -198,3 +202,31 @@ class History:
             log.error(
                 "cannot write the run history", database=database.name, error=describe_error(exc)
             )
+
+
+_DURATIONS = """
+SELECT DISTINCT ON (schema_name, target) schema_name, target, duration_s
+  FROM sweeperd.results
+ WHERE operation = %s AND status = 'ok' AND target IS NOT NULL AND duration_s IS NOT NULL
+   AND schema_name = ANY(%s)
+ ORDER BY schema_name, target, finished_at DESC
+"""
+
+
+async def last_durations(
+    conn: AsyncConn, operation: str, schemas: Sequence[str]
+) -> dict[tuple[str, str], float]:
+    """How long each target of ``operation`` took the last time it succeeded, by (schema,
+    target), from the run history (empty without one, or without the right to read it): what
+    an expanding operation's ``Target.expected_s`` can be based on."""
+    cur = await conn.execute(
+        "SELECT pg_catalog.has_schema_privilege(n.oid, 'USAGE')"
+        " AND pg_catalog.has_table_privilege(c.oid, 'SELECT')"
+        "  FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE n.nspname = 'sweeperd' AND c.relname = 'results'"
+    )
+    row = await cur.fetchone()
+    if not (row and row[0]):
+        return {}
+    cur = await conn.execute(_DURATIONS, (operation, list(schemas)))
+    return {(schema, target): float(d) for schema, target, d in await cur.fetchall()}

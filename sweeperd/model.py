@@ -416,6 +416,9 @@ class Result:
     # For traces and metrics, not in the JSON report: the exception class and the SQLSTATE.
     error_type: str | None = None
     sqlstate: str | None = None
+    # For the run history, not in the JSON report (details say it the operation's way): the
+    # plan-time target's name (Target.name) of an expanding operation's item.
+    target: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         doc: dict[str, Any] = {

@@ -478,6 +478,7 @@ def _not_run(item: WorkItem, status: Status, error: str | None) -> Result:
         duration_s=None,
         error=error,
         details=dict(item.target.details) if item.target is not None else {},
+        target=item.target.name if item.target is not None else None,
     )
 
 
