@@ -1,0 +1,203 @@
+"""How urgently each table needs a VACUUM, in the spirit of PostgreSQL 19's autovacuum scoring.
+
+Per table, five ratios of a value to the threshold at which autovacuum would act:
+
+========== ============================================ ===========================================
+component  value                                        threshold
+========== ============================================ ===========================================
+dead       dead tuples                                  ``autovacuum_vacuum_threshold`` +
+                                                        ``autovacuum_vacuum_scale_factor`` * tuples
+inserts    tuples inserted since the last vacuum        ``autovacuum_vacuum_insert_threshold`` +
+                                                        ``…_insert_scale_factor`` * tuples
+analyze    tuples changed since the last analyze        ``autovacuum_analyze_threshold`` +
+                                                        ``autovacuum_analyze_scale_factor`` * tuples
+xid_age    ``age(relfrozenxid)`` (its TOAST table's     ``autovacuum_freeze_max_age``
+           if older)
+mxid_age   ``mxid_age(relminmxid)``                     ``autovacuum_multixact_freeze_max_age``
+========== ============================================ ===========================================
+
+Thresholds are the table's own (``reloptions``, e.g. ``ALTER TABLE … SET
+(autovacuum_vacuum_scale_factor = 0.01)``), else the server's, unless the configuration sets them.
+A table needs work when any ratio reaches 1; its score is the largest ratio times that component's
+weight (all 1 by default), and a table past ``vacuum_failsafe_age`` (or the multixact one) scores
+above everything else (``FAILSAFE`` plus its ratio). A table past a freeze threshold is vacuumed
+with ``FREEZE``. Everything comes from two queries per database, whatever the number of tenants
+and tables: the server's settings, and one pass over ``pg_class`` with the statistics functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+COMPONENTS = ("dead", "inserts", "analyze", "xid_age", "mxid_age")
+FAILSAFE = 1e15  # added to the score of a table past the failsafe age; other scores stay below
+PAGE = 8192
+
+_SETTINGS = """
+SELECT name, setting FROM pg_catalog.pg_settings WHERE name = ANY(%s)
+"""
+_SERVER_KEYS = (
+    "autovacuum_vacuum_threshold",
+    "autovacuum_vacuum_scale_factor",
+    "autovacuum_vacuum_insert_threshold",
+    "autovacuum_vacuum_insert_scale_factor",
+    "autovacuum_analyze_threshold",
+    "autovacuum_analyze_scale_factor",
+    "autovacuum_freeze_max_age",
+    "autovacuum_multixact_freeze_max_age",
+    "vacuum_failsafe_age",
+    "vacuum_multixact_failsafe_age",
+)
+# One pass over the tables of the given schemas; the statistics functions on each oid rather
+# than pg_stat_user_tables, which computes twenty columns for every table of the database.
+_TABLES = """
+SELECT n.nspname, c.relname, c.relpages, c.reltuples,
+       pg_catalog.pg_stat_get_dead_tuples(c.oid),
+       pg_catalog.pg_stat_get_ins_since_vacuum(c.oid),
+       pg_catalog.pg_stat_get_mod_since_analyze(c.oid),
+       greatest(pg_catalog.age(c.relfrozenxid), coalesce(pg_catalog.age(t.relfrozenxid), 0)),
+       greatest(pg_catalog.mxid_age(c.relminmxid), coalesce(pg_catalog.mxid_age(t.relminmxid), 0)),
+       coalesce(c.reloptions, '{}')
+  FROM pg_catalog.pg_class c
+  JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+  LEFT JOIN pg_catalog.pg_class t ON t.oid = c.reltoastrelid
+ WHERE n.nspname = ANY(%s) AND c.relkind IN ('r', 'm')
+"""
+# reloption → the server setting it overrides
+_RELOPTIONS = {
+    "autovacuum_vacuum_threshold": "autovacuum_vacuum_threshold",
+    "autovacuum_vacuum_scale_factor": "autovacuum_vacuum_scale_factor",
+    "autovacuum_vacuum_insert_threshold": "autovacuum_vacuum_insert_threshold",
+    "autovacuum_vacuum_insert_scale_factor": "autovacuum_vacuum_insert_scale_factor",
+    "autovacuum_analyze_threshold": "autovacuum_analyze_threshold",
+    "autovacuum_analyze_scale_factor": "autovacuum_analyze_scale_factor",
+    "autovacuum_freeze_max_age": "autovacuum_freeze_max_age",
+    "autovacuum_multixact_freeze_max_age": "autovacuum_multixact_freeze_max_age",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Knobs:
+    """What the configuration sets: a weight per component, and thresholds that replace the
+    table's and the server's (None: theirs). ``dead_min``/``dead_ratio`` are the dead-tuple
+    threshold as ``min_dead_tuples``/``min_dead_ratio`` write it."""
+
+    weights: Mapping[str, float] = field(default_factory=dict)
+    xid_age: float | None = None
+    mxid_age: float | None = None
+    dead_min: float | None = None
+    dead_ratio: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Component:
+    value: float
+    threshold: float
+
+    @property
+    def ratio(self) -> float:
+        if self.threshold <= 0:
+            return 0.0 if self.value <= 0 else math.inf
+        return self.value / self.threshold
+
+    def to_json(self) -> dict[str, Any]:
+        ratio = self.ratio
+        return {
+            "value": _number(self.value),
+            "threshold": _number(self.threshold),
+            "ratio": round(ratio, 4) if math.isfinite(ratio) else None,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Scored:
+    schema: str
+    table: str
+    pages: int
+    components: Mapping[str, Component]
+    score: float
+    failsafe: bool
+
+    @property
+    def needed(self) -> bool:
+        return self.failsafe or any(c.ratio >= 1 for c in self.components.values())
+
+    @property
+    def freeze(self) -> bool:
+        """Past a freeze threshold: vacuum with FREEZE (as an anti-wraparound autovacuum would)."""
+        return self.failsafe or any(
+            self.components[k].ratio >= 1 for k in ("xid_age", "mxid_age") if k in self.components
+        )
+
+    def reasons(self) -> dict[str, Any]:
+        """Each component with its value, threshold and ratio, most pressing first."""
+        ordered = sorted(self.components.items(), key=lambda kv: -kv[1].ratio)
+        return {name: c.to_json() for name, c in ordered}
+
+    def estimate_s(self, pages_per_s: float) -> float:
+        """A size-based duration estimate, for a table with no history yet."""
+        return 0.05 + self.pages / pages_per_s
+
+
+def _number(value: float) -> float | int:
+    return int(value) if float(value).is_integer() else round(value, 4)
+
+
+async def server_settings(conn: Any) -> dict[str, float]:
+    cur = await conn.execute(_SETTINGS, (list(_SERVER_KEYS),))
+    return {name: float(value) for name, value in await cur.fetchall()}
+
+
+async def table_rows(conn: Any, schemas: Sequence[str]) -> list[tuple[Any, ...]]:
+    cur = await conn.execute(_TABLES, (list(schemas),))
+    return list(await cur.fetchall())
+
+
+def score_tables(
+    rows: Iterable[tuple[Any, ...]], server: Mapping[str, float], knobs: Knobs
+) -> list[Scored]:
+    """Every table scored (needed or not), from :func:`table_rows` and :func:`server_settings`."""
+    failsafe_xid = server.get("vacuum_failsafe_age", 1.6e9)
+    failsafe_mxid = server.get("vacuum_multixact_failsafe_age", 1.6e9)
+    out = []
+    for schema, table, pages, reltuples, dead, inserts, mods, xid_age, mxid_age, opts in rows:
+        s = dict(server)
+        for option in opts:
+            key, _, value = option.partition("=")
+            if key in _RELOPTIONS:
+                with contextlib.suppress(ValueError):  # the server validated it; be safe anyway
+                    s[_RELOPTIONS[key]] = float(value)
+        tuples = max(float(reltuples), 0.0)  # -1: never analyzed
+        if knobs.dead_min is not None or knobs.dead_ratio is not None:
+            dead_threshold = max(knobs.dead_min or 0.0, (knobs.dead_ratio or 0.0) * tuples)
+        else:
+            dead_threshold = (
+                s["autovacuum_vacuum_threshold"] + s["autovacuum_vacuum_scale_factor"] * tuples
+            )
+        components = {
+            "dead": Component(float(dead), max(dead_threshold, 1.0)),
+            "analyze": Component(
+                float(mods),
+                s["autovacuum_analyze_threshold"] + s["autovacuum_analyze_scale_factor"] * tuples,
+            ),
+            "xid_age": Component(float(xid_age), knobs.xid_age or s["autovacuum_freeze_max_age"]),
+            "mxid_age": Component(
+                float(mxid_age), knobs.mxid_age or s["autovacuum_multixact_freeze_max_age"]
+            ),
+        }
+        insert_threshold = s.get("autovacuum_vacuum_insert_threshold", -1.0)
+        if insert_threshold >= 0 and inserts is not None:  # -1 disables insert vacuums
+            components["inserts"] = Component(
+                float(inserts),
+                insert_threshold + s["autovacuum_vacuum_insert_scale_factor"] * tuples,
+            )
+        weighted = max(knobs.weights.get(k, 1.0) * c.ratio for k, c in components.items())
+        failsafe = float(xid_age) >= failsafe_xid or float(mxid_age) >= failsafe_mxid
+        weighted = min(weighted, FAILSAFE / 2)  # an absurd ratio never passes for a failsafe
+        score = FAILSAFE + weighted if failsafe else weighted
+        out.append(Scored(schema, table, int(pages), components, score, failsafe))
+    return out
