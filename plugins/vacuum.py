@@ -12,8 +12,13 @@ r'''Vacuum: ``VACUUM (ANALYZE, SKIP_LOCKED, …)`` of tenant tables, one operati
     buffer_usage_limit = "256MB"              # PostgreSQL 16+: ring buffer size for the vacuum
     min_dead_tuples = 1000                    # "auto" only
     min_dead_ratio = 0.05                     # "auto" only: dead / (live + dead)
+    truncate = false                          # true: VACUUM may cut empty pages off the end of
+                                              # a table, under ACCESS EXCLUSIVE (stalls the app,
+                                              # cancels queries on hot standbys)
+    skip_when_horizon_older_than = "10m"      # optional: skip while a transaction, slot or
+                                              # prepared transaction held the xmin horizon longer
 
-Options are gated by server version: SKIP_LOCKED needs 12, BUFFER_USAGE_LIMIT and
+Options are gated by server version: SKIP_LOCKED and TRUNCATE need 12, BUFFER_USAGE_LIMIT and
 SKIP_DATABASE_STATS need 16. Like ``vacuumdb``, per-table vacuums skip the database-wide
 ``datfrozenxid`` update (it scans pg_class and costs more than vacuuming a small table) and the
 database-scope operation ``vacuum.database_stats`` runs ``VACUUM (ONLY_DATABASE_STATS)`` once per
@@ -24,22 +29,52 @@ A table's operation is ``vacuum.<table>`` with the table spelled by
 :func:`sweeperd.model.quote_name`: plain when it is letters, digits, ``_`` and ``-``, otherwise
 double-quoted like a PostgreSQL identifier. Tables named ``auto`` or ``database_stats`` are
 always quoted (``vacuum."auto"``), so they never collide with this plugin's own operations.
+
+**Truncation.** A VACUUM that finds empty pages at the end of a table cuts them off, under an
+ACCESS EXCLUSIVE lock: every query on the table waits meanwhile, and on hot standbys the replayed
+lock cancels queries. Retention (a mass DELETE of the oldest rows) followed by a vacuum makes
+exactly that layout. So table vacuums say ``TRUNCATE false`` unless ``truncate = true``: the space
+stays the table's (new rows reuse it) instead of going back to the operating system. With
+``truncate = true`` no TRUNCATE option is given at all, so a table's own ``vacuum_truncate``
+reloption (``ALTER TABLE … SET (vacuum_truncate = false)``) still holds.
+
+**The xmin horizon** (:mod:`sweeperd.horizon`). VACUUM cannot remove a row deleted after the
+oldest snapshot still running: a long or ``idle in transaction`` session, a replication slot's
+xmin, a prepared transaction, a standby's feedback. When a table vacuum leaves such tuples
+("dead but not yet removable" in VACUUM VERBOSE's report: PostgreSQL 15+, and only where the
+server's messages are in English; on 14 or with a localized ``lc_messages`` there is no horizon
+report), its result carries ``details["horizon"]`` (``held_by``, ``age_s``, ``xmin_age``) and a
+warning names the holder; ``vacuum.auto`` reports it once for all its tables. With
+``skip_when_horizon_older_than`` a vacuum is ``skipped`` (``details["horizon"]`` too; in a dry
+run as well) while the oldest holder has held the horizon longer than that: it could not
+remove what the holder still sees, and would only read the table for nothing. A holder whose age
+is unknown (a replication slot in use, a standby's feedback, a backend whose details the role
+may not see: ``GRANT pg_monitor``) never makes a vacuum skip. ``vacuum.auto`` asks once, before
+its first table. The holder is looked up once per database and sweep (on the connection of the
+operation that needs it first; the others wait for that answer), again when the answer is more
+than 60 s old; a failed lookup is logged once and the vacuums go on without it.
 '''
 
 from __future__ import annotations
 
+import asyncio
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Final
 
 import sweeperd
 from sweeperd import sql
+from sweeperd.durations import format_duration
+from sweeperd.errors import describe_error
+from sweeperd.horizon import Horizon, find_holder
 from sweeperd.model import operation_name, quote_name
 from sweeperd.settings import (
     NAMEDATALEN,
     At,
     Invalid,
+    PositiveDuration,
     Problem,
     flag,
     integer,
@@ -102,6 +137,8 @@ class Settings:
     buffer_usage_limit: Size | None = None  # PostgreSQL 16+
     min_dead_tuples: Count = 1000  # "auto" only
     min_dead_ratio: Ratio = 0.05  # "auto" only: dead / (live + dead)
+    truncate: Flag = False  # False: TRUNCATE false (no ACCESS EXCLUSIVE at the end of a vacuum)
+    skip_when_horizon_older_than: PositiveDuration | None = None  # seconds
 
 
 @sweeperd.hookimpl
@@ -171,7 +208,11 @@ def _table_problem(table: Any) -> str | None:
 def _table_operation(table: str, s: Settings) -> sweeperd.Operation:
     async def run(ctx: sweeperd.Context) -> int | None:
         assert ctx.tenant is not None
-        return await _vacuum(ctx, s, ctx.tenant.schema, table)
+        await _skip_if_horizon_held(ctx, s)
+        started = time.monotonic()
+        removed, not_removable = await _vacuum(ctx, s, ctx.tenant.schema, table)
+        await _report_horizon(ctx, not_removable, started)
+        return removed
 
     return sweeperd.Operation(
         name=table_operation_name(table),
@@ -192,7 +233,10 @@ def table_operation_name(table: str) -> str:
 
 
 def vacuum_options(s: Settings, server_version: int) -> list[sql.Composable]:
-    """The option list for this server; options it does not know are left out."""
+    """The option list for this server; options it does not know are left out.
+
+    TRUNCATE is :func:`truncate_option`'s (table vacuums only, never ONLY_DATABASE_STATS).
+    """
     options: list[sql.Composable] = []
     if s.analyze:
         options.append(sql.SQL("ANALYZE"))
@@ -205,6 +249,17 @@ def vacuum_options(s: Settings, server_version: int) -> list[sql.Composable]:
                 sql.SQL("BUFFER_USAGE_LIMIT {}").format(sql.Literal(s.buffer_usage_limit))
             )
     return options
+
+
+def truncate_option(s: Settings, server_version: int) -> sql.Composable | None:
+    """``TRUNCATE false`` unless ``truncate = true`` (PostgreSQL 12+); None: no option at all.
+
+    Never ``TRUNCATE true``: with ``truncate = true`` the server decides, and a table's own
+    ``vacuum_truncate = false`` reloption still holds.
+    """
+    if not s.truncate and server_version >= 120000:
+        return sql.SQL("TRUNCATE false")
+    return None
 
 
 async def _dead_tuples(ctx: sweeperd.Context, schema: str, table: str) -> tuple[int, int] | None:
@@ -220,11 +275,14 @@ _TUPLES = re.compile(r"tuples: (\d+) removed, (\d+) remain, (\d+) are dead but n
 _UNREADABLE: set[str] = set()
 
 
-async def _vacuum(ctx: sweeperd.Context, s: Settings, schema: str, table: str) -> int | None:
-    """Vacuum one table; rows = dead tuples removed.
+async def _vacuum(
+    ctx: sweeperd.Context, s: Settings, schema: str, table: str
+) -> tuple[int | None, int]:
+    """Vacuum one table: (rows = dead tuples removed, dead tuples it could not remove yet).
 
     The counts come from VACUUM VERBOSE's own report (one round trip: as cheap as vacuumdb),
-    or, where the server's messages cannot be read, from the statistics before and after.
+    or, where the server's messages cannot be read, from the statistics before and after; the
+    tuples not yet removable are only known from the report (0 otherwise, and in a dry run).
     """
     verbose = ctx.server_version >= 150000 and ctx.database not in _UNREADABLE
     before: tuple[int, int] | None = None
@@ -234,8 +292,11 @@ async def _vacuum(ctx: sweeperd.Context, s: Settings, schema: str, table: str) -
         before = await _dead_tuples(ctx, schema, table)
         ctx.details["dead_tuples_before"] = before[0] if before else None
         if ctx.dry_run:
-            return before[0] if before else None
+            return (before[0] if before else None), 0
     options = vacuum_options(s, ctx.server_version)
+    truncate = truncate_option(s, ctx.server_version)
+    if truncate is not None:
+        options.append(truncate)
     if verbose:
         options.insert(0, sql.SQL("VERBOSE"))
     statement = sql.SQL("VACUUM {}{}").format(
@@ -274,15 +335,127 @@ async def _vacuum(ctx: sweeperd.Context, s: Settings, schema: str, table: str) -
         removed, _remain, not_removable = counts[0]  # the table's own heap comes first
         ctx.details["dead_tuples_before"] = removed + not_removable
         ctx.details["dead_tuples_after"] = not_removable
-        return removed
+        return removed, not_removable
     if verbose:
         _UNREADABLE.add(ctx.database)  # localized messages: use the statistics from now on
         ctx.log.info("VACUUM VERBOSE output not readable (lc_messages?); using statistics")
     after = await _dead_tuples(ctx, schema, table)
     ctx.details["dead_tuples_after"] = after[0] if after else None
     if before is None or after is None:
-        return None
-    return max(0, before[0] - after[0])
+        return None, 0
+    return max(0, before[0] - after[0]), 0
+
+
+# -- the xmin horizon: asked once per database and sweep, shared through ctx.shared ---------------
+
+HORIZON_KEY: Final = "vacuum.horizon"
+HORIZON_FRESH_S: Final = 60.0  # an older answer is asked again (long sweeps)
+
+
+class _Answer:
+    """What a horizon lookup that did not end in a holder (or None) resolves to."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<{self.name}>"
+
+
+_FAILED: Final = _Answer("failed")  # the query failed: logged once, no horizon for this run
+_ASK_AGAIN: Final = _Answer("ask again")  # the asking operation was cancelled mid-query
+
+
+@dataclass(slots=True)
+class _Lookup:
+    """One lookup of the horizon (the value of ``ctx.shared["vacuum.horizon"]``).
+
+    ``answer`` is resolved by the operation that asked, with the query on its own connection;
+    the others await it (single flight). ``explains``: asked because a vacuum left dead tuples
+    behind, so a "nothing holds it" answer stands for those that follow too.
+    """
+
+    answer: asyncio.Future[Horizon | _Answer | None]
+    asked_at: float  # time.monotonic()
+    explains: bool
+
+    def fresh(self, now: float) -> bool:
+        failed = self.answer.done() and self.answer.result() is _FAILED
+        return failed or now - self.asked_at < HORIZON_FRESH_S
+
+
+async def _horizon(ctx: sweeperd.Context, *, since: float | None = None) -> Horizon | None:
+    """The database's oldest holder of the xmin horizon (None: none, or the lookup failed).
+
+    ``since``: when the vacuum started whose leftover dead tuples are to be explained; an
+    answer of "nothing holds it" given before then may be out of date and is asked again.
+    """
+    while True:
+        now = time.monotonic()
+        lookup = ctx.shared.get(HORIZON_KEY)
+        if isinstance(lookup, _Lookup) and lookup.fresh(now):
+            # shield: a waiter's cancellation must not cancel the answer the others wait for.
+            answer = await asyncio.shield(lookup.answer)
+            if answer is _ASK_AGAIN:
+                continue
+            asked_before = since is not None and lookup.asked_at < since
+            if answer is None and asked_before and not lookup.explains:
+                # Nothing held it before this vacuum began, yet it left dead tuples: ask anew.
+                if ctx.shared.get(HORIZON_KEY) is lookup:
+                    del ctx.shared[HORIZON_KEY]
+                continue
+            return answer if isinstance(answer, Horizon) else None
+        mine = _Lookup(asyncio.get_running_loop().create_future(), now, explains=since is not None)
+        ctx.shared[HORIZON_KEY] = mine
+        try:
+            holder = await find_holder(ctx.conn)
+        except Exception as exc:
+            # Never this vacuum's failure: it goes on without the horizon, and so do the
+            # others of this run (the answer stays "failed"; asked once, logged once).
+            ctx.log.warning("could not look up the xmin horizon", error=describe_error(exc))
+            mine.answer.set_result(_FAILED)
+            return None
+        except BaseException:
+            # Cancelled mid-query (its operation timed out, the sweep stops): whoever waits
+            # for this answer asks again on its own connection.
+            if ctx.shared.get(HORIZON_KEY) is mine:
+                del ctx.shared[HORIZON_KEY]
+            mine.answer.set_result(_ASK_AGAIN)
+            raise
+        mine.answer.set_result(holder)
+        return holder
+
+
+async def _skip_if_horizon_held(ctx: sweeperd.Context, s: Settings) -> None:
+    """Raise Skip when ``skip_when_horizon_older_than`` is set and the holder is older."""
+    limit = s.skip_when_horizon_older_than
+    if limit is None:
+        return
+    horizon = await _horizon(ctx)
+    if horizon is None or horizon.age_s is None or horizon.age_s <= limit:
+        return
+    ctx.details["horizon"] = horizon.to_json()  # the runner keeps details of a skip
+    raise sweeperd.Skip(
+        f"xmin horizon held by {horizon.held_by} for {format_duration(horizon.age_s)} "
+        f'(skip_when_horizon_older_than = "{format_duration(limit)}"): '
+        "VACUUM could not remove the newest dead tuples"
+    )
+
+
+async def _report_horizon(ctx: sweeperd.Context, not_removable: int, since: float) -> None:
+    """Name the holder of the horizon when a vacuum left dead tuples it could not remove."""
+    if not_removable <= 0:
+        return
+    horizon = await _horizon(ctx, since=since)
+    if horizon is None:
+        return
+    ctx.details["horizon"] = horizon.to_json()
+    ctx.log.warning(
+        "dead tuples not removable: the xmin horizon is held",
+        held_by=horizon.held_by,
+        age_s=horizon.to_json()["age_s"],
+        not_removable=not_removable,
+    )
 
 
 async def _run_auto(ctx: sweeperd.Context, s: Settings) -> int:
@@ -298,15 +471,23 @@ async def _run_auto(ctx: sweeperd.Context, s: Settings) -> int:
     )
     tables = [row[0] for row in await cur.fetchall()]
     ctx.details["tables"] = tables
+    if tables:
+        await _skip_if_horizon_held(ctx, s)
+    started = time.monotonic()
     removed = 0
+    not_removable = 0
     skipped: list[str] = []
     for table in tables:
         try:
-            removed += await _vacuum(ctx, s, ctx.tenant.schema, table) or 0
+            rows, left = await _vacuum(ctx, s, ctx.tenant.schema, table)
         except sweeperd.Skip:
             skipped.append(table)
+            continue
+        removed += rows or 0
+        not_removable += left
     if skipped:
         ctx.details["skipped_locked"] = skipped
+    await _report_horizon(ctx, not_removable, started)  # once, for all the tables
     return removed
 
 
