@@ -61,13 +61,14 @@ import asyncio
 import re
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Final
 
 import sweeperd
 from sweeperd import sql
 from sweeperd.durations import format_duration
 from sweeperd.errors import describe_error
+from sweeperd.history import last_durations
 from sweeperd.horizon import Horizon, find_holder
 from sweeperd.model import operation_name, quote_name
 from sweeperd.settings import (
@@ -83,6 +84,7 @@ from sweeperd.settings import (
     reader,
     text,
 )
+from sweeperd.urgency import COMPONENTS, PAGE, Knobs, score_tables, server_settings, table_rows
 
 LOCK_NOT_AVAILABLE = "55P03"
 # This plugin's own operations: a table of the same name gets a quoted operation name.
@@ -121,12 +123,41 @@ def _tables(value: Any, at: At) -> tuple[str, ...] | None:
     return tuple(value)
 
 
+@reader("a table of weights such as { xid_age = 2, dead = 1 }")
+def _weights(value: Any, at: At) -> Mapping[str, float]:
+    if not isinstance(value, dict):
+        raise Invalid(
+            "expected a table of weights such as { xid_age = 2, dead = 1 } "
+            f"(components: {', '.join(COMPONENTS)})"
+        )
+    out: dict[str, float] = {}
+    for key, weight in value.items():
+        if key not in COMPONENTS:
+            at.at(key).problem(f"unknown component (expected one of: {', '.join(COMPONENTS)})")
+        elif (
+            not isinstance(weight, int | float) or isinstance(weight, bool) or not weight >= 0
+        ) or weight == float("inf"):
+            at.at(key).problem("expected a non-negative number")
+        else:
+            out[key] = float(weight)
+    return out
+
+
 # The kinds of values [plugins.vacuum] has, in this plugin's words.
 Tables = Annotated[tuple[str, ...] | None, _tables]
 Flag = Annotated[bool, flag(message="expected true or false")]
 Size = Annotated[str, text(empty=True, message='expected a size string such as "256MB"')]
 Count = Annotated[int, integer(minimum=0, message="expected a non-negative integer")]
 Ratio = Annotated[float, number(minimum=0, maximum=1, message="expected a number between 0 and 1")]
+Weights = Annotated[Mapping[str, float], _weights]
+Age = Annotated[
+    int,
+    integer(
+        minimum=1,
+        maximum=2_000_000_000,
+        message="expected a transaction age between 1 and 2000000000",
+    ),
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +170,16 @@ class Settings:
     min_dead_ratio: Ratio = 0.05  # "auto" only: dead / (live + dead)
     truncate: Flag = False  # False: TRUNCATE false (no ACCESS EXCLUSIVE at the end of a vacuum)
     skip_when_horizon_older_than: PositiveDuration | None = None  # seconds
+    # "auto" only: the urgency score (sweeperd.urgency). Weights per component, and thresholds
+    # replacing the tables' and the server's autovacuum_(multixact_)freeze_max_age.
+    weights: Weights = field(default_factory=dict)
+    freeze_max_age: Age | None = None
+    multixact_freeze_max_age: Age | None = None
+    # A table with no vacuum in the run history is expected to take 50 ms plus its size at this
+    # rate (for the maintenance window's fit).
+    estimate_mb_per_s: Annotated[
+        float, number(minimum=0.001, message="expected a positive number")
+    ] = 50.0
 
 
 @sweeperd.hookimpl
@@ -156,12 +197,14 @@ def sweeperd_operations(settings: Mapping[str, Any]) -> list[sweeperd.Operation]
         ops.append(
             sweeperd.Operation(
                 name="vacuum.auto",
-                run=lambda ctx: _run_auto(ctx, s),
+                run=lambda ctx: _run_target(ctx, s),
                 tables=(sweeperd.ALL_TABLES,),
                 phase=sweeperd.Phase.MAINTAIN,
                 db_operation="VACUUM",
                 dry_run=True,
-                description="VACUUM every tenant table past the dead-tuple thresholds",
+                description="VACUUM every tenant table past an autovacuum threshold, "
+                "most urgent first across the fleet",
+                expand=lambda plan: _expand_auto(plan, s),
             )
         )
     else:
@@ -276,7 +319,7 @@ _UNREADABLE: set[str] = set()
 
 
 async def _vacuum(
-    ctx: sweeperd.Context, s: Settings, schema: str, table: str
+    ctx: sweeperd.Context, s: Settings, schema: str, table: str, *, freeze: bool = False
 ) -> tuple[int | None, int]:
     """Vacuum one table: (rows = dead tuples removed, dead tuples it could not remove yet).
 
@@ -294,6 +337,8 @@ async def _vacuum(
         if ctx.dry_run:
             return (before[0] if before else None), 0
     options = vacuum_options(s, ctx.server_version)
+    if freeze:
+        options.insert(0, sql.SQL("FREEZE"))  # past a freeze threshold: as anti-wraparound
     truncate = truncate_option(s, ctx.server_version)
     if truncate is not None:
         options.append(truncate)
@@ -458,36 +503,68 @@ async def _report_horizon(ctx: sweeperd.Context, not_removable: int, since: floa
     )
 
 
-async def _run_auto(ctx: sweeperd.Context, s: Settings) -> int:
-    assert ctx.tenant is not None
-    cur = await ctx.conn.execute(
-        """
-        SELECT relname FROM pg_catalog.pg_stat_user_tables
-         WHERE schemaname = %s AND n_dead_tup >= %s
-           AND n_dead_tup >= %s * greatest(n_live_tup + n_dead_tup, 1)
-         ORDER BY n_dead_tup DESC
-        """,
-        (ctx.tenant.schema, s.min_dead_tuples, s.min_dead_ratio),
+def _knobs(s: Settings, settings_given: Mapping[str, Any]) -> Knobs:
+    return Knobs(
+        weights=s.weights,
+        xid_age=s.freeze_max_age,
+        mxid_age=s.multixact_freeze_max_age,
+        # Written in the configuration: they replace autovacuum's dead-tuple threshold.
+        dead_min=s.min_dead_tuples if "min_dead_tuples" in settings_given else None,
+        dead_ratio=s.min_dead_ratio if "min_dead_ratio" in settings_given else None,
     )
-    tables = [row[0] for row in await cur.fetchall()]
-    ctx.details["tables"] = tables
-    if tables:
-        await _skip_if_horizon_held(ctx, s)
-    started = time.monotonic()
-    removed = 0
-    not_removable = 0
-    skipped: list[str] = []
-    for table in tables:
-        try:
-            rows, left = await _vacuum(ctx, s, ctx.tenant.schema, table)
-        except sweeperd.Skip:
-            skipped.append(table)
+
+
+async def _expand_auto(plan: sweeperd.PlanContext, s: Settings) -> list[sweeperd.Target]:
+    """Every table of every selected tenant of this database, scored (two catalog queries and
+    one on the run history, whatever the number of tenants); one target per table that needs
+    work, the rest counted as not needed."""
+    by_schema = {t.schema: t for t in plan.tenants}
+    schemas = sorted(by_schema)
+    if not schemas:
+        return []
+    server = await server_settings(plan.conn)
+    rows = await table_rows(plan.conn, schemas)
+    scored = score_tables(rows, server, _knobs(s, plan.settings))
+    took = await last_durations(plan.conn, plan.operation.name, schemas)
+    pages_per_s = s.estimate_mb_per_s * 1024 * 1024 / PAGE
+    targets = []
+    for t in scored:
+        if not t.needed:
+            plan.not_needed += 1
             continue
-        removed += rows or 0
-        not_removable += left
-    if skipped:
-        ctx.details["skipped_locked"] = skipped
-    await _report_horizon(ctx, not_removable, started)  # once, for all the tables
+        targets.append(
+            sweeperd.Target(
+                tenant=by_schema[t.schema],
+                name=t.table,
+                tables=(t.table,),
+                score=t.score,
+                details={
+                    "table": t.table,
+                    "score": round(t.score, 4),
+                    "reasons": t.reasons(),
+                    "freeze": t.freeze,
+                    **({"failsafe": True} if t.failsafe else {}),
+                },
+                params={"freeze": t.freeze},
+                expected_s=took.get((t.schema, t.table)) or t.estimate_s(pages_per_s),
+            )
+        )
+    return targets
+
+
+async def _run_target(ctx: sweeperd.Context, s: Settings) -> int | None:
+    """One table vacuum.auto chose at plan time (``ctx.target``), with FREEZE where it is due."""
+    assert ctx.tenant is not None
+    if ctx.target is None:
+        # Not expanded (the plan could not ask this database): nothing is known to need work.
+        raise sweeperd.Skip("no table was chosen for this tenant when the sweep was planned")
+    await _skip_if_horizon_held(ctx, s)
+    started = time.monotonic()
+    freeze = bool(ctx.target.params.get("freeze"))
+    removed, not_removable = await _vacuum(
+        ctx, s, ctx.tenant.schema, ctx.target.name, freeze=freeze
+    )
+    await _report_horizon(ctx, not_removable, started)
     return removed
 
 

@@ -1,6 +1,7 @@
 """sweeperd: PostgreSQL maintenance for multi-tenant (schema-per-tenant) databases.
 
 The public plugin API is ``hookimpl``, ``Operation``, ``Context``, ``Tenant``, ``Phase``, ``Skip``,
+``Target`` and ``PlanContext`` (work items found at plan time: ``Operation.expand``),
 ``sql`` (psycopg's :mod:`psycopg.sql`, for composing queries with safely quoted names) and
 ``settings`` (:mod:`sweeperd.settings`: a plugin's settings table read into its own dataclass, with
 every problem named by key, as the core configuration is read).
@@ -12,7 +13,7 @@ import pluggy
 from psycopg import sql
 
 from . import settings
-from .model import ALL_TABLES, Context, Operation, Phase, Result, Skip, Tenant
+from .model import ALL_TABLES, Context, Operation, Phase, PlanContext, Result, Skip, Target, Tenant
 
 __version__ = "0.1.0"
 
@@ -23,8 +24,10 @@ __all__ = [
     "Context",
     "Operation",
     "Phase",
+    "PlanContext",
     "Result",
     "Skip",
+    "Target",
     "Tenant",
     "__version__",
     "hookimpl",

@@ -53,7 +53,8 @@ async def expand(
         for member in members[1:]:
             replaced[member.index] = []
         name = members[0].operation.name
-        not_needed[name] = not_needed.get(name, 0) + skipped
+        if skipped:
+            not_needed[name] = not_needed.get(name, 0) + skipped
     items: list[WorkItem] = []
     for item in plan.items:
         items.extend(replaced.get(item.index, [item]))
