@@ -57,6 +57,24 @@ def sweeperd_operations(settings: Mapping[str, Any], config: Config) -> Sequence
     :param config: the validated core configuration.
     :return: the operations, or None for none.
 
+    **Work found at plan time.** An operation whose items are only known once the sweep starts
+    ("vacuum every table that needs it", "reindex every bloated index") sets
+    ``Operation(expand=…)``: ``async def expand(plan_ctx) -> Iterable[sweeperd.Target]``.
+    It is called once per database per sweep, with a :class:`~sweeperd.model.PlanContext`
+    holding a connection and every tenant of that database the sweep selected for the
+    operation: one catalog query for all of them, not one per tenant. Each returned
+    :class:`~sweeperd.model.Target` (tenant, name, tables, score, details, params, expected
+    duration) becomes a work item of its own, with everything a static item has: its tables'
+    exclusion and phase ordering (retention on a table still finishes before its vacuum),
+    the bounds, isolation, a result line (operation name unchanged, ``details`` starting with
+    the target's) and a span; ``run`` sees it as ``ctx.target``. Items start in descending
+    ``score`` across every tenant and database (freed slots go to the most urgent waiting
+    item); static operations have score 0. Count what was examined and needs nothing in
+    ``plan_ctx.not_needed``: the report shows the sum (``"not_needed"``) instead of a result
+    line each. An ``expand`` that raises fails that database's items of the operation with
+    its reason; other databases and operations are planned as usual. The bundled
+    ``vacuum.auto`` (``plugins/vacuum.py``) is the worked example.
+
     Not first-result: the operations of every plugin are collected.
     """
 
