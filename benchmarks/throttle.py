@@ -30,14 +30,15 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-import sweeperd  # noqa: E402
-import sweeperd.limits  # noqa: E402
-from servers import ScratchServer, standby_of  # noqa: E402
-from sweeperd.config import LogConfig, parse_config  # noqa: E402
-from sweeperd.logs import setup_logging  # noqa: E402
-from sweeperd.plugins import Plugins, load_plugins, new_plugin_manager  # noqa: E402
-from sweeperd.sweep import sweep_once  # noqa: E402
-from sweeperd.throttle import Throttle  # noqa: E402
+from servers import ScratchServer, standby_of
+
+import sweeperd
+import sweeperd.limits
+from sweeperd.config import LogConfig, parse_config
+from sweeperd.logs import setup_logging
+from sweeperd.plugins import Plugins, load_plugins, new_plugin_manager
+from sweeperd.sweep import sweep_once
+from sweeperd.throttle import Throttle
 
 ALL_GATES = {
     "max_replica_lag": "1h",
@@ -229,7 +230,9 @@ def reaction(primary: ScratchServer, standby: Any, check_every: float) -> tuple[
     over = next(t for t, lag, _n in seen if lag > limit)
     time.sleep(check_every + 2.0)
     rows_now = seen[-1][2]
-    last_change = max(t for (t, _l, n), (_t0, _l0, n0) in zip(seen[1:], seen, strict=False) if n != n0)
+    last_change = max(
+        t for (t, _l, n), (_t0, _l0, n0) in zip(seen[1:], seen, strict=False) if n != n0
+    )
     standby.resume_replay()
     sweeper.join()
     stop.set()
