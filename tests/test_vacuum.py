@@ -78,6 +78,17 @@ def result_of(report: SweepReport, operation: str, tenant: str | None) -> Result
     return result
 
 
+def auto_results(report: SweepReport, tenant: str) -> dict[str, Result]:
+    """vacuum.auto's results for one tenant, by table (``details["table"]``): one per table."""
+    out: dict[str, Result] = {}
+    for r in report.results:
+        if r.operation == "vacuum.auto" and r.tenant == tenant:
+            table = r.details["table"]
+            assert table not in out, f"two vacuum.auto results for {table!r}: {report.results}"
+            out[table] = r
+    return out
+
+
 def connect(dsn: str) -> psycopg.Connection[Any]:
     return psycopg.connect(dsn, autocommit=True)
 
@@ -124,6 +135,46 @@ def stats(dsn: str, schema: str, table: str) -> tuple[int, int, int]:
         ).fetchone()
     assert row is not None, f"no statistics for {schema}.{table}"
     return int(row[0]), int(row[1]), int(row[2])
+
+
+def make_settled_table(dsn: str, schema: str, table: str, *, rows: int, delete: int = 0) -> None:
+    """A table whose dead tuples are all that can make it need a vacuum: ``rows`` inserted and
+    vacuumed (nothing inserted since its last vacuum), then ``delete`` rows deleted and the
+    table analyzed (nothing changed since its last analyze, ``reltuples`` the live rows, the
+    statistics' dead tuples exactly ``delete``). Each step waits for the statistics of the one
+    before, so that no count arrives after the VACUUM or ANALYZE that should have reset it."""
+    make_table(dsn, schema, table, rows=rows)
+    ident = sql.Identifier(schema, table)
+    wait_for_table_stats(dsn, schema, table, (0, rows, rows))
+    with connect(dsn) as conn:
+        conn.execute(sql.SQL("VACUUM {}").format(ident))
+        if delete:
+            conn.execute(
+                sql.SQL("DELETE FROM {} WHERE id <= {}").format(ident, sql.Literal(delete))
+            )
+            conn.execute("SELECT pg_stat_force_next_flush()")
+            conn.execute("SELECT 1")
+    wait_for_table_stats(dsn, schema, table, (delete, 0, rows + delete))  # VACUUM: no analyze
+    with connect(dsn) as conn:
+        conn.execute(sql.SQL("ANALYZE {}").format(ident))
+    wait_for_table_stats(dsn, schema, table, (delete, 0, 0))
+
+
+def wait_for_table_stats(dsn: str, schema: str, table: str, expected: tuple[int, int, int]) -> None:
+    """Poll until (n_dead_tup, n_ins_since_vacuum, n_mod_since_analyze) are ``expected``."""
+    deadline = time.monotonic() + 15
+    with connect(dsn) as conn:
+        while True:
+            row = conn.execute(
+                "SELECT n_dead_tup, n_ins_since_vacuum, n_mod_since_analyze"
+                " FROM pg_stat_user_tables WHERE schemaname = %s AND relname = %s",
+                (schema, table),
+            ).fetchone()
+            if row is not None and tuple(row) == expected:
+                return
+            if time.monotonic() > deadline:
+                pytest.fail(f"statistics of {schema}.{table}: {row}, expected {expected}")
+            time.sleep(0.05)
 
 
 def wait_for_dead_tuples(dsn: str, schema: str, table: str, at_least: int) -> int:
@@ -257,11 +308,20 @@ def test_auto_skips_locked_tables_and_vacuums_the_rest(tmp_path: Path, pg_dsn: s
     with psycopg.connect(pg_dsn) as app:
         app.execute("LOCK TABLE tenant_a.locked IN ACCESS EXCLUSIVE MODE")
         report = sweep(config, plugins)
+        assert app.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
         app.rollback()
-    result = result_of(report, "vacuum.auto", "a")
-    assert result.status == "ok", result.error
-    assert sorted(result.details["tables"]) == ["free", "locked"]
-    assert result.details["skipped_locked"] == ["locked"]
+    results = auto_results(report, "a")
+    assert sorted(results) == ["free", "locked"]  # both planned: each its own item
+    locked, free = results["locked"], results["free"]
+    # SKIP_LOCKED: the locked table is skipped at once (not waited for until lock_timeout),
+    # in its own result, which still says why it was chosen.
+    assert locked.status == "skipped", locked
+    assert locked.error is not None and "lock" in locked.error and "locked" in locked.error
+    assert locked.details["table"] == "locked" and locked.details["score"] > 1
+    assert locked.schema == "tenant_a"
+    assert free.status == "ok", free.error
+    assert free.rows == 1500
+    assert report.exit_code() == 0
     assert stats(pg_dsn, "tenant_a", "locked")[2] == 0
     assert stats(pg_dsn, "tenant_a", "free")[2] == 1
 
@@ -270,20 +330,21 @@ def test_auto_skips_locked_tables_and_vacuums_the_rest(tmp_path: Path, pg_dsn: s
 
 
 def test_auto_vacuums_only_tables_past_the_thresholds(tmp_path: Path, pg_dsn: str) -> None:
-    tables = {  # name: (rows, deleted)
-        "many_dead": (1000, 600),  # 600 dead, ratio 0.6: yes
-        "half_dead": (1000, 500),  # 500 dead, ratio 0.5: yes
-        "few_dead": (1000, 10),  # 10 dead: below min_dead_tuples
-        "low_ratio": (1000, 200),  # 200 dead, ratio 0.2: below min_dead_ratio
-        "small": (100, 90),  # ratio 0.9 but only 90 dead
+    """min_dead_tuples/min_dead_ratio, written in the configuration, are the dead-tuple
+    threshold: max(min_dead_tuples, min_dead_ratio * live tuples). Each table is vacuumed and
+    analyzed before its rows are deleted, so its dead tuples are its only reason."""
+    tables = {  # name: (rows, deleted) → threshold max(100, 0.3 * live)
+        "many_dead": (1000, 600),  # 600 dead, threshold 120: ratio 5
+        "half_dead": (1000, 500),  # 500 dead, threshold 150: ratio 3.33
+        "few_dead": (1000, 10),  # 10 dead, threshold 297
+        "low_ratio": (1000, 200),  # 200 dead, threshold 240
+        "small": (100, 90),  # 90 dead, threshold 100 (min_dead_tuples)
         "clean": (1000, 0),
     }
     for name, (rows, deleted) in tables.items():
-        make_table(pg_dsn, "tenant_a", name, rows=rows, delete=deleted)
-    make_table(pg_dsn, "tenant_b", "many_dead", rows=1000, delete=100)
-    for name, (_rows, deleted) in tables.items():
-        wait_for_dead_tuples(pg_dsn, "tenant_a", name, deleted)
-    wait_for_dead_tuples(pg_dsn, "tenant_b", "many_dead", 100)
+        make_settled_table(pg_dsn, "tenant_a", name, rows=rows, delete=deleted)
+    make_settled_table(pg_dsn, "tenant_b", "many_dead", rows=1000, delete=100)  # threshold 270
+    before = {name: stats(pg_dsn, "tenant_a", name)[2] for name in tables}
 
     config, plugins = load(
         tmp_path,
@@ -296,30 +357,74 @@ def test_auto_vacuums_only_tables_past_the_thresholds(tmp_path: Path, pg_dsn: st
     assert "vacuum.auto" in plugins.operations
     report = sweep(config, plugins)
 
-    a, b = result_of(report, "vacuum.auto", "a"), result_of(report, "vacuum.auto", "b")
-    assert a.status == "ok", a.error
-    assert b.status == "ok", b.error
-    assert a.details["tables"] == ["many_dead", "half_dead"]  # most dead tuples first
-    assert b.details["tables"] == []
-    assert a.rows == 1100
+    a, b = auto_results(report, "a"), auto_results(report, "b")
+    assert b == {}
+    assert list(a) == ["many_dead", "half_dead"]  # most urgent first
+    assert [r.status for r in a.values()] == ["ok", "ok"], [r.error for r in a.values()]
+    assert a["many_dead"].rows == 600 and a["half_dead"].rows == 500
+    assert a["many_dead"].details["score"] == 5.0
+    assert a["many_dead"].details["reasons"]["dead"] == {
+        "value": 600,
+        "threshold": 120,
+        "ratio": 5.0,
+    }
+    assert next(iter(a["half_dead"].details["reasons"])) == "dead"  # the most pressing first
+    assert a["half_dead"].details["freeze"] is False
+    assert report.not_needed == {"vacuum.auto": 5}  # 4 of tenant a, 1 of tenant b
+    assert report.to_json()["not_needed"] == {"vacuum.auto": 5}
     for name in tables:
-        assert stats(pg_dsn, "tenant_a", name)[2] == (name in ("many_dead", "half_dead")), name
-    assert stats(pg_dsn, "tenant_b", "many_dead")[2] == 0
+        vacuumed = name in ("many_dead", "half_dead")
+        assert stats(pg_dsn, "tenant_a", name)[2] == before[name] + vacuumed, name
+    assert stats(pg_dsn, "tenant_b", "many_dead")[2] == 1  # the settling vacuum only
+
+
+def test_auto_without_min_dead_settings_uses_autovacuums_threshold(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """Unwritten, min_dead_tuples and min_dead_ratio leave the threshold to the server:
+    autovacuum_vacuum_threshold (50) + autovacuum_vacuum_scale_factor (0.2) * live tuples."""
+    make_settled_table(pg_dsn, "tenant_a", "over", rows=1000, delete=300)  # 300 ≥ 50 + 140
+    make_settled_table(pg_dsn, "tenant_a", "under", rows=1000, delete=150)  # 150 < 50 + 170
+    with connect(pg_dsn) as conn:
+        server = dict(
+            conn.execute(
+                "SELECT name, setting FROM pg_settings WHERE name IN"
+                " ('autovacuum_vacuum_threshold', 'autovacuum_vacuum_scale_factor')"
+            ).fetchall()
+        )
+    assert server == {"autovacuum_vacuum_threshold": "50", "autovacuum_vacuum_scale_factor": "0.2"}
+    config, plugins = load(
+        tmp_path, config_doc(pg_dsn, [("a", "tenant_a")], vacuum={"tables": "auto"})
+    )
+    report = sweep(config, plugins, dry_run=True)
+    results = auto_results(report, "a")
+    assert list(results) == ["over"]
+    assert results["over"].details["reasons"]["dead"] == {
+        "value": 300,
+        "threshold": 190,
+        "ratio": round(300 / 190, 4),
+    }
+    assert report.not_needed == {"vacuum.auto": 1}
 
 
 def test_auto_dry_run_vacuums_nothing(tmp_path: Path, pg_dsn: str) -> None:
-    make_table(pg_dsn, "tenant_a", "bloated", rows=2000, delete=1200)
-    make_table(pg_dsn, "tenant_a", "fine", rows=2000, delete=10)
-    wait_for_dead_tuples(pg_dsn, "tenant_a", "bloated", 1200)
-    wait_for_dead_tuples(pg_dsn, "tenant_a", "fine", 10)
+    make_settled_table(pg_dsn, "tenant_a", "bloated", rows=2000, delete=1200)
+    make_settled_table(pg_dsn, "tenant_a", "fine", rows=2000, delete=10)
+    before = {t: stats(pg_dsn, "tenant_a", t) for t in ("bloated", "fine")}
+    assert before["bloated"] == (1200, 800, 1)
     config, plugins = load(
         tmp_path, config_doc(pg_dsn, [("a", "tenant_a")], vacuum={"tables": "auto"})
-    )  # defaults: 1000, 5 %
-    result = result_of(sweep(config, plugins, dry_run=True), "vacuum.auto", "a")
+    )  # autovacuum's thresholds
+    report = sweep(config, plugins, dry_run=True)
+    results = auto_results(report, "a")
+    assert list(results) == ["bloated"]
+    result = results["bloated"]
     assert result.status == "dry-run"
-    assert result.details["tables"] == ["bloated"]
-    assert result.rows == 1200
-    assert stats(pg_dsn, "tenant_a", "bloated") == (1200, 800, 0)
+    assert result.rows == 1200  # what a vacuum would remove
+    assert result.details["dead_tuples_before"] == 1200
+    assert result.details["score"] > 1
+    assert report.not_needed == {"vacuum.auto": 1}
+    assert {t: stats(pg_dsn, "tenant_a", t) for t in before} == before
 
 
 # -- version gating ------------------------------------------------------------------------------

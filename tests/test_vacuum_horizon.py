@@ -27,6 +27,7 @@ from servers import ScratchServer, scratch_server_fixture, standby_of  # noqa: F
 from structlog.testing import capture_logs
 from support import PgServer, throwaway_role, write_config
 from test_vacuum import (
+    auto_results,
     config_doc,
     connect,
     load,
@@ -206,9 +207,11 @@ def test_a_holder_younger_than_the_threshold_does_not_skip(tmp_path: Path, pg_ds
     assert result.details["horizon"]["held_by"].startswith(f"pid {pid} (idle in transaction")
 
 
-def test_auto_reports_the_horizon_once_for_all_its_tables(
+def test_auto_reports_the_horizon_in_each_tables_result(
     tmp_path: Path, pg_dsn: str, logs: list[dict[str, Any]]
 ) -> None:
+    """Each table vacuum.auto chose is its own item: each result that left dead tuples behind
+    names the holder, and each warns with its own count."""
     for table in ("events", "sessions"):
         make_table(pg_dsn, "tenant_a", table, rows=ROWS)
     holder = idle_in_transaction(pg_dsn)
@@ -225,33 +228,44 @@ def test_auto_reports_the_horizon_once_for_all_its_tables(
         )
     finally:
         holder.close()
-    result = result_of(report, "vacuum.auto", "a")
-    assert result.status == "ok", result.error
-    assert sorted(result.details["tables"]) == ["events", "sessions"]
-    assert result.details["horizon"]["held_by"].startswith(f"pid {pid} (idle in transaction")
-    [warning] = events(logs, NOT_REMOVABLE)
-    assert warning["not_removable"] == 2 * DELETED
+    results = auto_results(report, "a")
+    assert sorted(results) == ["events", "sessions"]
+    for table, result in results.items():
+        assert result.status == "ok", result.error
+        assert result.rows == 0, table
+        assert result.details["dead_tuples_after"] == DELETED, table
+        assert result.details["horizon"]["held_by"].startswith(f"pid {pid} (idle in transaction")
+    warnings = events(logs, NOT_REMOVABLE)
+    assert [w["not_removable"] for w in warnings] == [DELETED, DELETED]
+    assert {w["held_by"] for w in warnings} == {results["events"].details["horizon"]["held_by"]}
 
 
-def test_auto_skips_as_a_whole_when_the_horizon_is_too_old(tmp_path: Path, pg_dsn: str) -> None:
-    make_table(pg_dsn, "tenant_a", "events", rows=ROWS, delete=DELETED)
-    wait_for_dead_tuples(pg_dsn, "tenant_a", "events", DELETED)
+def test_auto_skips_every_table_while_the_horizon_is_too_old(tmp_path: Path, pg_dsn: str) -> None:
+    for table in ("events", "sessions"):
+        make_table(pg_dsn, "tenant_a", table, rows=ROWS, delete=DELETED)
+        wait_for_dead_tuples(pg_dsn, "tenant_a", table, DELETED)
     holder = idle_in_transaction(pg_dsn)
     try:
+        pid = holder.info.backend_pid
         time.sleep(1.2)
-        report = vacuum_sweep(
-            tmp_path,
-            pg_dsn,
-            {"tables": "auto", "min_dead_tuples": 100, "skip_when_horizon_older_than": "1s"},
-        )
+        vacuum = {"tables": "auto", "min_dead_tuples": 100, "skip_when_horizon_older_than": "1s"}
+        report = vacuum_sweep(tmp_path, pg_dsn, vacuum)
+        dry = vacuum_sweep(tmp_path, pg_dsn, vacuum, dry_run=True)
     finally:
         holder.close()
-    result = result_of(report, "vacuum.auto", "a")
-    assert result.status == "skipped", result
-    assert result.error is not None and result.error.startswith("xmin horizon held by pid ")
-    assert result.details["tables"] == ["events"]
-    assert "horizon" in result.details
-    assert stats(pg_dsn, "tenant_a", "events")[2] == 0
+    for run in (report, dry):
+        results = auto_results(run, "a")
+        assert sorted(results) == ["events", "sessions"]
+        for table, result in results.items():
+            assert result.status == "skipped", result
+            assert result.error is not None
+            assert result.error.startswith(f"xmin horizon held by pid {pid} "), result.error
+            # Why it was chosen and what held it back, both kept in the skip's details.
+            assert result.details["table"] == table
+            assert result.details["score"] > 1
+            assert result.details["horizon"]["held_by"].startswith(f"pid {pid} ")
+    for table in ("events", "sessions"):
+        assert stats(pg_dsn, "tenant_a", table)[2] == 0
 
 
 # -- which backends hold it, and what a role may see -----------------------------------------------
