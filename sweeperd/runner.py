@@ -262,15 +262,33 @@ class _SweepRun:
         async with (
             bounds.tables.hold((item.database, item.schema), item.tables),
             self.tenant_slot(item),
-            bounds.per_database[item.database].take(item.priority),
         ):
-            # A throttled database holds back its own items only: they wait here, before the
-            # global slot, so every other database keeps all of max_concurrency.
-            verdict = await self.until_open(item)
-            if verdict is not None:
-                return verdict
-            async with bounds.global_slots.take(item.priority):
-                return self.start_check(item) or await self.attempt(item)
+            database_slot = bounds.per_database[item.database]
+            await database_slot.acquire(item.priority)
+            holding = True
+            try:
+                # A throttled database holds back its own items only: they wait here, before
+                # the global slot, so every other database keeps all of max_concurrency.
+                verdict = await self.until_open(item)
+                if verdict is not None:
+                    return verdict
+                await bounds.global_slots.acquire(item.priority)
+                try:
+                    return self.start_check(item) or await self.attempt(item)
+                finally:
+                    # The database's slot goes first, and its next item gets one turn of the
+                    # loop to queue for the global slot: released the other way round, the
+                    # global slot would go to whatever already waited for it (another
+                    # database's less urgent item) before this database's next could ask.
+                    database_slot.release()
+                    holding = False
+                    try:
+                        await asyncio.sleep(0)
+                    finally:
+                        bounds.global_slots.release()
+            finally:
+                if holding:
+                    database_slot.release()
 
     async def until_open(self, item: WorkItem) -> Result | None:
         """Wait while the item's database is throttled or paused (sampling it with a connection

@@ -414,18 +414,10 @@ def swept_two_connections(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         yield seed_and_sweep(server, tmp_path_factory.mktemp("swept2"), max_connections=2)
 
 
-RUNNER_ORDER_BUG = (
-    "sweeperd/runner.py in_slots: the global slot is released (and handed to the only item "
-    "waiting for it, another database's) before the item's database slot, so with "
-    "max_connections = 1 the next item of the same database never competes for it: the "
-    "sweep alternates between databases instead of following the score"
-)
-
-
 @pytest.mark.parametrize(
     "which",
     [
-        pytest.param("swept", marks=pytest.mark.xfail(strict=True, reason=RUNNER_ORDER_BUG)),
+        "swept",
         "swept_two_connections",
     ],
     ids=["max_connections=1", "max_connections=2"],
