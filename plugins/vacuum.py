@@ -5,13 +5,19 @@ r'''Vacuum: ``VACUUM (ANALYZE, SKIP_LOCKED, …)`` of tenant tables, one operati
     # tables = ['Events "x"', "a.b"]          # any PostgreSQL name, in the tenant's schema (a
     #                                         # dot is part of the name): vacuum."Events ""x""",
     #                                         # vacuum."a.b" (see sweeperd.model.quote_name)
-    # tables = "auto"                         # one operation, vacuum.auto: every table of the
-    #                                         # tenant schema past the dead-tuple thresholds
+    # tables = "auto"                         # vacuum.auto: every table of the tenant schemas
+    #                                         # scored at plan time (sweeperd.urgency), one item
+    #                                         # per table that needs work, most urgent first
     analyze = true
     skip_locked = true                        # a locked table is reported "skipped", not waited for
     buffer_usage_limit = "256MB"              # PostgreSQL 16+: ring buffer size for the vacuum
-    min_dead_tuples = 1000                    # "auto" only
-    min_dead_ratio = 0.05                     # "auto" only: dead / (live + dead)
+    min_dead_tuples = 1000                    # "auto" only, when written: the dead-tuple
+    min_dead_ratio = 0.05                     # threshold is max(min_dead_tuples,
+                                              # min_dead_ratio * tuples) instead of autovacuum's
+    weights = { xid_age = 2 }                 # "auto" only: per score component (default 1)
+    freeze_max_age = 150000000                # "auto" only: instead of autovacuum's thresholds
+    multixact_freeze_max_age = 300000000
+    estimate_mb_per_s = 50                    # "auto" only: duration estimate without history
     truncate = false                          # true: VACUUM may cut empty pages off the end of
                                               # a table, under ACCESS EXCLUSIVE (stalls the app,
                                               # cancels queries on hot standbys)
@@ -44,15 +50,15 @@ xmin, a prepared transaction, a standby's feedback. When a table vacuum leaves s
 ("dead but not yet removable" in VACUUM VERBOSE's report: PostgreSQL 15+, and only where the
 server's messages are in English; on 14 or with a localized ``lc_messages`` there is no horizon
 report), its result carries ``details["horizon"]`` (``held_by``, ``age_s``, ``xmin_age``) and a
-warning names the holder; ``vacuum.auto`` reports it once for all its tables. With
+warning names the holder (each ``vacuum.auto`` item in its own result). With
 ``skip_when_horizon_older_than`` a vacuum is ``skipped`` (``details["horizon"]`` too; in a dry
 run as well) while the oldest holder has held the horizon longer than that: it could not
 remove what the holder still sees, and would only read the table for nothing. A holder whose age
 is unknown (a replication slot in use, a standby's feedback, a backend whose details the role
-may not see: ``GRANT pg_monitor``) never makes a vacuum skip. ``vacuum.auto`` asks once, before
-its first table. The holder is looked up once per database and sweep (on the connection of the
-operation that needs it first; the others wait for that answer), again when the answer is more
-than 60 s old; a failed lookup is logged once and the vacuums go on without it.
+may not see: ``GRANT pg_monitor``) never makes a vacuum skip. The holder is looked up once per
+database and sweep (on the connection of the operation that needs it first; the others wait for
+that answer), again when the answer is more than 60 s old; a failed lookup is logged once and the
+vacuums go on without it.
 '''
 
 from __future__ import annotations
@@ -167,7 +173,7 @@ class Settings:
     skip_locked: Flag = True
     buffer_usage_limit: Size | None = None  # PostgreSQL 16+
     min_dead_tuples: Count = 1000  # "auto" only
-    min_dead_ratio: Ratio = 0.05  # "auto" only: dead / (live + dead)
+    min_dead_ratio: Ratio = 0.05  # "auto" only: of the table's tuples (reltuples)
     truncate: Flag = False  # False: TRUNCATE false (no ACCESS EXCLUSIVE at the end of a vacuum)
     skip_when_horizon_older_than: PositiveDuration | None = None  # seconds
     # "auto" only: the urgency score (sweeperd.urgency). Weights per component, and thresholds
