@@ -359,18 +359,24 @@ async def checkout(database: Database) -> None:
         pass
 
 
-async def history_query(database: Database, schemas: list[str]) -> int:
+async def history_query(database: Database, pairs: list[tuple[str, str]]) -> int:
     async with database.housekeeping("bench") as conn:
-        return len(await last_durations(conn, "vacuum.auto", schemas))
+        return len(await last_durations(conn, "vacuum.auto", pairs))
 
 
-async def server_times(dsn: str, schemas: list[str]) -> dict[str, float]:
+async def server_times(
+    dsn: str, schemas: list[str], pairs: list[tuple[str, str]]
+) -> dict[str, float]:
     """Execution time on the server (EXPLAIN ANALYZE, ms) of the tables and history queries."""
     out: dict[str, float] = {}
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
         for label, query, params in (
             ("table_rows", _TABLES, (schemas,)),
-            ("last_durations", _DURATIONS, ("vacuum.auto", schemas)),
+            (
+                "last_durations",
+                _DURATIONS,
+                ([s for s, _ in pairs], [t for _, t in pairs], "vacuum.auto"),
+            ),
         ):
             cur = await conn.execute(
                 "EXPLAIN (ANALYZE, FORMAT JSON) " + query,
@@ -405,7 +411,7 @@ async def child(kind: str, dsn: str, tenants: int) -> dict[str, Any]:
         planner = Planner(dsn, tenants)
         await planner.open()
         plan = planner.plan()
-        await history_query(planner.databases["main"], schemas[:1])  # the connection, warm
+        await history_query(planner.databases["main"], [(schemas[0], "t0")])  # warm it
         gc.collect()
         rss0, reset = proc_status_kb("VmRSS"), reset_peak_rss()
         hwm0 = proc_status_kb("VmHWM")
@@ -517,12 +523,15 @@ async def measure(dsn: str, args: argparse.Namespace) -> int:
             rows_n = len(rows)
             gc.collect()
             cpu0, t0 = time.process_time(), time.perf_counter()
-            scored = score_tables(rows, server, Knobs())
+            scored = score_tables(rows, server, Knobs(), needed_only=True)  # as expansion does
             runs["b.wall"].append(time.perf_counter() - t0)
             runs["b.cpu"].append(time.process_time() - cpu0)
-            needed = sum(1 for s in scored if s.needed)
+            needed = len(scored)
+            pairs = [(t.schema, t.table) for t in scored]
             del scored, rows
-            durations_n, wall, _cpu = await timed(lambda: history_query(database, schemas))
+            durations_n, wall, _cpu = await timed(
+                lambda pairs=pairs: history_query(database, pairs)  # type: ignore[misc]
+            )
             runs["h.wall"].append(wall)
         t0 = time.perf_counter()
         plan = planner.plan()
@@ -541,13 +550,13 @@ async def measure(dsn: str, args: argparse.Namespace) -> int:
     peak_a = await traced_peak(lambda: sweeperd_queries(database, schemas))
 
     async def score() -> Any:
-        return score_tables(rows, server, Knobs())
+        return score_tables(rows, server, Knobs(), needed_only=True)
 
     peak_b = await traced_peak(score)
     rows.clear()
     fresh = planner.plan()
     peak_c = await traced_peak(lambda: planner.expand(fresh))
-    rtimes = await server_times(dsn, schemas)
+    rtimes = await server_times(dsn, schemas, pairs)
     await base.close()
     await planner.close()
     rss_c = rss_in_child("expand", dsn, args.tenants)

@@ -530,14 +530,14 @@ async def _expand_auto(plan: sweeperd.PlanContext, s: Settings) -> list[sweeperd
         return []
     server = await server_settings(plan.conn)
     rows = await table_rows(plan.conn, schemas)
-    scored = score_tables(rows, server, _knobs(s, plan.settings))
-    took = await last_durations(plan.conn, plan.operation.name, schemas)
+    scored = score_tables(rows, server, _knobs(s, plan.settings), needed_only=True)
+    plan.not_needed += len(rows) - len(scored)
+    took = await last_durations(
+        plan.conn, plan.operation.name, [(t.schema, t.table) for t in scored]
+    )
     pages_per_s = s.estimate_mb_per_s * 1024 * 1024 / PAGE
     targets = []
     for t in scored:
-        if not t.needed:
-            plan.not_needed += 1
-            continue
         targets.append(
             sweeperd.Target(
                 tenant=by_schema[t.schema],

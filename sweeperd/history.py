@@ -63,6 +63,10 @@ CREATE TABLE IF NOT EXISTS sweeperd.results (
 );
 -- The plan-time target (a table of vacuum.auto): what an expanding operation's item worked on.
 ALTER TABLE sweeperd.results ADD COLUMN IF NOT EXISTS target text;
+-- A target's last durations by index, not by sorting the whole history (last_durations).
+CREATE INDEX IF NOT EXISTS results_target
+    ON sweeperd.results (operation, schema_name, target, finished_at DESC)
+ WHERE target IS NOT NULL;
 CREATE INDEX IF NOT EXISTS results_run ON sweeperd.results (run_id);
 CREATE INDEX IF NOT EXISTS results_operation ON sweeperd.results (operation, tenant, finished_at)
 """
@@ -205,20 +209,26 @@ class History:
 
 
 _DURATIONS = """
-SELECT DISTINCT ON (schema_name, target) schema_name, target, duration_s
-  FROM sweeperd.results
- WHERE operation = %s AND status = 'ok' AND target IS NOT NULL AND duration_s IS NOT NULL
-   AND schema_name = ANY(%s)
- ORDER BY schema_name, target, finished_at DESC
+SELECT t.schema_name, t.target, last.duration_s
+  FROM unnest(%s::text[], %s::text[]) AS t (schema_name, target)
+ CROSS JOIN LATERAL (
+       SELECT r.duration_s FROM sweeperd.results r
+        WHERE r.operation = %s AND r.schema_name = t.schema_name AND r.target = t.target
+          AND r.target IS NOT NULL AND r.status = 'ok' AND r.duration_s IS NOT NULL
+        ORDER BY r.finished_at DESC
+        LIMIT 1) AS last
 """
 
 
 async def last_durations(
-    conn: AsyncConn, operation: str, schemas: Sequence[str]
+    conn: AsyncConn, operation: str, targets: Sequence[tuple[str, str]]
 ) -> dict[tuple[str, str], float]:
-    """How long each target of ``operation`` took the last time it succeeded, by (schema,
-    target), from the run history (empty without one, or without the right to read it): what
-    an expanding operation's ``Target.expected_s`` can be based on."""
+    """How long each (schema, target) of ``operation`` took the last time it succeeded, from the
+    run history (empty without one, or without the right to read it): what an expanding
+    operation's ``Target.expected_s`` can be based on. One statement, an index lookup per
+    target (``results_target``), however long the history."""
+    if not targets:
+        return {}
     cur = await conn.execute(
         "SELECT pg_catalog.has_schema_privilege(n.oid, 'USAGE')"
         " AND pg_catalog.has_table_privilege(c.oid, 'SELECT')"
@@ -228,5 +238,6 @@ async def last_durations(
     row = await cur.fetchone()
     if not (row and row[0]):
         return {}
-    cur = await conn.execute(_DURATIONS, (operation, list(schemas)))
+    schemas, names = [s for s, _ in targets], [t for _, t in targets]
+    cur = await conn.execute(_DURATIONS, (schemas, names, operation))
     return {(schema, target): float(d) for schema, target, d in await cur.fetchall()}

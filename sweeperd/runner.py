@@ -263,46 +263,67 @@ class _SweepRun:
             bounds.tables.hold((item.database, item.schema), item.tables),
             self.tenant_slot(item),
         ):
-            database_slot = bounds.per_database[item.database]
-            await database_slot.acquire(item.priority)
-            holding = True
-            try:
+            while True:
                 # A throttled database holds back its own items only: they wait here, before
-                # the global slot, so every other database keeps all of max_concurrency.
+                # any slot, so every other database keeps all of max_concurrency.
                 verdict = await self.until_open(item)
                 if verdict is not None:
                     return verdict
-                await bounds.global_slots.acquire(item.priority)
+                database_slot = bounds.per_database[item.database]
+                # Nothing is awaited between the two slots but the slots themselves: see below.
+                await database_slot.acquire(item.priority)
+                released = False
                 try:
-                    return self.start_check(item) or await self.attempt(item)
-                finally:
-                    # The database's slot goes first, and its next item gets one turn of the
-                    # loop to queue for the global slot: released the other way round, the
-                    # global slot would go to whatever already waited for it (another
-                    # database's less urgent item) before this database's next could ask.
-                    database_slot.release()
-                    holding = False
+                    await bounds.global_slots.acquire(item.priority)
                     try:
-                        await asyncio.sleep(0)
+                        if not await self.still_open(item):
+                            continue  # throttled meanwhile: give the slots back and wait
+                        return self.start_check(item) or await self.attempt(item)
                     finally:
-                        bounds.global_slots.release()
-            finally:
-                if holding:
-                    database_slot.release()
+                        # The database's slot goes first, and its next item gets one turn of
+                        # the loop to queue for the global slot (it awaits nothing in between):
+                        # released the other way round, the global slot would go to whatever
+                        # already waited for it, another database's less urgent item.
+                        database_slot.release()
+                        released = True
+                        try:
+                            await asyncio.sleep(0)
+                        finally:
+                            bounds.global_slots.release()
+                finally:
+                    if not released:
+                        database_slot.release()
 
     async def until_open(self, item: WorkItem) -> Result | None:
-        """Wait while the item's database is throttled or paused (sampling it with a connection
-        the item's database slot makes room for); the gate's result if it closed meanwhile."""
+        """Wait while the item's database is known to be throttled or paused, holding no slot
+        (the samples meanwhile take a bookkeeping connection); the gate's result if it closed
+        meanwhile."""
         throttle = self.runner.bounds.throttles.get(item.database)
-        if throttle is None or self.dry_run or throttle.fresh_and_open():
+        if throttle is None or self.dry_run or not throttle.throttled:
             return None
         database = self.runner.databases[item.database]
         waited, verdict = await throttle.wait(
-            lambda: database.connection("throttle"), lambda: self.start_check(item)
+            lambda: database.housekeeping("throttle"), lambda: self.start_check(item)
         )
         if waited.seconds:
-            self.waits[item.index] = waited
+            previous = self.waits.get(item.index)
+            if previous is not None:
+                for reason, seconds in waited.by_reason.items():
+                    previous.add(reason, seconds)
+            else:
+                self.waits[item.index] = waited
         return verdict if isinstance(verdict, Result) else None
+
+    async def still_open(self, item: WorkItem) -> bool:
+        """With its slots: is the database still open? Sampled now on a connection the item's
+        database slot makes room for, if the last sample is older than ``check_every``."""
+        throttle = self.runner.bounds.throttles.get(item.database)
+        if throttle is None or self.dry_run:
+            return True
+        if throttle.due():
+            database = self.runner.databases[item.database]
+            await throttle.sample(lambda: database.connection("throttle"))
+        return not throttle.throttled
 
     def tenant_slot(self, item: WorkItem) -> contextlib.AbstractAsyncContextManager[None]:
         if item.tenant is None:

@@ -121,17 +121,8 @@ class Scored:
     components: Mapping[str, Component]
     score: float
     failsafe: bool
-
-    @property
-    def needed(self) -> bool:
-        return self.failsafe or any(c.ratio >= 1 for c in self.components.values())
-
-    @property
-    def freeze(self) -> bool:
-        """Past a freeze threshold: vacuum with FREEZE (as an anti-wraparound autovacuum would)."""
-        return self.failsafe or any(
-            self.components[k].ratio >= 1 for k in ("xid_age", "mxid_age") if k in self.components
-        )
+    needed: bool  # a ratio reached 1, or past the failsafe age
+    freeze: bool  # past a freeze threshold: vacuum with FREEZE, as an anti-wraparound would
 
     def reasons(self) -> dict[str, Any]:
         """Each component with its value, threshold and ratio, most pressing first."""
@@ -157,47 +148,75 @@ async def table_rows(conn: Any, schemas: Sequence[str]) -> list[tuple[Any, ...]]
     return list(await cur.fetchall())
 
 
+def _ratio(value: float, threshold: float) -> float:
+    if threshold <= 0:
+        return 0.0 if value <= 0 else math.inf
+    return value / threshold
+
+
 def score_tables(
-    rows: Iterable[tuple[Any, ...]], server: Mapping[str, float], knobs: Knobs
+    rows: Iterable[tuple[Any, ...]],
+    server: Mapping[str, float],
+    knobs: Knobs,
+    *,
+    needed_only: bool = False,
 ) -> list[Scored]:
-    """Every table scored (needed or not), from :func:`table_rows` and :func:`server_settings`."""
+    """Every table scored, from :func:`table_rows` and :func:`server_settings`; with
+    ``needed_only`` the tables that need no work are left out (most of a fleet, most nights:
+    for them nothing is built but a few floats)."""
     failsafe_xid = server.get("vacuum_failsafe_age", 1.6e9)
     failsafe_mxid = server.get("vacuum_multixact_failsafe_age", 1.6e9)
+    weight = {k: knobs.weights.get(k, 1.0) for k in COMPONENTS}
+    configured_dead = knobs.dead_min is not None or knobs.dead_ratio is not None
     out = []
     for schema, table, pages, reltuples, dead, inserts, mods, xid_age, mxid_age, opts in rows:
-        s = dict(server)
-        for option in opts:
-            key, _, value = option.partition("=")
-            if key in _RELOPTIONS:
-                with contextlib.suppress(ValueError):  # the server validated it; be safe anyway
-                    s[_RELOPTIONS[key]] = float(value)
-        tuples = max(float(reltuples), 0.0)  # -1: never analyzed
-        if knobs.dead_min is not None or knobs.dead_ratio is not None:
-            dead_threshold = max(knobs.dead_min or 0.0, (knobs.dead_ratio or 0.0) * tuples)
+        s = server
+        if opts:  # the table's own autovacuum reloptions, rare: copy the settings only then
+            s = dict(server)
+            for option in opts:
+                key, _, value = option.partition("=")
+                if key in _RELOPTIONS:
+                    with contextlib.suppress(ValueError):  # validated by the server anyway
+                        s[_RELOPTIONS[key]] = float(value)
+        tuples = reltuples if reltuples > 0 else 0.0  # -1: never analyzed
+        if configured_dead:
+            dead_t = max(knobs.dead_min or 0.0, (knobs.dead_ratio or 0.0) * tuples)
         else:
-            dead_threshold = (
-                s["autovacuum_vacuum_threshold"] + s["autovacuum_vacuum_scale_factor"] * tuples
-            )
+            dead_t = s["autovacuum_vacuum_threshold"] + s["autovacuum_vacuum_scale_factor"] * tuples
+        dead_t = max(dead_t, 1.0)
+        analyze_t = (
+            s["autovacuum_analyze_threshold"] + s["autovacuum_analyze_scale_factor"] * tuples
+        )
+        xid_t = knobs.xid_age or s["autovacuum_freeze_max_age"]
+        mxid_t = knobs.mxid_age or s["autovacuum_multixact_freeze_max_age"]
+        insert_t = s.get("autovacuum_vacuum_insert_threshold", -1.0)
+        has_inserts = insert_t >= 0 and inserts is not None  # -1 disables insert vacuums
+        if has_inserts:
+            insert_t += s["autovacuum_vacuum_insert_scale_factor"] * tuples
+        r_dead, r_analyze = _ratio(dead, dead_t), _ratio(mods, analyze_t)
+        r_xid, r_mxid = _ratio(xid_age, xid_t), _ratio(mxid_age, mxid_t)
+        r_inserts = _ratio(inserts, insert_t) if has_inserts else 0.0
+        failsafe = xid_age >= failsafe_xid or mxid_age >= failsafe_mxid
+        freeze = failsafe or r_xid >= 1 or r_mxid >= 1
+        needed = freeze or r_dead >= 1 or r_analyze >= 1 or r_inserts >= 1
+        if needed_only and not needed:
+            continue
         components = {
-            "dead": Component(float(dead), max(dead_threshold, 1.0)),
-            "analyze": Component(
-                float(mods),
-                s["autovacuum_analyze_threshold"] + s["autovacuum_analyze_scale_factor"] * tuples,
-            ),
-            "xid_age": Component(float(xid_age), knobs.xid_age or s["autovacuum_freeze_max_age"]),
-            "mxid_age": Component(
-                float(mxid_age), knobs.mxid_age or s["autovacuum_multixact_freeze_max_age"]
-            ),
+            "dead": Component(float(dead), dead_t),
+            "analyze": Component(float(mods), analyze_t),
+            "xid_age": Component(float(xid_age), xid_t),
+            "mxid_age": Component(float(mxid_age), mxid_t),
         }
-        insert_threshold = s.get("autovacuum_vacuum_insert_threshold", -1.0)
-        if insert_threshold >= 0 and inserts is not None:  # -1 disables insert vacuums
-            components["inserts"] = Component(
-                float(inserts),
-                insert_threshold + s["autovacuum_vacuum_insert_scale_factor"] * tuples,
-            )
-        weighted = max(knobs.weights.get(k, 1.0) * c.ratio for k, c in components.items())
-        failsafe = float(xid_age) >= failsafe_xid or float(mxid_age) >= failsafe_mxid
+        weighted = max(
+            weight["dead"] * r_dead,
+            weight["analyze"] * r_analyze,
+            weight["xid_age"] * r_xid,
+            weight["mxid_age"] * r_mxid,
+        )
+        if has_inserts:
+            components["inserts"] = Component(float(inserts), insert_t)
+            weighted = max(weighted, weight["inserts"] * r_inserts)
         weighted = min(weighted, FAILSAFE / 2)  # an absurd ratio never passes for a failsafe
         score = FAILSAFE + weighted if failsafe else weighted
-        out.append(Scored(schema, table, int(pages), components, score, failsafe))
+        out.append(Scored(schema, table, int(pages), components, score, failsafe, needed, freeze))
     return out
