@@ -188,9 +188,20 @@ class Settings:
     ] = 50.0
 
 
+# Settings of the urgency score: with a list of tables they would do nothing, silently.
+_AUTO_ONLY = ("weights", "freeze_max_age", "multixact_freeze_max_age", "estimate_mb_per_s")
+
+
 @sweeperd.hookimpl
 def sweeperd_validate_settings(settings: Mapping[str, Any]) -> list[Problem]:
-    return read(Settings, settings)[1]
+    s, problems = read(Settings, settings)
+    if s is not None and s.tables is not None:
+        problems = [
+            (key, 'only with tables = "auto" (the urgency score); here it would do nothing')
+            for key in _AUTO_ONLY
+            if key in settings
+        ]
+    return problems
 
 
 @sweeperd.hookimpl
@@ -517,6 +528,7 @@ def _knobs(s: Settings, settings_given: Mapping[str, Any]) -> Knobs:
         # Written in the configuration: they replace autovacuum's dead-tuple threshold.
         dead_min=s.min_dead_tuples if "min_dead_tuples" in settings_given else None,
         dead_ratio=s.min_dead_ratio if "min_dead_ratio" in settings_given else None,
+        analyze=s.analyze,
     )
 
 
@@ -552,7 +564,10 @@ async def _expand_auto(plan: sweeperd.PlanContext, s: Settings) -> list[sweeperd
                     **({"failsafe": True} if t.failsafe else {}),
                 },
                 params={"freeze": t.freeze},
-                expected_s=took.get((t.schema, t.table)) or t.estimate_s(pages_per_s),
+                # Past the failsafe age nothing is too long for the window: wraparound is.
+                expected_s=None
+                if t.failsafe
+                else took.get((t.schema, t.table)) or t.estimate_s(pages_per_s),
             )
         )
     return targets

@@ -21,7 +21,7 @@ import structlog
 from .db import Database
 from .errors import describe_error
 from .model import PlanContext, Target
-from .planner import Plan, WorkItem, link
+from .planner import Plan, PlanError, WorkItem, link
 
 log = structlog.get_logger("sweeperd.expansion")
 
@@ -58,12 +58,27 @@ async def expand(
     items: list[WorkItem] = []
     for item in plan.items:
         items.extend(replaced.get(item.index, [item]))
+    planned = list(items)
     # Most urgent first, the plan's own order among equals (sorted() is stable).
     items.sort(key=lambda it: -it.priority)
+    try:
+        _relink(items)
+    except PlanError as exc:
+        # Same-table order follows position within a phase; by score, it can contradict an
+        # operation's `after`. The plan's own order never does: keep that one (the slots still
+        # hand out work by score).
+        log.warning(
+            "plan order by score contradicts `after`; keeping the plan's order", error=str(exc)
+        )
+        items = planned
+        _relink(items)
+    return replace(plan, items=tuple(items), not_needed=not_needed)
+
+
+def _relink(items: list[WorkItem]) -> None:
     for i, item in enumerate(items):
         item.index = i
     link(items)
-    return replace(plan, items=tuple(items), not_needed=not_needed)
 
 
 async def _expand_group(

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from asyncio import FIRST_COMPLETED
 from collections import Counter, defaultdict
@@ -165,6 +166,8 @@ class _SweepRun:
         self.attempts: dict[int, _Attempt] = {}
         self.done = [asyncio.Event() for _ in plan.items]
         self.results: dict[int, Result] = {}
+        # Items holding a global slot now (pace() gives it back while an operation waits).
+        self.holding_global: set[int] = set()
         # Throttled waits of items before their operation started (item index → the wait).
         self.waits: dict[int, Wait] = {}
         # Context.shared: one dict per database for every operation of this run.
@@ -275,6 +278,7 @@ class _SweepRun:
                 released = False
                 try:
                     await bounds.global_slots.acquire(item.priority)
+                    self.holding_global.add(item.index)
                     try:
                         if not await self.still_open(item):
                             continue  # throttled meanwhile: give the slots back and wait
@@ -289,22 +293,20 @@ class _SweepRun:
                         try:
                             await asyncio.sleep(0)
                         finally:
-                            bounds.global_slots.release()
+                            if item.index in self.holding_global:  # pace() may have lent it
+                                self.holding_global.discard(item.index)
+                                bounds.global_slots.release()
                 finally:
                     if not released:
                         database_slot.release()
 
     async def until_open(self, item: WorkItem) -> Result | None:
-        """Wait while the item's database is known to be throttled or paused, holding no slot
-        (the samples meanwhile take a bookkeeping connection); the gate's result if it closed
-        meanwhile."""
+        """Wait, holding no slot, while the item's database is known to be throttled or paused
+        (Throttle.wait_known); the gate's result if it closed meanwhile."""
         throttle = self.runner.bounds.throttles.get(item.database)
         if throttle is None or self.dry_run or not throttle.throttled:
             return None
-        database = self.runner.databases[item.database]
-        waited, verdict = await throttle.wait(
-            lambda: database.housekeeping("throttle"), lambda: self.start_check(item)
-        )
+        waited, verdict = await throttle.wait_known(lambda: self.start_check(item))
         if waited.seconds:
             previous = self.waits.get(item.index)
             if previous is not None:
@@ -401,11 +403,17 @@ class _SweepRun:
             shared=self.shared[item.database],
             target=item.target,
             details=dict(item.target.details) if item.target is not None else {},
-            pacer=self.pace if item.database in self.runner.bounds.throttles else None,
+            pacer=(
+                functools.partial(self.pace, item)
+                if item.database in self.runner.bounds.throttles
+                else None
+            ),
         )
 
-    async def pace(self, ctx: Context) -> float:
-        """Context.throttle(): wait on the operation's own connection, record what it cost."""
+    async def pace(self, item: WorkItem, ctx: Context) -> float:
+        """Context.throttle(): sample on the operation's own connection; while throttled, wait
+        with the global slot given back (other databases keep all of max_concurrency), then
+        take it again; record what the wait cost."""
         throttle = self.runner.bounds.throttles[ctx.database]
         if throttle.fresh_and_open():
             return 0.0
@@ -415,7 +423,17 @@ class _SweepRun:
         async def own() -> AsyncIterator[AsyncConn]:
             yield conn
 
+        if throttle.due():
+            await throttle.sample(own)
+        if not throttle.throttled:
+            return 0.0
+        slots = self.runner.bounds.global_slots
+        self.holding_global.discard(item.index)
+        slots.release()
+        # Cancelled while waiting, it holds no global slot: in_slots knows (holding_global).
         waited, _ = await throttle.wait(own)
+        await slots.acquire(item.priority)
+        self.holding_global.add(item.index)
         if not waited.seconds:
             return 0.0
         _record_wait(ctx, waited, trace.get_current_span(), before_start=False)

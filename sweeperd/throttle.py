@@ -36,6 +36,8 @@ be read is reported once, shown by ``sweeperd status`` and treated as open; it n
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import datetime as dt
 import math
 import time
 from collections.abc import Awaitable, Callable
@@ -64,6 +66,7 @@ Connect = Callable[[], AbstractAsyncContextManager["psycopg.AsyncConnection[Any]
 Interrupt = Callable[[], Any]
 
 _STATS = "pg_read_all_stats"
+SAMPLE_TIMEOUT_S = 10.0  # a sample that takes longer has failed (a hung connection, a lock)
 _UNDEFINED_TABLE = "42P01"
 _CURRENT_LSN = "pg_catalog.pg_current_wal_lsn()"
 
@@ -232,6 +235,8 @@ class Throttle:
         self._last_over: float | None = None  # when a signal was last over its limit
         self._since: float | None = None  # when it became throttled
         self._sampling: asyncio.Task[None] | None = None
+        self._ticket = -math.inf  # when a waiter last went to take its slots and sample
+        self._changed = asyncio.Event()  # set (and replaced) at every decision
         self._failure: str | None = None  # the last sample's failure, said once per episode
 
     def holding_back(self) -> str | None:
@@ -268,34 +273,83 @@ class Throttle:
             await self._sleep(max(0.01, self.sampled_at + self.config.check_every - started))
             waited.add(kind, self._clock() - started)
 
+    async def wait_known(self, interrupt: Interrupt | None = None) -> tuple[Wait, Any]:
+        """Wait, holding nothing, while the database is known to be throttled.
+
+        Returns when it is open, when ``interrupt`` returns something (that value), or when a
+        new sample is due and nobody else went for it: that caller then takes its slots and
+        samples (on a connection its slot makes room for), while the others go on waiting
+        for the outcome. Sampling here, without a slot, could wait for a connection that only
+        an operation waiting for this very sample would give back.
+        """
+        waited = Wait()
+        every = self.config.check_every
+        while self.throttled:
+            if interrupt is not None and (verdict := interrupt()) is not None:
+                return waited, verdict
+            now = self._clock()
+            if self.due() and now - self._ticket >= every:
+                self._ticket = now
+                return waited, None
+            kind, changed = self.kind, self._changed
+            until = self.sampled_at + every if not self.due() else self._ticket + every
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.01, until - now)):
+                    await changed.wait()
+            waited.add(kind, self._clock() - now)
+        return waited, None
+
     async def sample(self, connect: Connect) -> None:
-        """Read the gates now, once however many ask at the same time."""
-        if self._sampling is None:
-            self._sampling = asyncio.ensure_future(self._sample(connect))
-        task = self._sampling
-        try:
-            await asyncio.shield(task)
-        finally:
-            if task.done() and self._sampling is task:
-                self._sampling = None
+        """Read the gates now, once however many ask at the same time.
+
+        The caller that starts a sample lends it its connection: cancelled, it takes the sample
+        down with it (its connection goes back to the pool, no query may still run on it), and
+        those who waited for that sample ask again themselves.
+        """
+        while True:
+            task = self._sampling
+            if task is None or task.done():
+                task = self._sampling = asyncio.ensure_future(self._sample(connect))
+                try:
+                    await task  # cancelling us cancels it
+                finally:
+                    if self._sampling is task:
+                        self._sampling = None
+                return
+            try:
+                await asyncio.shield(task)
+                return
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise
+                # The one who started it was cancelled: ask again, on our connection.
 
     async def _sample(self, connect: Connect) -> None:
         try:
-            async with connect() as conn:
-                reading = await self.read(conn)
+            async with asyncio.timeout(SAMPLE_TIMEOUT_S):
+                async with connect() as conn:
+                    reading = await self.read(conn)
         except Exception as exc:
-            # Cannot read (the database went away, ...): open, since the operations that need
-            # the database fail on their own; said once until a sample succeeds again.
+            # Cannot read (the database went away, the sample hung, ...): the health gates
+            # open, since the operations that need the database fail on their own; a pause
+            # that was in force stays in force (until its end) until a sample says otherwise.
             reason = describe_error(exc)
             if self._failure != reason:
                 self._failure = reason
                 log.warning("cannot read the health gates", database=self.database, error=reason)
             self.sampled_at = self._clock()
-            self._decide(Reading())
+            self._decide(Reading(pause=self._pause_still_in_force()))
             return
         self._failure = None
         self.sampled_at = self._clock()
         self._decide(reading)
+
+    def _pause_still_in_force(self) -> Pause | None:
+        pause = self.reading.pause if self.reading is not None else None
+        if pause is None or (pause.until is not None and pause.until <= dt.datetime.now(dt.UTC)):
+            return None
+        return pause
 
     async def read(self, conn: psycopg.AsyncConnection[Any]) -> Reading:
         """One sample on ``conn``: the usable gates and the pause, in one statement."""
@@ -410,6 +464,8 @@ class Throttle:
 
     # -- deciding ----------------------------------------------------------------------------------
     def _decide(self, reading: Reading) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
         now = self._clock()
         self.reading = reading
         over = reading.over

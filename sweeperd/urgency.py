@@ -28,7 +28,6 @@ and tables: the server's settings, and one pass over ``pg_class`` with the stati
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -91,6 +90,9 @@ class Knobs:
     mxid_age: float | None = None
     dead_min: float | None = None
     dead_ratio: float | None = None
+    # Whether the vacuum analyzes: without ANALYZE, "changed since the last analyze" is no
+    # reason to vacuum (a plain VACUUM would never reset it, so the table came back every night).
+    analyze: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,16 +102,13 @@ class Component:
 
     @property
     def ratio(self) -> float:
-        if self.threshold <= 0:
-            return 0.0 if self.value <= 0 else math.inf
-        return self.value / self.threshold
+        return _ratio(self.value, self.threshold)
 
     def to_json(self) -> dict[str, Any]:
-        ratio = self.ratio
         return {
             "value": _number(self.value),
             "threshold": _number(self.threshold),
-            "ratio": round(ratio, 4) if math.isfinite(ratio) else None,
+            "ratio": round(self.ratio, 4),
         }
 
 
@@ -149,9 +148,9 @@ async def table_rows(conn: Any, schemas: Sequence[str]) -> list[tuple[Any, ...]]
 
 
 def _ratio(value: float, threshold: float) -> float:
-    if threshold <= 0:
-        return 0.0 if value <= 0 else math.inf
-    return value / threshold
+    # A threshold of 0 (autovacuum_analyze_threshold = 0 on an empty table): as if it were 1,
+    # never infinity (which a weight of 0 would turn into NaN, and JSON cannot hold).
+    return value / threshold if threshold > 0 else float(value)
 
 
 def score_tables(
@@ -193,7 +192,8 @@ def score_tables(
         has_inserts = insert_t >= 0 and inserts is not None  # -1 disables insert vacuums
         if has_inserts:
             insert_t += s["autovacuum_vacuum_insert_scale_factor"] * tuples
-        r_dead, r_analyze = _ratio(dead, dead_t), _ratio(mods, analyze_t)
+        r_dead = _ratio(dead, dead_t)
+        r_analyze = _ratio(mods, analyze_t) if knobs.analyze else 0.0
         r_xid, r_mxid = _ratio(xid_age, xid_t), _ratio(mxid_age, mxid_t)
         r_inserts = _ratio(inserts, insert_t) if has_inserts else 0.0
         failsafe = xid_age >= failsafe_xid or mxid_age >= failsafe_mxid
@@ -203,10 +203,11 @@ def score_tables(
             continue
         components = {
             "dead": Component(float(dead), dead_t),
-            "analyze": Component(float(mods), analyze_t),
             "xid_age": Component(float(xid_age), xid_t),
             "mxid_age": Component(float(mxid_age), mxid_t),
         }
+        if knobs.analyze:
+            components["analyze"] = Component(float(mods), analyze_t)
         weighted = max(
             weight["dead"] * r_dead,
             weight["analyze"] * r_analyze,

@@ -486,3 +486,34 @@ def test_behind_pgbouncer_the_pause_and_the_gates_hold(
     assert result["details"]["throttled_by"].keys() == {"paused"}, result
     assert result["details"]["throttled_s"] >= 1.0, result
     assert "Traceback" not in done.stderr
+
+
+def test_a_pause_mid_run_with_one_connection_does_not_deadlock(
+    tmp_path: Path, scratch_server: Callable[..., ScratchServer]
+) -> None:
+    """One connection: a retention operation waits between its batches (on its connection)
+    while the next tenant's operation waits for the slot; the pause ends, both finish."""
+    primary = scratch_server()
+    for schema in ("tenant_a", "tenant_b"):
+        make_events(primary, schema, rows=20_000)
+    path = config(tmp_path, primary.dsn(), 'check_every = "100ms"\nresume_after = "0s"', tenants=2)
+    path.write_text(
+        path.read_text()
+        .replace("max_connections = 4", "max_connections = 1")
+        .replace('interval = "1h"', 'interval = "1h"\ntimeout = "60s"')
+    )
+    seen, watcher = watch(primary)
+    reports, sweeper = sweep_in_thread(path)
+    wait_for(lambda: seen.first(0, lambda lag, n: n < 20_000) is not None, 30, "deletes")
+    primary.execute("CREATE SCHEMA IF NOT EXISTS sweeperd")
+    primary.execute(pause_module.DDL)
+    primary.execute(
+        "INSERT INTO sweeperd.pause (paused_by, until) VALUES ('ops@h', now() + interval '2s')"
+    )
+    wait_for(lambda: not sweeper.is_alive(), 60, "the sweep to finish")
+    seen.stop.set()
+    watcher.join()
+    [report] = reports
+    assert [(r.status, r.rows) for r in report.results] == [("ok", 20_000), ("ok", 20_000)]
+    waited = [r.details.get("throttled_by", {}).get("paused", 0.0) for r in report.results]
+    assert max(waited) > 1.0, [r.details for r in report.results]

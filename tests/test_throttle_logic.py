@@ -150,3 +150,55 @@ def test_concurrent_waiters_share_one_sample() -> None:
 @pytest.mark.parametrize("key", [g.key for g in GATES])
 def test_every_gate_is_a_throttle_key(key: str) -> None:
     assert key in ThrottleConfig.__dataclass_fields__
+
+
+def test_a_sample_whose_caller_was_cancelled_is_asked_again() -> None:
+    """Cancelled mid-sample, the starter takes the sample down with it (its connection goes
+    back); the next caller asks the server again instead of reusing nothing."""
+    asked = 0
+
+    class Conn:
+        async def execute(self, *_args: Any) -> Any:
+            nonlocal asked
+            asked += 1
+            await asyncio.sleep(0.05)
+            return self
+
+        async def fetchone(self) -> tuple[Any, ...]:
+            return (False,)
+
+    @asynccontextmanager
+    async def connect() -> AsyncIterator[Any]:
+        yield Conn()
+
+    async def main() -> bool:
+        t = Throttle("main", ThrottleConfig(check_every=60.0))
+        starter = asyncio.ensure_future(t.sample(connect))
+        joiner = asyncio.ensure_future(t.sample(connect))
+        await asyncio.sleep(0.01)
+        starter.cancel()
+        await asyncio.gather(starter, return_exceptions=True)
+        await asyncio.wait_for(joiner, 1)  # asked again itself, on its own connection
+        return t.reading is not None
+
+    assert asyncio.run(main())
+    assert asked == 2
+
+
+def test_a_failed_sample_keeps_a_pause_in_force() -> None:
+    class Broken:
+        async def execute(self, *_args: Any) -> Any:
+            raise OSError("server closed the connection")
+
+    @asynccontextmanager
+    async def connect() -> AsyncIterator[Any]:
+        yield Broken()
+
+    async def main() -> Throttle:
+        t = Throttle("main", ThrottleConfig(check_every=0.01))
+        t._decide(Reading((), PAUSE))
+        await t.sample(connect)
+        return t
+
+    t = asyncio.run(main())
+    assert t.throttled and t.kind == "paused"

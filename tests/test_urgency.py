@@ -82,3 +82,14 @@ def test_insert_vacuums_disabled_leave_the_component_out() -> None:
         [row("a", ins=10**6)], {**SERVER, "autovacuum_vacuum_insert_threshold": -1}, Knobs()
     )
     assert "inserts" not in t.components and not t.needed
+
+
+def test_without_analyze_changes_since_the_last_analyze_are_no_reason() -> None:
+    [t] = score_tables([row("a", mods=10**6)], SERVER, Knobs(analyze=False))
+    assert "analyze" not in t.components and not t.needed
+
+
+def test_a_zero_threshold_never_makes_an_infinite_or_nan_score() -> None:
+    server = {**SERVER, "autovacuum_analyze_threshold": 0.0, "autovacuum_analyze_scale_factor": 0.0}
+    [t] = score_tables([row("a", tuples=-1, mods=7)], server, Knobs(weights={"analyze": 0}))
+    assert math.isfinite(t.score) and t.components["analyze"].to_json()["ratio"] == 7.0

@@ -730,6 +730,17 @@ def test_a_typo_in_weights_is_one_line_naming_the_key(tmp_path: Path) -> None:
     assert "xid_age" in line  # what it could have been
 
 
+def test_score_settings_with_a_list_of_tables_are_an_error_not_ignored(tmp_path: Path) -> None:
+    doc = small_doc("dbname=x", weights={"xid_age": 2})
+    doc["plugins"]["vacuum"]["tables"] = ["events"]
+    del doc["plugins"]["vacuum"]["freeze_max_age"]
+    path = write_config(tmp_path, tomli_w.dumps(doc))
+    proc = run_cli("check-config", "-c", str(path))
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith(f"sweeperd: {path}: plugins.vacuum.weights: only with tables"), line
+
+
 # -- window fit, through the daemon ----------------------------------------------------------------
 
 _TOO_LONG = re.compile(
