@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -121,14 +121,14 @@ def test_holding_back_is_no_news_once_nobody_samples() -> None:
     assert t.holding_back() is None
 
 
-def test_concurrent_waiters_share_one_sample() -> None:
-    """Single flight: twenty operations asking at once cause one query."""
-    asked = 0
+def slow_server() -> tuple[Callable[[], Any], Callable[[], int]]:
+    """A connection whose every statement takes 50 ms (no pause table), and how many it ran."""
+    count = 0
 
     class Conn:
         async def execute(self, *_args: Any) -> Any:
-            nonlocal asked
-            asked += 1
+            nonlocal count
+            count += 1
             await asyncio.sleep(0.05)
             return self
 
@@ -139,12 +139,19 @@ def test_concurrent_waiters_share_one_sample() -> None:
     async def connect() -> AsyncIterator[Any]:
         yield Conn()
 
+    return connect, lambda: count
+
+
+def test_concurrent_waiters_share_one_sample() -> None:
+    """Single flight: twenty operations asking at once cause one query."""
+    connect, asked = slow_server()
+
     async def main() -> None:
         t = Throttle("main", ThrottleConfig(check_every=60.0))
         await asyncio.gather(*(t.wait(connect) for _ in range(20)))
 
     asyncio.run(main())
-    assert asked == 1
+    assert asked() == 1
 
 
 @pytest.mark.parametrize("key", [g.key for g in GATES])
@@ -155,21 +162,7 @@ def test_every_gate_is_a_throttle_key(key: str) -> None:
 def test_a_sample_whose_caller_was_cancelled_is_asked_again() -> None:
     """Cancelled mid-sample, the starter takes the sample down with it (its connection goes
     back); the next caller asks the server again instead of reusing nothing."""
-    asked = 0
-
-    class Conn:
-        async def execute(self, *_args: Any) -> Any:
-            nonlocal asked
-            asked += 1
-            await asyncio.sleep(0.05)
-            return self
-
-        async def fetchone(self) -> tuple[Any, ...]:
-            return (False,)
-
-    @asynccontextmanager
-    async def connect() -> AsyncIterator[Any]:
-        yield Conn()
+    connect, asked = slow_server()
 
     async def main() -> bool:
         t = Throttle("main", ThrottleConfig(check_every=60.0))
@@ -182,7 +175,7 @@ def test_a_sample_whose_caller_was_cancelled_is_asked_again() -> None:
         return t.reading is not None
 
     assert asyncio.run(main())
-    assert asked == 2
+    assert asked() == 2
 
 
 def test_a_failed_sample_keeps_a_pause_in_force() -> None:
