@@ -13,6 +13,7 @@ accept password (or trust) authentication for them there. See the README.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -25,7 +26,9 @@ from typing import Any
 
 import psycopg
 import pytest
+import structlog
 from psycopg import sql
+from structlog.testing import capture_logs
 from support import PgServer
 
 
@@ -134,3 +137,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "scratch_server" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.scratch)
+
+
+@pytest.fixture
+def logs() -> Iterator[list[dict[str, Any]]]:
+    """structlog events of the test, whatever level another test configured before."""
+    saved = structlog.get_config()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
+    try:
+        with capture_logs() as entries:
+            yield entries
+    finally:
+        structlog.configure(wrapper_class=saved["wrapper_class"])

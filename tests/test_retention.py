@@ -12,20 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
-import structlog
 import tomli_w
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from psycopg import sql
-from structlog.testing import capture_logs
 from support import write_config
 
 from sweeperd import Phase
@@ -192,18 +189,6 @@ def count(conn: psycopg.Connection[Any], ident: sql.Identifier, where: str = "tr
 
 def ids(conn: psycopg.Connection[Any], ident: sql.Identifier) -> set[int]:
     return {r[0] for r in conn.execute(sql.SQL("SELECT id FROM {}").format(ident)).fetchall()}
-
-
-@pytest.fixture
-def logs() -> Iterator[list[dict[str, Any]]]:
-    """structlog events of the test, whatever level another test configured before."""
-    saved = structlog.get_config()
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
-    try:
-        with capture_logs() as entries:
-            yield entries
-    finally:
-        structlog.configure(wrapper_class=saved["wrapper_class"])
 
 
 # -- the property: exactly the rows older than the cutoff go ---------------------------------------

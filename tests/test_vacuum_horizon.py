@@ -11,20 +11,17 @@ timed.
 from __future__ import annotations
 
 import asyncio
-import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
-import structlog
 import tomli_w
 from psycopg import sql
 from servers import ScratchServer, scratch_server_fixture, standby_of  # noqa: F401
-from structlog.testing import capture_logs
 from support import PgServer, throwaway_role, write_config
 from test_vacuum import (
     auto_results,
@@ -47,18 +44,6 @@ from sweeperd.report import SweepReport
 NOT_REMOVABLE = "dead tuples not removable: the xmin horizon is held"
 LOOKUP_FAILED = "could not look up the xmin horizon"
 ROWS, DELETED = 2000, 700
-
-
-@pytest.fixture
-def logs() -> Iterator[list[dict[str, Any]]]:
-    """structlog events of the test, whatever level another test configured before."""
-    saved = structlog.get_config()
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
-    try:
-        with capture_logs() as entries:
-            yield entries
-    finally:
-        structlog.configure(wrapper_class=saved["wrapper_class"])
 
 
 def events(logs: list[dict[str, Any]], event: str) -> list[dict[str, Any]]:
