@@ -431,7 +431,7 @@ class _SweepRun:
         self.holding_global.discard(item.index)
         slots.release()
         # Cancelled while waiting, it holds no global slot: in_slots knows (holding_global).
-        waited, _ = await throttle.wait(own)
+        waited = await throttle.wait(own)
         await slots.acquire(item.priority)
         self.holding_global.add(item.index)
         if not waited.seconds:

@@ -253,21 +253,15 @@ class Throttle:
         """The fast path of every start: nothing to ask, nothing to wait for."""
         return not self.throttled and not self.due()
 
-    async def wait(self, connect: Connect, interrupt: Interrupt | None = None) -> tuple[Wait, Any]:
-        """Wait until the database is open; ``(what the wait cost, interrupt's verdict or None)``.
-
-        ``connect`` gives a connection to sample with (one the caller holds a slot for);
-        ``interrupt``, asked after every sample while throttled, ends the wait early when it
-        returns something (that value is returned).
-        """
+    async def wait(self, connect: Connect) -> Wait:
+        """Wait until the database is open, sampling on the caller's own connection (an
+        operation between its steps); what the wait cost."""
         waited = Wait()
         while True:
             if self.due():
                 await self.sample(connect)
             if not self.throttled:
-                return waited, None
-            if interrupt is not None and (verdict := interrupt()) is not None:
-                return waited, verdict
+                return waited
             kind = self.kind
             started = self._clock()
             await self._sleep(max(0.01, self.sampled_at + self.config.check_every - started))
