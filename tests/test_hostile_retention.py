@@ -19,10 +19,8 @@ import psycopg
 import pytest
 from psycopg import sql
 from sweeperd.bundled import retention
-from test_retention import config_doc, connect, load, logs, only_result, sweep
+from test_retention import config_doc, connect, load, only_result, sweep
 from test_retention_order import explain, index_warnings
-
-__all__ = ["logs"]  # the fixture, imported so that pytest finds it here
 
 # 63-byte names (PostgreSQL keeps identifiers up to NAMEDATALEN - 1 = 63 bytes): one of mostly
 # two-byte letters, one of LIKE wildcards ending in a backslash.

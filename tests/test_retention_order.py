@@ -27,13 +27,10 @@ from test_retention import (
     connect,
     ids,
     load,
-    logs,
     only_result,
     rule,
     sweep,
 )
-
-__all__ = ["logs"]  # the fixture, imported so that pytest finds it here
 
 EXPIRED = 1000  # rows older than the cutoff: id i is 100 days + i minutes old
 FRESH = 200  # rows newer than the cutoff (ids from 1_000_001)
