@@ -90,6 +90,8 @@ class DaemonConfig:
     max_concurrency: PositiveInt = 16
     plugin_dirs: Annotated[tuple[Path, ...], validation.directories] = ()
     drain_timeout: Duration = 30.0
+    # How long a claimed tenant stays this instance's without a renewal (sweeperd.claimer).
+    claim_lease: Annotated[float, validation.claim_lease] = 30.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -87,6 +87,19 @@ def server_timeout(value: Any, at: At) -> float:
     return seconds
 
 
+MIN_CLAIM_LEASE_S = 2.0
+
+
+@reader(_DURATION.expectation)
+def claim_lease(value: Any, at: At) -> float:
+    """``[daemon] claim_lease``: long enough to be renewed (every third of it) in time, and a
+    server timeout (it bounds an idle transaction of a fenced batch)."""
+    seconds = server_timeout(value, at)
+    if seconds < MIN_CLAIM_LEASE_S:
+        raise Invalid(f'expected a duration of at least 2s, got "{value}"')
+    return seconds
+
+
 _GLOBS = 'a non-empty list of glob strings, e.g. ["*"]'
 
 
