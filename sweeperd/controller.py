@@ -8,7 +8,7 @@ When a firing arrives while the previous run is still going (:func:`sweeperd.fir
 A database that could not be reached during a firing is remembered with that firing; when it
 comes back (:meth:`SweepController.catch_up`), the firing runs again for that database alone, so
 a nightly sweep does not wait a day for a database that was down for five minutes (claims keep
-another instance from doing it twice).
+another instance from doing it twice, and the tenants finished then from running again).
 """
 
 from __future__ import annotations
@@ -23,14 +23,14 @@ from typing import Protocol
 import structlog
 
 from .config import Config
-from .coordination import DATABASE_SCOPE, Claims
+from .coordination import Claims
 from .databases import refresh_databases
 from .db import Database
 from .durations import format_duration
 from .errors import describe_error
 from .firing import item_verdict, on_firing, window_of, window_stop_in
 from .gates import Gate
-from .model import Status, Tenant
+from .model import Status
 from .planner import make_plan
 from .plugins import Plugins
 from .report import SweepReport
@@ -260,28 +260,30 @@ class SweepController:
         window: Window | None,
         stop: Stop,
     ) -> SweepReport:
-        """Refresh the databases, find the tenants, claim them, plan and run: the part of a
-        run that talks to the servers."""
+        """Refresh the databases, find the tenants, plan and run, claiming tenants as it goes:
+        the part of a run that talks to the servers."""
         config = snapshot.config
         down = await refresh_databases(databases)
         self._remember(firing, databases, down)
         reachable = {n: db for n, db in databases.items() if n not in down}
         tenants, failed = await resolve_tenants(config, reachable)
         tenants = [t for t in tenants if t.database in databases]
-        tenants, db_scope, unclaimed = await self._claim(reachable, tenants, firing)
-        failed = {**down, **failed, **unclaimed}
+        failed = {**down, **failed}
         plan = make_plan(
             config,
             snapshot.plugins.operations,
             tenants,
             sweep=self.name,
-            database_scope_in=(db_scope | set(down)) & set(databases),
+            database_scope_in=set(databases),
+        )
+        claims = self.host.claims.firing(
+            reachable, self.name, firing, lease=config.daemon.claim_lease
         )
         self.host.state_changed()
         self._in_runner = True
         try:
             report = await snapshot.runner.run(
-                plan, gate=self._gate(window), stop=stop, unreachable=failed
+                plan, gate=self._gate(window), stop=stop, unreachable=failed, claims=claims
             )
         finally:
             self._in_runner = False
@@ -310,27 +312,6 @@ class SweepController:
                 self.host.database_unreachable(name)
             elif not keep:
                 self.missed.pop(name, None)
-
-    async def _claim(
-        self, databases: dict[str, Database], tenants: list[Tenant], firing: dt.datetime
-    ) -> tuple[list[Tenant], set[str], dict[str, str]]:
-        """Keep the tenants (and databases, for database-scope work) this instance claimed;
-        and the databases where claiming failed (their work is reported failed, not done).
-        Tenants of databases that are not reachable are kept: their items say why."""
-        wanted: dict[str, list[str]] = {name: [DATABASE_SCOPE] for name in databases}
-        for tenant in tenants:
-            if tenant.database in databases:
-                wanted[tenant.database].append(tenant.name)
-        owned, failed = await self.host.claims.claim(databases, self.name, firing, wanted)
-        mine = [
-            t
-            for t in tenants
-            if t.database not in databases
-            or t.name in owned.get(t.database, set())
-            or t.database in failed
-        ]
-        db_scope = {db for db, names in owned.items() if DATABASE_SCOPE in names} | set(failed)
-        return mine, db_scope, failed
 
     def _gate(self, window: Window | None) -> Gate:
         def gate(expected_s: float | None) -> tuple[Status, str] | None:

@@ -136,6 +136,12 @@ class Skip(Exception):
     """Raise from an operation to report it as ``skipped`` with a reason (e.g. table locked)."""
 
 
+class LeaseLost(Exception):
+    """This instance no longer holds the tenant's claim (another instance took it over): raised
+    by :meth:`Context.transaction` before anything in it runs. Let it propagate: the operation
+    is reported ``cancelled`` and the instance that holds the tenant now does its work."""
+
+
 @dataclass(frozen=True, slots=True)
 class Tenant:
     """One tenant: a schema in a database."""
@@ -349,6 +355,9 @@ class Context:
     # Set by the runner: waits while the database is throttled or paused, records the wait in
     # details and returns its seconds (see throttle()).
     pacer: Callable[[Context], Awaitable[float]] | None = None
+    # Set by the runner where several instances share the firing (sweeperd.claimer): the first
+    # statement of every transaction(), which raises LeaseLost if the tenant is no longer ours.
+    fence: Callable[[AsyncConnection[Any]], Awaitable[None]] | None = None
 
     async def throttle(self) -> float:
         """Wait while the database is throttled or paused; the seconds waited (0.0: it was not).
@@ -370,14 +379,20 @@ class Context:
         The database's ``lock_timeout``/``statement_timeout``, or the given overrides (seconds),
         hold for exactly this transaction on whatever server session runs it, and never for
         anything after it: safe behind every pooler. Committed when the block ends.
+
+        With several instances sharing the firing, the transaction first checks that this
+        instance still holds the tenant and locks its claim so nobody takes it over before the
+        commit; if not, it raises :class:`LeaseLost` and nothing in the block runs. Writes that
+        must never happen for a tenant another instance took over belong in here.
         """
-        return timed_transaction(
+        timed = timed_transaction(
             self.conn,
             lock_timeout=self.lock_timeout if lock_timeout is None else lock_timeout,
             statement_timeout=(
                 self.statement_timeout if statement_timeout is None else statement_timeout
             ),
         )
+        return timed if self.fence is None else _fenced(timed, self.fence)
 
     @property
     def schema(self) -> str | None:
@@ -396,6 +411,16 @@ class Context:
         if not table:
             raise ValueError(f"scope 'database' needs a schema-qualified table, got {name!r}")
         return sql.Identifier(schema, table)
+
+
+@asynccontextmanager
+async def _fenced(
+    timed: AbstractAsyncContextManager[AsyncConnection[Any]],
+    fence: Callable[[AsyncConnection[Any]], Awaitable[None]],
+) -> AsyncIterator[AsyncConnection[Any]]:
+    async with timed as conn:
+        await fence(conn)
+        yield conn
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,13 +34,14 @@ import structlog
 from opentelemetry import trace
 from opentelemetry.trace import INVALID_SPAN, Span
 
+from .claimer import FiringClaims
 from .db import STANDBY, AsyncConn, Database
 from .durations import format_duration
 from .errors import describe_error, sqlstate_of
 from .expansion import expand
 from .gates import Gate
 from .limits import Bounds
-from .model import Context, Result, Skip, Status
+from .model import Context, LeaseLost, Result, Skip, Status
 from .planner import Plan, WorkItem
 from .report import SweepReport
 from .stop import Stop
@@ -77,6 +78,7 @@ class Runner:
         unreachable: Mapping[str, str] | None = None,
         gate: Gate | None = None,
         stop: Stop | None = None,
+        claims: FiringClaims | None = None,
     ) -> SweepReport:
         """Run every item of ``plan``; never raises for an item's failure.
 
@@ -84,7 +86,9 @@ class Runner:
         are reported ``failed`` with it, everything else still runs. ``gate`` is asked before
         each item starts (see :data:`~sweeperd.gates.Gate`). ``stop`` ends the run early, still
         with a report: unfinished items are cancelled (on the server too) and reported with the
-        stop's reason. The plan's ``timeout`` is such a stop.
+        stop's reason. The plan's ``timeout`` is such a stop. ``claims``: the firing is shared
+        with other instances; this run does the tenants it claims as it goes
+        (:mod:`sweeperd.claimer`), and reports only those.
         """
         started = datetime.now(UTC)
         stop = stop or Stop()
@@ -98,7 +102,7 @@ class Runner:
                     await using.enter_async_context(database.use())
             # Operations whose items are found now (Operation.expand): one query per database.
             plan = await expand(plan, self.databases, self.settings, dry_run=dry_run)
-            run = _SweepRun(self, plan, dry_run, dict(unreachable or {}), gate)
+            run = _SweepRun(self, plan, dry_run, dict(unreachable or {}), gate, claims)
             _notify(self.pm.hook.sweeperd_sweep_started, sweep=plan.sweep, items=len(plan.items))
             # Tasks copy the context they are created in: every item inherits the sweep's span
             # and log fields from here.
@@ -107,8 +111,14 @@ class Runner:
                 structlog.contextvars.bound_contextvars(sweep=plan.sweep),
             ):
                 log.info("sweep started", items=len(plan.items), dry_run=dry_run)
-                await self._warm(plan)
-                await run.execute(stop)
+                if claims is not None:
+                    await claims.begin(plan, self._capacity())
+                try:
+                    await self._warm(plan)
+                    await run.execute(stop)
+                finally:
+                    if claims is not None:
+                        await claims.end()
         with (
             trace.use_span(run.trace.span, end_on_exit=False),
             structlog.contextvars.bound_contextvars(sweep=plan.sweep),
@@ -129,6 +139,12 @@ class Runner:
         run.trace.close(report.counts(), report.duration_s)
         _notify(self.pm.hook.sweeperd_sweep_finished, sweep=plan.sweep, results=report.results)
         return report
+
+    def _capacity(self) -> dict[str, int]:
+        """Per database, how many operations can run there at once: how many tenants a run
+        claims ahead (at least one operation each)."""
+        limits = self.bounds.limits
+        return {name: min(n, limits.max_concurrency) for name, n in limits.per_database.items()}
 
     async def _warm(self, plan: Plan) -> None:
         """Open the connections the plan will use at once, before it starts (concurrently)."""
@@ -154,9 +170,13 @@ class _SweepRun:
         dry_run: bool,
         unreachable: dict[str, str],
         gate: Gate | None,
+        claims: FiringClaims | None = None,
     ) -> None:
         self.runner = runner
         self.gate = gate
+        self.claims = claims
+        # Items of tenants another instance did (claims): not this run's, not in its report.
+        self.foreign: set[int] = set()
         self.plan = plan
         self.dry_run = dry_run
         self.unreachable = unreachable
@@ -211,6 +231,8 @@ class _SweepRun:
     def results_in_plan_order(self) -> list[Result]:
         out = []
         for item in self.plan.items:
+            if item.index in self.foreign:
+                continue
             result = self.results.get(item.index)
             if result is None:
                 reason = f"{self.stop_reason or 'cancelled'} before it started"
@@ -225,6 +247,15 @@ class _SweepRun:
             tenant=item.tenant.name if item.tenant else None, operation=item.operation.name
         )
         try:
+            if self.claims is not None:
+                decision = await self.claims.decide(item)
+                if decision is False:
+                    self.foreign.add(item.index)
+                    self.done[item.index].set()
+                    return
+                if isinstance(decision, str):
+                    self.finish(item, _not_run(item, "failed", decision))
+                    return
             for dep in item.deps:
                 await self.done[dep].wait()
             result = self.refusal(item) or await self.in_slots(item)
@@ -282,7 +313,11 @@ class _SweepRun:
                     try:
                         if not await self.still_open(item):
                             continue  # throttled meanwhile: give the slots back and wait
-                        return self.start_check(item) or await self.attempt(item)
+                        return (
+                            self.start_check(item)
+                            or self.lease_check(item)
+                            or await self.attempt(item)
+                        )
                     finally:
                         # The database's slot goes first, and its next item gets one turn of
                         # the loop to queue for the global slot (it awaits nothing in between):
@@ -343,6 +378,12 @@ class _SweepRun:
         status, reason = verdict
         return _not_run(item, status, reason)
 
+    def lease_check(self, item: WorkItem) -> Result | None:
+        """Fencing: an instance whose lease on the tenant ran out (it was stopped, say) starts
+        nothing more there; the instance that took the tenant over does it."""
+        lost = self.claims.lost(item) if self.claims is not None else None
+        return _not_run(item, "cancelled", lost) if lost is not None else None
+
     async def attempt(self, item: WorkItem) -> Result:
         """Run the operation on a pooled connection under its timeout; any error is its result
         (``failed``, or ``skipped`` for :class:`Skip`)."""
@@ -374,6 +415,8 @@ class _SweepRun:
             rows = returned
         except Skip as exc:
             return attempt.end("skipped", str(exc) or "skipped by the operation")
+        except LeaseLost as exc:
+            return attempt.end("cancelled", str(exc) or "lease lost", rows=rows)
         except TimeoutError as exc:
             if not deadline.expired():
                 return attempt.end("failed", describe_error(exc), rows=rows, failure=exc)
@@ -408,6 +451,7 @@ class _SweepRun:
                 if item.database in self.runner.bounds.throttles
                 else None
             ),
+            fence=self.claims.fence(item) if self.claims is not None else None,
         )
 
     async def pace(self, item: WorkItem, ctx: Context) -> float:
@@ -451,6 +495,8 @@ class _SweepRun:
             return
         self.results[item.index] = result
         self.done[item.index].set()
+        if self.claims is not None:
+            self.claims.item_done(item, result)
         if self.has_observers:
             _notify(
                 self.runner.pm.hook.sweeperd_operation_finished,
@@ -488,7 +534,7 @@ class _Attempt:
         """Its result; failed, it still reports the rows it committed before (retention's
         batches)."""
         self.ended = True
-        if status == "failed" and rows is None and self.ctx is not None:
+        if status in ("failed", "cancelled") and rows is None and self.ctx is not None:
             rows = _rows_so_far(self.ctx)
         return self._result(status, error, rows, failure)
 
