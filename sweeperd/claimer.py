@@ -271,8 +271,8 @@ class _DatabaseClaims:
         if result.status == "cancelled":
             self.cut_short.add(key)
         self.remaining[key] -= 1
-        if self.remaining[key] > 0 or not self.coordinated:
-            return
+        if self.remaining[key] > 0 or not self.coordinated or self.lost_why(key) is not None:
+            return  # not finished here when the lease ran out meanwhile: its taker finishes it
         if self.held.pop(key, None) is not None:
             # Cut short (a stop, the window): another instance may take it at once.
             (self.to_release if key in self.cut_short else self.to_finish).add(key)

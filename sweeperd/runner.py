@@ -426,6 +426,11 @@ class _SweepRun:
             )
             return attempt.end("failed", reason, rows=rows, failure=exc)
         except Exception as exc:
+            lost = self.claims.lost(item) if self.claims is not None else None
+            if lost is not None:
+                # Its session ended by the server (idle in transaction past the lease while
+                # this process was stopped), say: the tenant is another instance's now.
+                return attempt.end("cancelled", f"{lost} ({describe_error(exc)})", rows=rows)
             return attempt.end("failed", describe_error(exc), rows=rows, failure=exc)
         return attempt.end("dry-run" if self.dry_run else "ok", None, rows=rows)
 
