@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import os
 import signal
 import subprocess
 import sys
@@ -105,7 +104,7 @@ def shared(pg_dsn: str, tmp_path: Path) -> Iterator[Callable[..., tuple[Path, li
             seconds = 0.05
             """,
         )
-        for i in range(n):
+        for _ in range(n):
             procs.append(
                 subprocess.Popen(
                     [sys.executable, "-m", "sweeperd", "run", "-c", str(config)],
@@ -161,7 +160,7 @@ def assert_exactly_once(dsn: str) -> Counter[int]:
 def test_instances_split_a_firing_by_capacity_each_tenant_once(
     pg_dsn: str, shared: Callable[..., tuple[Path, list[Any]]], instances: int
 ) -> None:
-    _config, procs = shared(instances)
+    _, procs = shared(instances)
     wait_until(lambda: done_count(pg_dsn) >= TENANTS, 60, "every tenant done")
     time.sleep(0.5)  # a tenant done twice would show up now
     per_pid = assert_exactly_once(pg_dsn)
@@ -174,7 +173,7 @@ def test_instances_split_a_firing_by_capacity_each_tenant_once(
 def test_a_killed_instances_tenants_are_finished_by_a_survivor(
     pg_dsn: str, shared: Callable[..., tuple[Path, list[Any]]]
 ) -> None:
-    _config, procs = shared(2)
+    _, procs = shared(2)
     victim, survivor = procs
     wait_until(lambda: done_count(pg_dsn) >= 40, 60, "the firing under way")
     victim.send_signal(signal.SIGKILL)
@@ -202,7 +201,7 @@ def test_a_killed_instances_tenants_are_finished_by_a_survivor(
 def test_an_instance_stopped_past_its_lease_writes_nothing_for_tenants_taken_over(
     pg_dsn: str, shared: Callable[..., tuple[Path, list[Any]]]
 ) -> None:
-    _config, procs = shared(2)
+    config, procs = shared(2)
     paused, other = procs
     wait_until(lambda: done_count(pg_dsn) >= 40, 60, "the firing under way")
     paused.send_signal(signal.SIGSTOP)
@@ -222,7 +221,7 @@ def test_an_instance_stopped_past_its_lease_writes_nothing_for_tenants_taken_ove
     time.sleep(LEASE_S)
     per_pid = assert_exactly_once(pg_dsn)
     assert per_pid[other.pid] > 0
-    log = (Path(_config.parent) / "daemon0.log").read_text()
+    log = (config.parent / "daemon0.log").read_text()
     assert "lease lost" in log
     assert paused.poll() is None and other.poll() is None  # both still running
 
@@ -232,7 +231,7 @@ def test_two_instances_share_a_firing_through_pgbouncer_transaction_mode(
     pg_dsn: str, shared: Callable[..., tuple[Path, list[Any]]]
 ) -> None:
     with PgBouncer(pg_dsn, pool_mode="transaction", default_pool_size=3) as bouncer:
-        _config, procs = shared(2, bouncer.through(pg_dsn), pooler="transaction")
+        _, procs = shared(2, bouncer.through(pg_dsn), pooler="transaction")
         wait_until(lambda: done_count(pg_dsn) >= TENANTS, 60, "every tenant done")
         time.sleep(0.5)
         per_pid = assert_exactly_once(pg_dsn)
@@ -242,4 +241,3 @@ def test_two_instances_share_a_firing_through_pgbouncer_transaction_mode(
             proc.send_signal(signal.SIGTERM)
         for proc in procs:
             assert proc.wait(timeout=20) == 0
-    assert os.path.exists(_config)
