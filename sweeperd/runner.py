@@ -248,7 +248,13 @@ class _SweepRun:
         )
         try:
             if self.claims is not None:
-                decision = await self.claims.decide(item)
+                try:
+                    decision = await self.claims.decide(item)
+                except asyncio.CancelledError:
+                    # Stopped before its tenant was claimed: nothing of it began.
+                    reason = f"{self.stop_reason or 'cancelled'} before it started"
+                    self.finish(item, _not_run(item, "cancelled", reason))
+                    raise
                 if decision is False:
                     self.foreign.add(item.index)
                     self.done[item.index].set()

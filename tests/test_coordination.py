@@ -8,15 +8,27 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from support import install_plugin, run_sql, throwaway_role, toml_str, write_config
+from test_runner import SWEEP, make_config
 
-from sweeperd.config import DatabaseConfig, SweepConfig
-from sweeperd.coordination import DATABASE_SCOPE, Claims
+from sweeperd import Context, Operation
+from sweeperd.config import SweepConfig
+from sweeperd.coordination import Claims
 from sweeperd.db import Database
+from sweeperd.limits import Bounds, Limits
+from sweeperd.model import Tenant
+from sweeperd.planner import make_plan
+from sweeperd.plugins import new_plugin_manager
+from sweeperd.report import SweepReport
+from sweeperd.runner import Runner
 from sweeperd.schedule import nominal_firing
+from sweeperd.stop import Stop
 
 FIRING = dt.datetime(2026, 11, 28, 3, 0, tzinfo=dt.UTC)
 
@@ -49,63 +61,177 @@ def test_nominal_firing_in_a_time_zone() -> None:
     )
 
 
-def test_two_instances_split_a_firing_without_overlap(pg_dsn: str) -> None:
-    async def body() -> tuple[dict[str, set[str]], dict[str, set[str]], dict[str, set[str]]]:
-        db_a = Database(DatabaseConfig(name="main", dsn=pg_dsn))
-        db_b = Database(DatabaseConfig(name="main", dsn=pg_dsn))
-        await db_a.open()
-        await db_b.open()
-        try:
-            a, b = Claims("host-a:1"), Claims("host-b:2")
-            tenants = [DATABASE_SCOPE, *(f"t{i}" for i in range(50))]
-            (got_a, fail_a), (got_b, fail_b) = await asyncio.gather(
-                a.claim({"main": db_a}, "nightly", FIRING, {"main": tenants}),
-                b.claim({"main": db_b}, "nightly", FIRING, {"main": tenants}),
-            )
-            assert fail_a == fail_b == {}
-            # The next firing is new work again.
-            later, _ = await b.claim(
-                {"main": db_b}, "nightly", FIRING + dt.timedelta(days=1), {"main": tenants}
-            )
-            return got_a, got_b, later
-        finally:
-            await db_a.close()
-            await db_b.close()
+# -- in-process runs of one firing, each with its own Claims (instance) and Database -----------
 
-    got_a, got_b, later = asyncio.run(body())
-    everything = {DATABASE_SCOPE, *(f"t{i}" for i in range(50))}
-    assert got_a["main"].isdisjoint(got_b["main"])
-    assert got_a["main"] | got_b["main"] == everything
-    assert later["main"] == everything
-    with psycopg.connect(pg_dsn) as conn:
-        rows = conn.execute(
-            "SELECT count(*), count(DISTINCT instance) FROM sweeperd.claims WHERE firing = %s",
-            (FIRING,),
-        ).fetchone()
-    assert rows is not None and rows[0] == 51
+
+def record_op(
+    seconds: float = 0.02, *, between: Callable[[Context], Awaitable[None]] | None = None
+) -> Operation:
+    """Sleeps, then records the tenant in public.runs inside ctx.transaction() (fenced)."""
+
+    async def run(ctx: Context) -> int:
+        assert ctx.tenant is not None
+        async with ctx.transaction():
+            await ctx.conn.execute("SELECT pg_sleep(%s)", (seconds,))
+            await ctx.conn.execute(
+                "INSERT INTO public.runs (tenant, at) VALUES (%s, clock_timestamp())",
+                (ctx.tenant.name,),
+            )
+        if between is not None:
+            await between(ctx)
+            async with ctx.transaction():
+                await ctx.conn.execute(
+                    "INSERT INTO public.runs (tenant, at) VALUES (%s, clock_timestamp())",
+                    (ctx.tenant.name + " again",),
+                )
+        return 1
+
+    return Operation(name="rec.record", run=run, tables=("x",))
+
+
+def setup_tenants(dsn: str, n: int) -> list[tuple[str, str]]:
+    run_sql(dsn, "CREATE TABLE public.runs (tenant text, at timestamptz)")
+    return [(f"t{i:02d}", f"s{i:02d}") for i in range(n)]
+
+
+async def run_firing(
+    dsn: str,
+    instance: str,
+    tenants: list[tuple[str, str]],
+    op: Operation,
+    *,
+    stop: Stop | None = None,
+    max_connections: int = 2,
+) -> SweepReport:
+    config = make_config(dsn, tenants, max_connections=max_connections)
+    database = Database(config.databases["main"])
+    await database.open()
+    try:
+        runner = Runner({"main": database}, new_plugin_manager(), {}, Bounds(Limits.of(config)))
+        plan = make_plan(
+            config,
+            {op.name: op},
+            [Tenant(name, "main", schema) for name, schema in tenants],
+            sweep=SWEEP,
+        )
+        claims = Claims(instance).firing({"main": database}, SWEEP, FIRING, lease=3.0)
+        return await runner.run(plan, stop=stop, claims=claims)
+    finally:
+        await database.close()
+
+
+def ran(dsn: str) -> Counter[str]:
+    return Counter(row[0] for row in query(dsn, "SELECT tenant FROM public.runs"))
+
+
+def query(dsn: str, statement: str) -> list[tuple[Any, ...]]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return conn.execute(statement).fetchall()
+
+
+def test_two_runs_of_one_firing_split_it_and_a_finished_firing_never_runs_again(
+    pg_dsn: str,
+) -> None:
+    tenants = setup_tenants(pg_dsn, 30)
+
+    async def both() -> tuple[SweepReport, SweepReport]:
+        a, b = await asyncio.gather(
+            run_firing(pg_dsn, "host-a:1", tenants, record_op()),
+            run_firing(pg_dsn, "host-b:2", tenants, record_op()),
+        )
+        return a, b
+
+    a, b = asyncio.run(both())
+    done_a = {r.tenant for r in a.results if r.status == "ok"}
+    done_b = {r.tenant for r in b.results if r.status == "ok"}
+    assert not done_a & done_b
+    assert done_a | done_b == {name for name, _ in tenants}
+    assert done_a and done_b
+    assert len(a.results) + len(b.results) == 30  # the other one's tenants are not reported
+    assert ran(pg_dsn) == Counter({name: 1 for name, _ in tenants})
+    # The same firing again (a catch-up, an instance started late): nothing left to do.
+    late = asyncio.run(run_firing(pg_dsn, "host-c:3", tenants, record_op()))
+    assert late.results == []
+    assert sum(ran(pg_dsn).values()) == 30
+    rows = query(
+        pg_dsn,
+        "SELECT count(*), count(finished_at), count(taken_from), max(attempts) "
+        "FROM sweeperd.claims WHERE tenant <> ''",
+    )
+    assert rows == [(30, 30, 0, 1)]
+
+
+def test_a_stopped_run_gives_its_tenants_back_and_another_run_takes_them_at_once(
+    pg_dsn: str,
+) -> None:
+    tenants = setup_tenants(pg_dsn, 6)
+    stop = Stop()
+    stop.at(0.5, "maintenance window closed")
+    first = asyncio.run(run_firing(pg_dsn, "early:1", tenants, record_op(0.4), stop=stop))
+    # Held and running when the stop came (two at a time, 0.4 s each); the ones not claimed
+    # yet are reported "cancelled … before it started" by this run too.
+    cut = {
+        r.tenant
+        for r in first.results
+        if r.status == "cancelled" and not (r.error or "").endswith("before it started")
+    }
+    assert len(cut) == 2
+    # Released, not left to expire: the next run takes them without waiting for the lease.
+    second = asyncio.run(run_firing(pg_dsn, "late:2", tenants, record_op(0.01)))
+    assert {r.tenant for r in second.results if r.status == "ok"} >= cut
+    assert ran(pg_dsn) == Counter({name: 1 for name, _ in tenants})
+    why = dict(
+        query(pg_dsn, "SELECT tenant, taken_why FROM sweeperd.claims WHERE taken_from = 'early:1'")
+    )
+    assert set(why) == cut
+    assert set(why.values()) == {"released"}
+
+
+def test_the_fence_stops_writes_for_a_tenant_another_instance_took(pg_dsn: str) -> None:
+    tenants = setup_tenants(pg_dsn, 1)
+
+    async def taken_over(ctx: Context) -> None:
+        async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as thief:
+            await thief.execute(
+                "UPDATE sweeperd.claims SET instance = 'thief:9', taken_from = instance "
+                "WHERE tenant = %s",
+                (ctx.tenant.name if ctx.tenant else "",),
+            )
+
+    report = asyncio.run(run_firing(pg_dsn, "me:1", tenants, record_op(between=taken_over)))
+    [result] = report.results
+    assert result.status == "cancelled"
+    assert result.error is not None and "lease lost" in result.error
+    assert ran(pg_dsn) == Counter({"t00": 1})  # the write after the takeover never happened
+
+
+def test_claims_of_the_first_version_count_as_finished(pg_dsn: str) -> None:
+    tenants = setup_tenants(pg_dsn, 3)
+    run_sql(
+        pg_dsn,
+        "CREATE SCHEMA sweeperd",
+        "CREATE TABLE sweeperd.claims (sweep text NOT NULL, firing timestamptz NOT NULL, "
+        "tenant text NOT NULL, instance text NOT NULL, claimed_at timestamptz NOT NULL "
+        "DEFAULT now(), PRIMARY KEY (sweep, firing, tenant))",
+        f"INSERT INTO sweeperd.claims (sweep, firing, tenant, instance) "
+        f"VALUES ('{SWEEP}', '{FIRING.isoformat()}', 't01', 'old:1')",
+    )
+    report = asyncio.run(run_firing(pg_dsn, "new:2", tenants, record_op()))
+    assert {r.tenant for r in report.results} == {"t00", "t02"}
+    assert ran(pg_dsn) == Counter({"t00": 1, "t02": 1})
 
 
 def test_without_privileges_an_instance_runs_everything(pg_dsn: str) -> None:
+    tenants = setup_tenants(pg_dsn, 2)
     run_sql(
         pg_dsn,
         f'REVOKE CREATE ON DATABASE "{psycopg.conninfo.conninfo_to_dict(pg_dsn)["dbname"]}" '
         "FROM PUBLIC",
+        "GRANT INSERT ON public.runs TO PUBLIC",
     )
-
-    async def body(dsn: str) -> dict[str, set[str]]:
-        db = Database(DatabaseConfig(name="main", dsn=dsn))
-        await db.open()
-        try:
-            owned, failed = await Claims("x:1").claim(
-                {"main": db}, "s", FIRING, {"main": ["a", "b"]}
-            )
-            assert failed == {}
-            return owned
-        finally:
-            await db.close()
-
     with throwaway_role(pg_dsn, "noclaim") as role:
-        assert asyncio.run(body(role.dsn(pg_dsn))) == {"main": {"a", "b"}}
+        report = asyncio.run(run_firing(role.dsn(pg_dsn), "x:1", tenants, record_op()))
+    assert [r.status for r in report.results] == ["ok", "ok"]
 
 
 def test_two_daemons_never_process_a_firing_twice(pg_dsn: str, tmp_path: Path) -> None:

@@ -743,15 +743,16 @@ def test_history_and_claims_write_to_every_new_database_object_over_many_reloads
 
     history = History(HistoryConfig(), instance="reloads")
     claims = Claims("reloads")
-    firing = datetime(2026, 1, 1, tzinfo=UTC)
 
     async def once(dsn: str) -> None:
         db = Database(DatabaseConfig(name="main", dsn=dsn, connect_timeout=5.0))
         await db.open()
         try:
             await history.record(make_report(2), {"main": db})
-            owned, failed = await claims.claim({"main": db}, "s", firing, {"main": ["t0"]})
-            assert failed == {} and owned == {"main": {"t0"}}, (owned, failed)
+            await claims.prepare(db)
+            async with db.connection("check") as conn:
+                cur = await conn.execute("SELECT to_regclass('sweeperd.claims') IS NOT NULL")
+                assert await cur.fetchone() == (True,), "no claims table in the new database"
         finally:
             await db.close()
 

@@ -11,7 +11,6 @@ the real Database class through a real PgBouncer in front of the test server.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import json
 import textwrap
 from pathlib import Path
@@ -23,7 +22,6 @@ from servers import PgBouncer
 from support import install_plugin, run_cli, run_sql, toml_str, write_config
 
 from sweeperd.config import DatabaseConfig
-from sweeperd.coordination import Claims
 from sweeperd.db import Database
 
 MODES = ["transaction", "session"]
@@ -359,29 +357,6 @@ def test_a_rules_own_lock_timeout_never_reaches_other_operations(
         expected = "4s" if pooler == "session" else "0"
     seen = run_sql_rows(pg_dsn, "SELECT DISTINCT lock_timeout FROM public.outside")
     assert seen == [(expected,)]
-
-
-def test_claims_work_through_a_transaction_pooler(pg_dsn: str) -> None:
-    async def main(dsn: str) -> tuple[set[str], set[str], dict[str, str]]:
-        config = DatabaseConfig(name="main", dsn=dsn, pooler="transaction", max_connections=2)
-        database = Database(config)
-        await database.open()
-        try:
-            firing = dt.datetime(2026, 1, 1, 3, tzinfo=dt.UTC)
-            wanted = {"main": ["a", "b", "c"]}
-            first, failed = await Claims("one").claim({"main": database}, "s", firing, wanted)
-            second, failed2 = await Claims("two").claim({"main": database}, "s", firing, wanted)
-            return first["main"], second["main"], {**failed, **failed2}
-        finally:
-            await database.close()
-
-    with PgBouncer(pg_dsn, pool_mode="transaction", default_pool_size=1) as bouncer:
-        first, second, failed = asyncio.run(main(bouncer.through(pg_dsn)))
-    assert failed == {}
-    assert first == {"a", "b", "c"}
-    assert second == set()
-    rows = run_sql_rows(pg_dsn, "SELECT DISTINCT instance FROM sweeperd.claims")
-    assert rows == [("one",)]
 
 
 def test_no_server_side_prepared_statement_is_ever_made(pg_dsn: str) -> None:
