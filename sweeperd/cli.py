@@ -52,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
             "-c",
             "--config",
             metavar="FILE",
-            help="configuration file (default: $SWEEPERD_CONFIG, then /etc/sweeperd/sweeperd.toml)",
+            help="configuration file, or a directory holding sweeperd.toml and conf.d/ (default: "
+            "$SWEEPERD_CONFIG, then /etc/sweeperd/sweeperd.toml); conf.d/*.toml beside the file "
+            "are merged into it",
         )
         return p
 
@@ -251,7 +253,8 @@ def _preflight(config: Config) -> None:
 
     problems = os_user_problems({n: d.dsn for n, d in config.databases.items()})
     if problems:
-        raise UsageError([f"{config.path}: {p}" for p in problems])
+        # Each begins with its key, databases.<name>: the file that set that database.
+        raise UsageError([f"{config.file_of(p.split(': ', 1)[0])}: {p}" for p in problems])
 
 
 def _load(args: argparse.Namespace) -> tuple[Config, Plugins]:
@@ -269,7 +272,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     print(
         f"{config.path}: OK ({len(config.databases)} databases, {n_tenants} tenants, "
         f"{len(config.tenant_sources)} tenant sources, {n_sweeps} sweeps, "
-        f"{len(plugins.operations)} operations)"
+        f"{len(plugins.operations)} operations, {len(config.dropins)} drop-ins)"
     )
     return ExitCode.OK
 

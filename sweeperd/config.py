@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import re
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from types import MappingProxyType
 from typing import Annotated, Any, Literal
 
 from . import validation
+from .dropins import Origins, read_merged
 from .problems import Problems
 from .settings import (
     At,
@@ -261,9 +261,39 @@ class Config:
         """The ``[plugins.<name>]`` table, empty if absent."""
         return self.plugins.get(name, MappingProxyType({}))
 
+    def file_of(self, key: str) -> Path:
+        """The file that set the key path ``key`` (as problems spell it): what a problem with
+        it names. One file here; :class:`MergedConfig` knows its drop-ins."""
+        return self.path
+
+    @property
+    def dropins(self) -> tuple[Path, ...]:
+        """The ``conf.d/*.toml`` files merged into this configuration, in order."""
+        return ()
+
+
+# A subclass, not a field of Config: every field of Config is a key of the file (or its path),
+# and where keys came from is neither.
+@dataclass(frozen=True, slots=True)
+class MergedConfig(Config):
+    """A :class:`Config` read from the main file and its drop-ins (:mod:`sweeperd.dropins`)."""
+
+    origins: Origins | None = field(default=None, repr=False, compare=False)
+
+    def file_of(self, key: str) -> Path:
+        return self.path if self.origins is None else self.origins.file_of(key)
+
+    @property
+    def dropins(self) -> tuple[Path, ...]:
+        return () if self.origins is None else self.origins.dropins
+
 
 def resolve_config_path(explicit: str | None) -> Path:
-    """``-c`` wins, then ``$SWEEPERD_CONFIG``, then ``/etc/sweeperd/sweeperd.toml``."""
+    """``-c`` wins, then ``$SWEEPERD_CONFIG``, then ``/etc/sweeperd/sweeperd.toml``.
+
+    Either may name a directory holding ``sweeperd.toml`` and ``conf.d/``; :func:`load_config`
+    reads it (so a reload reads the directory again, too).
+    """
     if explicit:
         return Path(explicit)
     env = os.environ.get("SWEEPERD_CONFIG")
@@ -271,25 +301,28 @@ def resolve_config_path(explicit: str | None) -> Path:
 
 
 def load_config(path: Path) -> Config:
-    """Read and validate ``path``; raise :class:`ConfigError` with every problem found."""
+    """Read and validate ``path`` (a file, or a directory holding ``sweeperd.toml``) and the
+    ``conf.d/*.toml`` drop-ins beside it, merged (:mod:`sweeperd.dropins`); raise
+    :class:`ConfigError` with every problem found."""
+    merged = read_merged(path)
+    if not merged.complete:
+        # Validating the files that could be read would report what the others were to add.
+        raise ConfigError(merged.problems)
     try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(
-            [f"{path}: cannot read the configuration: {exc.strerror or exc}"]
-        ) from None
-    try:
-        doc = tomllib.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise ConfigError([f"{path}: not UTF-8 text"]) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([f"{path}: invalid TOML: {exc}"]) from None
-    return parse_config(doc, path)
+        config = parse_config(merged.doc, merged.origins.main, merged.origins)
+    except ConfigError as exc:
+        raise ConfigError([*merged.problems, *exc.problems]) from None
+    if merged.problems:  # keys set twice; the first file's value was validated
+        raise ConfigError(merged.problems)
+    return config
 
 
-def parse_config(doc: Mapping[str, Any], path: Path) -> Config:
-    """Validate an already-parsed TOML document (see :func:`load_config`)."""
-    config, problems = read(Config, doc, context=Known.of(doc, path), given={"path": path})
+def parse_config(doc: Mapping[str, Any], path: Path, origins: Origins | None = None) -> Config:
+    """Validate an already-parsed TOML document (see :func:`load_config`); each problem names
+    the file that set its key (``origins``; without, ``path``)."""
+    given = {"path": path, "origins": origins}
+    config, problems = read(MergedConfig, doc, context=Known.of(doc, path), given=given)
     if config is None:
-        raise ConfigError(f"{path}: {key}: {expectation}" for key, expectation in problems)
+        file_of = (lambda key: path) if origins is None else origins.file_of
+        raise ConfigError(f"{file_of(key)}: {key}: {expectation}" for key, expectation in problems)
     return config

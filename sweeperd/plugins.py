@@ -143,8 +143,9 @@ def load_plugins(config: Config, *, entry_points: bool = True) -> Plugins:
     for i, directory in enumerate(config.daemon.plugin_dirs):
         if not directory.is_dir():
             # A configured but missing directory is most likely a deployment mistake.
+            key = f"daemon.plugin_dirs[{i}]"
             problems.append(
-                f"{config.path}: daemon.plugin_dirs[{i}]: expected a directory, "
+                f"{config.file_of(key)}: {key}: expected a directory, "
                 f"{directory} does not exist or is not a directory"
             )
             continue
@@ -292,9 +293,11 @@ def _call_per_plugin(
     return results
 
 
-def _plugin_key(config: Config, name: str) -> str:
-    """Where a plugin's settings live (``<config>: plugins.<name>``): what its problems name."""
-    return f"{config.path}: plugins.{printable(toml_key(name))}"
+def _plugin_key(config: Config, name: str, key: str = "") -> str:
+    """Where a plugin's settings (or their ``key``) live, ``<file>: plugins.<name>[.<key>]``:
+    what its problems name. The file is the one that set them (a drop-in, maybe)."""
+    path = f"plugins.{toml_key(name)}" + (f".{key}" if key else "")
+    return f"{config.file_of(path)}: {printable(path)}"
 
 
 def _validate_settings(pm: pluggy.PluginManager, config: Config) -> list[str]:
@@ -315,9 +318,7 @@ def _validate_settings(pm: pluggy.PluginManager, config: Config) -> list[str]:
             )
             continue
         for key, expectation in pairs:
-            problems.append(
-                f"{_plugin_key(config, name)}.{printable(key)}: {_one_line_text(expectation)}"
-            )
+            problems.append(f"{_plugin_key(config, name, key)}: {_one_line_text(expectation)}")
     return problems
 
 

@@ -23,6 +23,7 @@ from .model import Tenant
 from .planner import PlanError, make_plan, matches
 from .plugins import Plugins, load_plugins
 from .schedule import Window, build_trigger, misfire_grace, nominal_firing
+from .settings import toml_key
 
 
 def _a_match(glob: str) -> str:
@@ -79,8 +80,9 @@ def rehearse(config: Config, plugins: Plugins, *, now: dt.datetime | None = None
             if sweep.window:
                 Window(sweep.window, tz).closes_after(now)
         except Exception as exc:  # a gap in validation: still a line, not a traceback
+            key = f"sweeps.{toml_key(name)}"
             problems.append(
-                f"{config.path}: sweeps.{name}: cannot be scheduled: {type(exc).__name__}: {exc}"
+                f"{config.file_of(key)}: {key}: cannot be scheduled: {type(exc).__name__}: {exc}"
             )
     # Discovered tenants are like static ones to the planner: per source, one stands in for
     # each name a sweep's tenant globs select, so that every sweep plans some tenants.
@@ -98,7 +100,7 @@ def rehearse(config: Config, plugins: Plugins, *, now: dt.datetime | None = None
         try:
             make_plan(config, plugins.operations, tenants, sweep=selection)
         except PlanError as exc:
-            where = f"sweeps.{selection}" if selection is not None else "sweeps"
-            problems.append(f"{config.path}: {where}: {exc}")
+            where = f"sweeps.{toml_key(selection)}" if selection is not None else "sweeps"
+            problems.append(f"{config.file_of(where)}: {where}: {exc}")
             break  # the same cycle in every sweep that selects it: once is enough
     return problems
