@@ -3,7 +3,8 @@
 #
 #   bash .ci/pg15.sh [PYTEST ARGS...]
 #
-# Run as root from a checkout whose .venv has the test extras installed (.ci/run does that first).
+# Run as root from a checkout whose .venv has the test extras installed, or with SWEEPERD_VENV
+# naming another such venv (.ci/run gives it its own, so that it can run beside the README's).
 # Installs postgresql-15 and pgbouncer with apt-get when they are missing, creates a throw-away
 # cluster in a temporary directory (initdb and pg_ctl run as the `postgres` system user), listening
 # on 127.0.0.1 only, on a free port, with scram-sha-256 password authentication for TCP. The suite
@@ -107,7 +108,7 @@ if [[ $# -eq 0 ]]; then
   set -- -m "not scratch"
 fi
 set +e
-.venv/bin/python -m pytest "$@"
+"${SWEEPERD_VENV:-.venv}/bin/python" -m pytest "$@"
 rc=$?
 set -e
 if [[ $rc -ne 0 ]]; then
