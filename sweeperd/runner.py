@@ -415,6 +415,8 @@ class _SweepRun:
                         set_status_on_exception=False,
                     ):
                         returned = await item.operation.run(attempt.ctx)
+                    if self.claims is not None:
+                        await self.claims.finished_on(item, conn)
             # Checked before it becomes the result's rows: a str there would fail the history.
             if returned is not None and not isinstance(returned, int):
                 raise TypeError(f"run() returned {type(returned).__name__}, expected int or None")

@@ -167,15 +167,15 @@ def test_a_stopped_run_gives_its_tenants_back_and_another_run_takes_them_at_once
     tenants = setup_tenants(pg_dsn, 6)
     stop = Stop()
     stop.at(0.5, "maintenance window closed")
-    first = asyncio.run(run_firing(pg_dsn, "early:1", tenants, record_op(0.4), stop=stop))
-    # Held and running when the stop came (two at a time, 0.4 s each); the ones not claimed
-    # yet are reported "cancelled … before it started" by this run too.
+    first = asyncio.run(run_firing(pg_dsn, "early:1", tenants, record_op(1.5), stop=stop))
+    # Claimed when the stop came: two running (1.5 s each) and a database's worth ahead (two);
+    # the ones not claimed yet are reported "cancelled … before it started" by this run too.
     cut = {
         r.tenant
         for r in first.results
         if r.status == "cancelled" and not (r.error or "").endswith("before it started")
     }
-    assert len(cut) == 2
+    assert len(cut) == 4
     # Released, not left to expire: the next run takes them without waiting for the lease.
     second = asyncio.run(run_firing(pg_dsn, "late:2", tenants, record_op(0.01)))
     assert {r.tenant for r in second.results if r.status == "ok"} >= cut
