@@ -355,11 +355,19 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.sweep is not None:
         require_sweep(config, args.sweep)
     got = asyncio.run(
-        collect(config, sweep=args.sweep, tenant=args.tenant, failed_only=args.failed)
+        collect(
+            config, sweep=args.sweep, tenant=args.tenant, failed_only=args.failed, full=args.json
+        )
     )
     if args.json:
         doc = to_json(
-            got.runs, got.last_ok, got.unreachable, got.paused, got.pause_unknown, got.gates
+            got.runs,
+            got.last_ok,
+            got.unreachable,
+            got.paused,
+            got.pause_unknown,
+            got.gates,
+            got.claims,
         )
         json.dump(doc, sys.stdout)
         sys.stdout.write("\n")
@@ -375,6 +383,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 paused=got.paused,
                 pause_unknown=got.pause_unknown,
                 gates=got.gates,
+                claims=got.claims,
             )
         )
     return ExitCode.UNREACHABLE if got.unreachable else ExitCode.OK
